@@ -1,0 +1,24 @@
+"""One error type for everything a user can get wrong, so the CLI can print it plainly.
+
+Each message says what was wrong and what is valid. Subclasses also inherit the builtin a
+caller would naturally catch (ValueError, FileNotFoundError)."""
+
+
+class SaelabError(Exception):
+    """Base class: the CLI prints these as `error: <message>` without a traceback."""
+
+
+class ConfigError(SaelabError, ValueError):
+    """A config value, shape or name is not valid."""
+
+
+class DataError(SaelabError, ValueError):
+    """Input data is unusable: NaN/Inf, wrong shape, empty corpus, mismatched cache."""
+
+
+class MissingFileError(SaelabError, FileNotFoundError):
+    """A file or folder saelab needs is not there."""
+
+
+class CorruptFileError(SaelabError, ValueError):
+    """A file is there but cannot be read as what it claims to be."""

@@ -1,0 +1,9 @@
+"""Shared test set-up: one torch thread (tests may run beside other torch processes on 2 cores)."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
