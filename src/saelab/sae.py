@@ -1,0 +1,296 @@
+"""The sparse autoencoder: one module for every architecture, and for sparse MLPs (transcoders).
+
+    z     = (x - b_dec · [apply_b_dec_to_input]) @ W_enc + b_enc        (N, d_sae)
+    f     = act(z)                                                      (N, d_sae)
+    x_hat = f @ W_dec + b_dec                                           (N, d_out)
+
+`x` has shape `(..., d_in)`. A transcoder predicts another activation (`d_out`, `hook_name_out`)
+and never subtracts `b_dec` from its input; nothing else differs. The architecture (`act` and
+its penalty) comes from `saelab.activations`. Training loss, per token then averaged:
+
+    loss = ||y - x_hat||^2 + coefficient * penalty(z, f) + aux_coefficient * aux
+
+where `aux` is the auxiliary-k loss of topk/batchtopk (dead features reconstruct the residual).
+Weights use the SAELens layout (`W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`); the folder
+format lives in `saelab.sae_format`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saelab.activations import ACTIVATIONS
+from saelab.errors import ConfigError, DataError
+
+DECODER_NORMS = ("weighted", "unit")
+
+
+@dataclass
+class SAEConfig:
+    """What defines an SAE's structure; saved in cfg.json (training settings live in TrainSpec)."""
+
+    d_in: int
+    d_sae: int
+    arch: str = "relu"
+    d_out: int | None = None  # None: an autoencoder (d_out = d_in)
+    k: int | None = None  # active features per token, topk / batchtopk
+    decoder_norm: str = "weighted"  # relu: L1 weighted by decoder norms, or unit-norm decoder rows
+    jumprelu_init_threshold: float = 1e-3
+    jumprelu_bandwidth: float = 1e-3
+    apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
+    hook_name: str | None = None
+    hook_name_out: str | None = None  # transcoders: the activation they predict
+    model_name: str | None = None
+    dtype: str = "float32"
+    metadata: dict = field(default_factory=dict)  # free-form provenance (training spec, dataset, ...)
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = not self.is_transcoder
+        self.validate()
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out != self.d_in or self.hook_name_out is not None
+
+    def validate(self) -> None:
+        if self.arch not in ACTIVATIONS:
+            raise ConfigError(f"unknown architecture {self.arch!r}; valid: {', '.join(ACTIVATIONS)}")
+        for name in ("d_in", "d_sae", "d_out"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if ACTIVATIONS[self.arch].uses_k:
+            if not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
+                raise ConfigError(f"arch {self.arch!r} needs k with 1 <= k <= d_sae={self.d_sae}, got k={self.k!r}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ConfigError(f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise ConfigError(f"dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("d_in", "d_sae") if n not in data]
+        if missing:
+            raise ConfigError(f"SAE config is missing required field(s) {missing}; it has {sorted(data)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one training step needs from an SAE, for a batch of N tokens."""
+
+    x_hat: Tensor  # (N, d_out) reconstruction
+    feature_acts: Tensor  # (N, d_sae) sparse feature activations f
+    loss: Tensor  # scalar: mse + sparsity + aux
+    mse: Tensor  # scalar: mean over tokens of the squared error summed over dimensions
+    sparsity: Tensor  # scalar: coefficient * mean penalty (weighted L1 for relu, L0 for jumprelu)
+    aux: Tensor  # scalar: aux_coefficient * auxiliary-k loss (topk / batchtopk), else 0
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder or transcoder. See the module docstring for the formula."""
+
+    def __init__(self, d_in: int, d_sae: int, arch: str = "relu", d_out: int | None = None, **options):
+        super().__init__()
+        cfg = options.pop("cfg", None) or SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, d_out=d_out, **options)
+        self.cfg = cfg
+        d_out = cfg.d_out
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.activation = self._make_activation(cfg)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> "SAE":
+        return cls(cfg.d_in, cfg.d_sae, cfg=cfg)
+
+    @staticmethod
+    def _make_activation(cfg: SAEConfig):
+        kind = ACTIVATIONS[cfg.arch]
+        if cfg.arch == "jumprelu":
+            return kind(cfg.d_sae, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
+        if kind.uses_k:
+            return kind(cfg.d_sae, cfg.k)
+        return kind()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Tied init: random decoder rows (unit norm for `unit`, norm 0.1 otherwise), W_enc = W_dec^T."""
+        nn.init.kaiming_uniform_(self.W_dec)
+        norm = 1.0 if self.cfg.decoder_norm == "unit" or self.cfg.arch != "relu" else 0.1
+        self.W_dec.mul_(norm / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        self.tie_encoder()
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def tie_encoder(self) -> None:
+        """Set W_enc to W_dec^T (where shapes allow: autoencoders, or transcoders with d_in == d_out)."""
+        if self.cfg.d_in == self.cfg.d_out:
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            nn.init.kaiming_uniform_(self.W_enc)
+
+    # ---- the forward pass ------------------------------------------------------------
+    @property
+    def threshold(self) -> Tensor | None:
+        return self.activation.threshold if self.activation.has_threshold else None
+
+    def _check_input(self, x: Tensor, dim: int, what: str) -> None:
+        if x.shape[-1] != dim:
+            raise DataError(f"{what} has last dimension {x.shape[-1]}, but this SAE expects {dim} (shape {tuple(x.shape)})")
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """z = (x - b_dec) @ W_enc + b_enc, shape (..., d_sae)."""
+        self._check_input(x, self.cfg.d_in, "input")
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations f, shape (..., d_sae)."""
+        z = self.pre_acts(x)
+        return self.activation(z.reshape(-1, z.shape[-1])).view_as(z)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction f @ W_dec + b_dec, shape (..., d_out)."""
+        self._check_input(f, self.cfg.d_sae, "feature activations")
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(
+        self,
+        x: Tensor,
+        target: Tensor | None = None,
+        coefficient: float = 0.0,
+        dead_mask: Tensor | None = None,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1 / 32,
+    ) -> ForwardOutput:
+        """Training loss on a batch x (N, d_in) against target (N, d_out), default x itself.
+
+        `dead_mask` (d_sae,) marks features the trainer considers dead; for topk/batchtopk they
+        reconstruct the residual through their own top-`aux_k` pre-activations (Gao et al.)."""
+        y = x if target is None else target
+        self._check_input(y, self.cfg.d_out, "target")
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        z = self.pre_acts(x)
+        f = self.activation(z)
+        x_hat = f @ self.W_dec + self.b_dec
+        err = y - x_hat
+        mse = err.pow(2).sum(-1).mean()
+        if coefficient:
+            sparsity = coefficient * self.activation.penalty(z, f, self.W_dec.norm(dim=1)).mean()
+        else:
+            sparsity = mse.new_zeros(())
+        aux = mse.new_zeros(())
+        if self.activation.uses_k and dead_mask is not None and bool(dead_mask.any()):
+            aux = aux_coefficient * self._aux_loss(z, err.detach(), dead_mask, aux_k or self.cfg.d_in // 2)
+        return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux)
+
+    def _aux_loss(self, z: Tensor, residual: Tensor, dead_mask: Tensor, aux_k: int) -> Tensor:
+        """Normalised MSE of the residual's reconstruction by the top-aux_k dead features."""
+        k = min(aux_k, int(dead_mask.sum()))
+        dead_z = torch.where(dead_mask, z, torch.full_like(z, -torch.inf))
+        top = torch.topk(dead_z, k, dim=-1, sorted=False)
+        f_aux = torch.zeros_like(z).scatter_(-1, top.indices, torch.relu(top.values))
+        r_hat = f_aux @ self.W_dec
+        total = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (residual - r_hat).pow(2).sum(-1).mean() / total
+
+    # ---- decoder-norm constraint (relu with decoder_norm="unit") -----------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the part of W_dec's gradient along each row, so a step keeps rows unit-norm
+        to first order (renormalising afterwards removes the rest)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
+
+    # ---- initialisation from data -------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, b_dec: str = "mean", decoder: bool = False, generator=None) -> None:
+        """Data-aware init. `b_dec`: "mean", "geometric_median" or "zeros" of the sample x (N, d_in)
+        (autoencoders only). `decoder=True`: decoder rows are random samples of x (centred by
+        b_dec, unit-norm, scaled like the default init) and W_enc is tied to them."""
+        if not torch.isfinite(x).all():
+            raise DataError("initialisation sample contains NaN or Inf")
+        if b_dec not in ("mean", "geometric_median", "zeros"):
+            raise ConfigError(f"b_dec init must be 'mean', 'geometric_median' or 'zeros', got {b_dec!r}")
+        self._check_input(x, self.cfg.d_in, "initialisation sample")
+        if not self.cfg.is_transcoder and b_dec != "zeros":
+            centre = x.mean(0) if b_dec == "mean" else geometric_median(x)
+            self.b_dec.copy_(centre.to(self.b_dec))
+        if decoder:
+            idx = torch.randint(0, x.shape[0], (self.cfg.d_sae,), generator=generator)
+            rows = x[idx] - (self.b_dec if not self.cfg.is_transcoder else 0)
+            if self.cfg.is_transcoder:
+                raise ConfigError("data-sample decoder init needs an autoencoder (d_out == d_in)")
+            norm = self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8) * norm)
+            self.tie_encoder()
+
+    # ---- input scaling ---------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scaling(self, scale_in: float, scale_out: float | None = None) -> None:
+        """An SAE trained on (scale_in * x -> scale_out * y) becomes one on raw (x -> y).
+
+        z = (s x - b) W + c = (x - b/s)(s W) + c, so W_enc *= s_in; the output divides by s_out.
+        Pre-activations (and so thresholds) are unchanged."""
+        scale_out = scale_in if scale_out is None else scale_out
+        self.W_enc.mul_(scale_in)
+        self.W_dec.div_(scale_out)
+        self.b_dec.div_(scale_out)
+
+    # ---- persistence -----------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from saelab.sae_format import save_sae
+
+        return save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        from saelab.sae_format import load_sae
+
+        return load_sae(path, device=device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k else ""
+        return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}{k}"
+
+
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to rows of x."""
+    x = x.double()
+    point = x.mean(0)
+    for _ in range(iters):
+        dist = (x - point).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / dist
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        if (new - point).norm() <= tol * max(1.0, point.norm().item()):
+            point = new
+            break
+        point = new
+    return point.float()

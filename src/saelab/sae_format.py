@@ -1,0 +1,152 @@
+"""The SAE folder: `cfg.json` + `sae_weights.safetensors`, in the layout SAELens reads and writes.
+
+Weights: `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_out)`, `b_dec (d_out,)`, and
+`threshold (d_sae,)` for jumprelu (and batchtopk, which SAELens also stores as a jumprelu for
+inference). cfg.json carries SAELens's keys, with saelab's own full config under
+`metadata.saelab` so a round trip through saelab loses nothing. Loading reads both saelab
+folders and SAELens ones (its current nested format and the older flat one). No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from saelab.atomic import save_tensors, write_json
+from saelab.errors import ConfigError, CorruptFileError, MissingFileError
+from saelab.sae import SAE, SAEConfig
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+# saelab arch -> SAELens "architecture" written to disk
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+# SAELens architecture -> saelab arch when reading a folder saelab did not write
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write the folder (weights first, then cfg.json, each atomically)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        tensors["threshold"] = sae.threshold
+    dtype = getattr(torch, sae.cfg.dtype)
+    save_tensors(path / WEIGHTS_FILE, {k: v.to(dtype) for k, v in tensors.items()})
+    write_json(path / CFG_FILE, saelens_cfg(sae.cfg))
+    return path
+
+
+def saelens_cfg(cfg: SAEConfig) -> dict:
+    """cfg.json in SAELens's format, with saelab's config under metadata.saelab."""
+    metadata = {
+        "model_name": cfg.model_name,
+        "hook_name": cfg.hook_name,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "saelab": cfg.to_dict(),
+    }
+    if cfg.hook_name_out is not None:
+        metadata["hook_name_out"] = cfg.hook_name_out
+    out = {
+        "architecture": "transcoder" if cfg.is_transcoder and cfg.arch == "relu" else _TO_SAELENS[cfg.arch],
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out
+    if cfg.arch == "topk":
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    return out
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a saelab or SAELens SAE folder."""
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise MissingFileError(f"SAE folder {path} does not exist")
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise MissingFileError(f"SAE folder {path} has no {p.name} (an SAE folder holds {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{cfg_path} is not valid JSON: {err}") from err
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    cfg = config_from_dict(raw, tensors)
+    sae = SAE.from_config(cfg)
+    _assign(sae, tensors, weights_path)
+    return sae.to(device)
+
+
+def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
+    """SAEConfig from a saelab or SAELens cfg.json (nested `metadata` or the older flat format)."""
+    if not isinstance(raw, dict):
+        raise CorruptFileError("cfg.json must hold a JSON object")
+    meta = raw.get("metadata") or {}
+    if isinstance(meta.get("saelab"), dict):
+        return SAEConfig.from_dict(meta["saelab"])
+    missing = [k for k in ("d_in", "d_sae") if k not in raw]
+    if missing:
+        raise ConfigError(f"cfg.json is missing {missing}; an SAE config needs at least d_in and d_sae")
+    arch_name = raw.get("architecture", "standard")
+    norm = raw.get("normalize_activations", "none") or "none"
+    if norm not in ("none", None):
+        raise ConfigError(
+            f"cfg.json asks for normalize_activations={norm!r}; saelab loads SAEs that take raw activations "
+            "('none'). Fold the scaling into the weights first."
+        )
+    d_out = raw.get("d_out") or (tensors["W_dec"].shape[1] if tensors and "W_dec" in tensors else raw["d_in"])
+    if arch_name == "transcoder":
+        arch = "relu"
+    elif arch_name in _FROM_SAELENS:
+        arch = _FROM_SAELENS[arch_name]
+    else:
+        raise ConfigError(f"SAELens architecture {arch_name!r} is not supported; saelab loads {sorted(_FROM_SAELENS) + ['transcoder']}")
+    return SAEConfig(
+        d_in=int(raw["d_in"]),
+        d_sae=int(raw["d_sae"]),
+        arch=arch,
+        d_out=int(d_out),
+        k=raw.get("k"),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        hook_name=raw.get("hook_name", meta.get("hook_name")),
+        hook_name_out=raw.get("hook_name_out", meta.get("hook_name_out")),
+        model_name=raw.get("model_name", meta.get("model_name")),
+        dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
+    )
+
+
+def _assign(sae: SAE, tensors: dict, where: Path) -> None:
+    """Copy tensors into the module, checking every name and shape."""
+    expected = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        expected["threshold"] = sae.threshold
+    for name, param in expected.items():
+        if name not in tensors:
+            raise CorruptFileError(f"{where} has no tensor {name!r}; it has {sorted(tensors)}")
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CorruptFileError(
+                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name].float())
+        if sae.threshold is not None:
+            sae.activation.set_threshold(tensors["threshold"].float())

@@ -1,0 +1,33 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab.atomic import atomic_path, save_tensors, write_json
+
+
+def test_write_json_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a.json"
+    write_json(target, {"x": 1})
+    write_json(target, {"x": torch.tensor(2.5)})
+    assert json.loads(target.read_text()) == {"x": 2.5}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "good"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_save_tensors_roundtrip(tmp_path):
+    t = {"w": torch.randn(3, 4).T}  # non-contiguous on purpose
+    save_tensors(tmp_path / "t.safetensors", t)
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["w"], t["w"])
