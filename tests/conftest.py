@@ -7,3 +7,52 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# ---- language-model fixtures (lm/hooked.py, lm/default.py) -----------------------------------
+import pytest  # noqa: E402
+
+TINY_ARCHS = ("gpt_neox", "gpt_neox_sequential", "gpt2", "llama")
+
+
+def _tiny_hf_config(arch: str):
+    """2 layers, d_model 32, vocab 64, context 16: random-init models of each supported family."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)
+    if arch.startswith("gpt_neox"):
+        return GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=16,
+                             use_parallel_residual=arch == "gpt_neox", **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, **common)
+    return LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16,
+                       **common)
+
+
+def save_tiny_hf_model(arch: str, folder, seed: int = 0):
+    """Save a random-init tiny HF causal LM + a word-level tokenizer ("t0".."t63") to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(_tiny_hf_config(arch)).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0",
+                            unk_token="t1").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def save_tiny_hf():
+    """The function save_tiny_hf_model(arch, folder, seed=0), for tests that need a fresh copy."""
+    return save_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model_dirs(tmp_path_factory):
+    """{arch: folder} of tiny random-init HF models, one per family in TINY_ARCHS."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {arch: save_tiny_hf_model(arch, root / arch) for arch in TINY_ARCHS}

@@ -1,0 +1,226 @@
+"""Hook points checked against computations made another way: HF's own hidden states, the
+residual-stream sums, the HF modules called directly, and equivalent splices at other hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
+from saelab.lm.hooked import HookedLM
+
+ATOL = 1e-5
+TINY_ARCHS = ("gpt_neox", "gpt_neox_sequential", "gpt2", "llama")  # as in conftest
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def lm(request, tiny_hf_model_dirs):
+    return HookedLM.load(tiny_hf_model_dirs[request.param])
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+def b(layer, point):
+    return f"blocks.{layer}.{point}"
+
+
+def test_shapes_and_dims(lm, tokens):
+    assert (lm.n_layers, lm.d_model, lm.d_vocab, lm.context_length, lm.bos_token_id) == (
+        2, 32, 64, 16, 0)
+    cache = lm.run_with_cache(tokens, lm.hook_names())
+    for name, act in cache.items():
+        assert act.shape[-1] == lm.hook_dim(name)
+        assert act.shape[1] == tokens.shape[1]
+    assert lm.d_mlp == lm.hook_dim("blocks.0.mlp.hook_post") != lm.d_model
+
+
+def test_residual_stream_matches_hf_hidden_states(lm, tokens):
+    cache = lm.run_with_cache(tokens, lm.hook_names())
+    hidden = lm.model(tokens, output_hidden_states=True).hidden_states
+    for layer in range(lm.n_layers):
+        assert torch.equal(cache[b(layer, "hook_resid_pre")], hidden[layer])
+    last = cache[b(lm.n_layers - 1, "hook_resid_post")]
+    assert torch.allclose(lm.final_norm(last), hidden[-1], atol=ATOL)
+    assert torch.equal(cache["ln_final.hook_normalized"], hidden[-1])
+    assert torch.equal(cache[b(0, "hook_resid_post")], cache[b(1, "hook_resid_pre")])
+
+
+def test_block_sums_and_mlp_internals(lm, tokens):
+    cache = lm.run_with_cache(tokens, lm.hook_names())
+    for layer, block in enumerate(lm.blocks):
+        c = {p: cache.get(b(layer, p)) for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out",
+                                                   "hook_resid_post", "hook_resid_mid",
+                                                   "ln2.hook_normalized", "mlp.hook_pre",
+                                                   "mlp.hook_pre_linear", "mlp.hook_post")}
+        total = c["hook_resid_pre"] + c["hook_attn_out"] + c["hook_mlp_out"]
+        assert torch.allclose(c["hook_resid_post"], total, atol=ATOL)
+        mlp_reads = c["hook_resid_pre"] if lm.parallel_residual else c["hook_resid_mid"]
+        if not lm.parallel_residual:
+            assert torch.allclose(mlp_reads, c["hook_resid_pre"] + c["hook_attn_out"], atol=ATOL)
+        ln2 = block.get_submodule(lm.arch.ln2)
+        assert torch.allclose(c["ln2.hook_normalized"], ln2(mlp_reads), atol=ATOL)
+        assert torch.allclose(c["hook_mlp_out"], block.mlp(c["ln2.hook_normalized"]), atol=ATOL)
+        w = lm.mlp_weights(layer)
+        bias_in = 0 if w.b_in is None else w.b_in
+        bias_out = 0 if w.b_out is None else w.b_out
+        assert torch.allclose(c["mlp.hook_pre"], c["ln2.hook_normalized"] @ w.W_in + bias_in,
+                              atol=ATOL)
+        assert torch.allclose(c["hook_mlp_out"], c["mlp.hook_post"] @ w.W_out + bias_out,
+                              atol=ATOL)
+        act = block.mlp.act_fn if hasattr(block.mlp, "act_fn") else block.mlp.act
+        hidden = act(c["mlp.hook_pre"])
+        if w.W_up is not None:
+            assert torch.allclose(c["mlp.hook_pre_linear"], c["ln2.hook_normalized"] @ w.W_up,
+                                  atol=ATOL)
+            hidden = hidden * c["mlp.hook_pre_linear"]
+        assert torch.allclose(c["mlp.hook_post"], hidden, atol=ATOL)
+
+
+def test_embedding_unembedding_accessors(lm, tokens):
+    logits, cache = lm.run_with_cache(tokens, ["hook_embed", "ln_final.hook_normalized"],
+                                      return_logits=True)
+    assert torch.equal(cache["hook_embed"], lm.W_E[tokens])
+    assert torch.allclose(logits, cache["ln_final.hook_normalized"] @ lm.W_U, atol=ATOL)
+    resid = lm.run_with_cache(tokens, [b(1, "hook_resid_post")])[b(1, "hook_resid_post")]
+    assert torch.allclose(lm.unembed(resid), logits, atol=ATOL)
+    assert lm.W_U.shape == (lm.d_model, lm.d_vocab) and lm.W_E.shape == (64, lm.d_model)
+    assert torch.equal(lm.forward(inputs_embeds=lm.embed(tokens)), lm.forward(tokens))
+
+
+def test_ghost_token_gradient_flows_to_inputs_embeds(lm, tokens):
+    emb = lm.embed(tokens).detach().requires_grad_(True)
+    lm.forward(inputs_embeds=emb, grad=True)[:, -1, 3].sum().backward()
+    assert emb.grad is not None and emb.grad[:, -1].abs().sum() > 0
+    assert all(p.grad is None for p in lm.model.parameters())
+
+
+def test_identity_splice_gives_exactly_clean_loss(lm, tokens):
+    clean = lm.loss(tokens)
+    for name in lm.hook_names():
+        assert torch.equal(lm.loss(tokens, {name: lambda x: x.clone()}), clean), name
+        assert torch.equal(lm.loss(tokens, {name: lambda x: x}), clean), name
+
+
+def test_zero_splice_changes_loss(lm, tokens):
+    clean = lm.loss(tokens)
+    for name in (b(0, "hook_resid_post"), b(0, "hook_mlp_out"), b(1, "mlp.hook_post")):
+        assert not torch.allclose(lm.loss(tokens, {name: torch.zeros_like}), clean), name
+    # zeroing the whole residual stream leaves the model with no information: uniform logits
+    # for models whose final norm has no bias (llama) or zero-initialised bias (the others)
+    zeroed = lm.loss(tokens, {b(1, "hook_resid_post"): torch.zeros_like})
+    assert torch.allclose(zeroed, torch.log(torch.tensor(64.0)), atol=1e-4)
+
+
+def test_equivalent_splices_agree(lm, tokens):
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
+    add = lambda x: x + v  # noqa: E731
+    pairs = [(b(0, "hook_resid_post"), b(1, "hook_resid_pre"))]
+    if not lm.parallel_residual:
+        pairs.append((b(1, "hook_attn_out"), b(1, "hook_resid_mid")))
+    for first, second in pairs:
+        assert torch.allclose(lm.forward(tokens, {first: add}), lm.forward(tokens, {second: add}),
+                              atol=1e-4)
+    # two splices in one pass compose: +v then -v at the next hook cancels
+    both = lm.forward(tokens, {b(0, "hook_resid_post"): add,
+                               b(1, "hook_resid_pre"): lambda x: x - v})
+    assert torch.allclose(both, lm.forward(tokens), atol=1e-4)
+
+
+def test_capture_sees_spliced_value(lm, tokens):
+    name = b(0, "hook_mlp_out")
+    cache = lm.run_with_cache(tokens, [name, b(0, "hook_resid_post")],
+                              splices={name: torch.zeros_like})
+    assert torch.equal(cache[name], torch.zeros_like(cache[name]))
+    clean = lm.run_with_cache(tokens, [b(0, "hook_resid_post"), b(0, "hook_mlp_out")])
+    assert torch.allclose(cache[b(0, "hook_resid_post")],
+                          clean[b(0, "hook_resid_post")] - clean[name], atol=ATOL)
+
+
+def test_early_stop_skips_later_layers_and_matches_full_pass(lm, tokens):
+    calls = []
+    handle = lm.blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = lm.run_with_cache(tokens, [b(0, "hook_resid_post"), "hook_embed"])
+        assert calls == []
+        _, full = lm.run_with_cache(tokens, [b(0, "hook_resid_post"), "hook_embed"],
+                                    return_logits=True)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    assert early.keys() == full.keys()
+    assert all(torch.equal(early[k], full[k]) for k in early)
+
+
+def test_per_token_loss_matches_log_softmax(lm, tokens):
+    per = lm.loss(tokens, per_token=True)
+    logp = F.log_softmax(lm.forward(tokens), dim=-1)
+    ref = -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    assert per.shape == (3, 11)
+    assert torch.allclose(per, ref, atol=ATOL)
+    assert torch.allclose(lm.loss(tokens), ref.mean(), atol=ATOL)
+
+
+def test_hooks_removed_even_after_errors(lm, tokens):
+    def n_hooks():  # HF registers some hooks of its own: compare counts, not emptiness
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+    before = n_hooks()
+    with pytest.raises(ConfigError, match="shape"):
+        lm.forward(tokens, {b(0, "hook_mlp_out"): lambda x: x[..., :3]})
+    lm.run_with_cache(tokens, [b(0, "hook_resid_pre")])
+    assert n_hooks() == before
+
+
+def test_bad_names_and_inputs(lm, tokens):
+    with pytest.raises(ConfigError, match="hook_resid_post"):
+        lm.run_with_cache(tokens, ["blocks.0.hook_nonsense"])
+    with pytest.raises(ConfigError, match="0..1"):
+        lm.hook_dim("blocks.7.hook_resid_pre")
+    if lm.parallel_residual:
+        with pytest.raises(ConfigError, match="parallel"):
+            lm.run_with_cache(tokens, ["blocks.0.hook_resid_mid"])
+        assert "blocks.0.hook_resid_mid" not in lm.hook_names()
+    with pytest.raises(DataError, match="token ids"):
+        lm.loss(torch.tensor([[1, 2, 64]]))
+    with pytest.raises(DataError, match="context length"):
+        lm.loss(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(DataError):
+        lm.loss(torch.rand(2, 5))
+    with pytest.raises(ConfigError, match="exactly one"):
+        lm.forward()
+
+
+def test_load_errors(tmp_path, save_tiny_hf):
+    with pytest.raises(MissingFileError, match="does not exist"):
+        HookedLM.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MissingFileError, match="config.json"):
+        HookedLM.load(empty)
+    broken = save_tiny_hf("gpt2", tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CorruptFileError, match="cannot load"):
+        HookedLM.load(broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(MissingFileError, match="weights"):
+        HookedLM.load(broken)
+
+
+def test_unsupported_architecture_is_config_error(tmp_path, save_tiny_hf):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    save_tiny_hf("gpt2", tmp_path)  # tokenizer files
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="gpt_neox"):
+        HookedLM.load(tmp_path)
+
+
+def test_load_dtype(tiny_hf_model_dirs, tokens):
+    lm16 = HookedLM.load(tiny_hf_model_dirs["gpt_neox"], dtype=torch.bfloat16)
+    assert lm16.W_E.dtype == torch.bfloat16
+    act = lm16.run_with_cache(tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
+    assert act.dtype == torch.bfloat16
