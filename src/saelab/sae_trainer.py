@@ -1,0 +1,129 @@
+"""Training of one SAE inside a group: its optimiser, schedules, dead features and resampling.
+
+Like dictionary_learning's trainers, each SAE of a sweep is one object with `update(step, x, y)`;
+the group driver (`saelab.train`) feeds the same batch to all of them. All state that matters
+for an exact resume is in `state_tensors()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saelab import metrics
+from saelab.sae import SAE
+from saelab.train_spec import TrainSpec
+
+
+class SAETrainer:
+    def __init__(self, spec: TrainSpec, sae: SAE, total_steps: int, generator: torch.Generator):
+        self.spec, self.sae, self.total_steps, self.generator = spec, sae, total_steps, generator
+        kwargs = {"fused": True} if _fused_adam_ok(sae) else {}
+        self.opt = torch.optim.Adam(sae.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
+        # tokens since each feature last fired: dead features (aux-k, resampling) are read off it
+        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
+        self.unit_norm = sae.cfg.arch == "relu" and sae.cfg.decoder_norm == "unit"
+
+    def dead_mask(self) -> Tensor:
+        return self.since_fired >= self.spec.dead_tokens
+
+    def update(self, step: int, x: Tensor, y: Tensor) -> dict:
+        """One optimiser step on batch x (N, d_in) -> y (N, d_out); returns this step's log entry."""
+        spec, sae = self.spec, self.sae
+        lr, coefficient = spec.lr_at(step, self.total_steps), spec.coefficient_at(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        dead = self.dead_mask() if sae.activation.uses_k else None
+        out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.unit_norm:
+            sae.remove_parallel_decoder_grad()
+        self.opt.step()
+        if self.unit_norm:
+            sae.normalize_decoder()
+        with torch.no_grad():
+            fired = (out.feature_acts > 0).sum(0)
+            self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
+            l0 = float(fired.sum()) / x.shape[0]
+        resampled = 0
+        if spec.resample_every and (step + 1) % spec.resample_every == 0:
+            resampled = self.resample(x, y)
+        return {
+            "loss": out.loss.item(),
+            "mse": out.mse.item(),
+            "sparsity": out.sparsity.item(),
+            "aux": out.aux.item(),
+            "l0": l0,
+            "fvu": metrics.fvu(y, out.x_hat.detach()),
+            "dead": int(self.dead_mask().sum()),
+            "lr": lr,
+            "coefficient": coefficient,
+            **({"resampled": resampled} if resampled else {}),
+        }
+
+    @torch.no_grad()
+    def resample(self, x: Tensor, y: Tensor) -> int:
+        """Anthropic-style resampling of dead features (Towards Monosemanticity, 2023).
+
+        Each dead feature takes a batch input drawn with probability proportional to its squared
+        reconstruction error: the decoder row becomes that target's direction (relative to b_dec)
+        at the mean live decoder norm, the encoder column that input's direction at 0.2 x the mean
+        live encoder norm, the encoder bias 0; their Adam moments restart."""
+        sae, dead = self.sae, self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        err = (y - sae(x)).pow(2).sum(-1)
+        if float(err.sum()) <= 0:
+            return 0
+        pick = torch.multinomial(err / err.sum(), n_dead, replacement=True, generator=self.generator)
+        alive = ~dead
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        dec_norm = sae.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
+        inputs = x[pick] - (sae.b_dec if sae.cfg.apply_b_dec_to_input else 0)
+        targets = y[pick] - sae.b_dec
+        idx = dead.nonzero().squeeze(1)
+        sae.W_dec[idx] = _unit(targets) * (1.0 if self.unit_norm else dec_norm)
+        sae.W_enc[:, idx] = (_unit(inputs) * 0.2 * enc_norm).T
+        sae.b_enc[idx] = 0.0
+        for param, index in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = self.opt.state.get(param, {})
+                if key in state:
+                    state[key][index] = 0.0
+        self.since_fired[idx] = 0
+        return n_dead
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        out["since_fired"] = self.since_fired
+        for i, param in enumerate(self.sae.parameters()):
+            for key, value in self.opt.state.get(param, {}).items():
+                out[f"adam.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.since_fired = tensors["since_fired"].to(self.since_fired)
+        params = list(self.sae.parameters())
+        for name, value in tensors.items():
+            if name.startswith("adam."):
+                _, i, key = name.split(".", 2)
+                param = params[int(i)]
+                self.opt.state[param][key] = value.to(param.device) if key != "step" else value.cpu()
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _fused_adam_ok(sae: SAE) -> bool:
+    """Fused Adam (one kernel per step) exists for CPU and CUDA float tensors in recent torch."""
+    try:
+        probe = torch.nn.Parameter(torch.zeros(1, device=sae.W_enc.device))
+        torch.optim.Adam([probe], fused=True)
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False

@@ -1,0 +1,159 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from saelab.data.toy import ToyDataSource
+from saelab.errors import ConfigError, DataError
+from saelab.sae import SAE
+from saelab.train import GroupTrainer, TrainConfig
+from saelab.train_spec import TrainSpec
+
+TOY = dict(d=16, n_features=48, mean_active=3, batch_size=256, seed=3)
+
+
+def mixed_specs():
+    specs = [
+        TrainSpec(arch="relu", d_sae=48, coefficient=0.1, warmup_steps=5),
+        TrainSpec(arch="relu", d_sae=48, coefficient=0.1, decoder_norm="unit", name="relu_unit", resample_every=7, dead_tokens=512),
+        TrainSpec(arch="topk", d_sae=48, k=3, warmup_steps=5, dead_tokens=512),
+        TrainSpec(arch="batchtopk", d_sae=48, k=3, init="data"),
+        TrainSpec(arch="jumprelu", d_sae=48, coefficient=0.01, b_dec_init="geometric_median"),
+    ]
+    for spec in specs:
+        spec.lr = 5e-3
+    return specs
+
+
+def weights(run_dir):
+    return {p.name: SAE.load(p).state_dict() for p in sorted((run_dir / "saes").iterdir())}
+
+
+def test_group_training_writes_everything(tmp_path):
+    src = ToyDataSource(**TOY)
+    trainer = GroupTrainer(mixed_specs(), 16, tmp_path, TrainConfig(total_steps=40, checkpoint_every=15, log_every=5))
+    eval_batches = [src.batch(10_000 + i) for i in range(2)]
+    paths = trainer.fit(src, eval_batches=eval_batches)
+    assert len(paths) == 5 and all((p / "cfg.json").exists() for p in paths)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(5, 41, 5))
+    first, last = log[0]["saes"], log[-1]["saes"]
+    for name in first:
+        assert set(first[name]) >= {"loss", "mse", "sparsity", "aux", "l0", "fvu", "dead", "lr"}
+        assert last[name]["fvu"] < first[name]["fvu"]  # it learns
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [m["name"] for m in metrics] == trainer.labels
+    assert all(0 <= m["fvu"] < 1 and m["n_tokens"] == 512 for m in metrics)
+    topk = next(m for m in metrics if m["name"].startswith("topk"))
+    assert topk["l0"] <= 3 + 1e-6
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL mid-way and resumed ends with bitwise the same weights."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    cfg = TrainConfig(total_steps=30, checkpoint_every=10, log_every=3, normalize_activations=True, seed=5)
+    src = ToyDataSource(**TOY)
+    GroupTrainer(mixed_specs(), 16, full, cfg).fit(src)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        torch.set_num_threads(1)
+        from saelab.data.toy import ToyDataSource
+        from saelab.train import GroupTrainer, TrainConfig
+        from tests.test_train import mixed_specs, TOY
+        def crash(step, entries):
+            if step == 17:
+                os.kill(os.getpid(), signal.SIGKILL)
+        cfg = TrainConfig(total_steps=30, checkpoint_every=10, log_every=3, normalize_activations=True, seed=5)
+        GroupTrainer(mixed_specs(), 16, {str(crashed)!r}, cfg, on_step=crash).fit(ToyDataSource(**TOY))
+        """
+    )
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9
+    assert not (crashed / "saes").exists()
+    GroupTrainer(mixed_specs(), 16, crashed, cfg).fit(src)
+    a, b = weights(full), weights(crashed)
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    steps = [json.loads(line)["step"] for line in (crashed / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(3, 31, 3))
+
+
+def test_normalized_training_gives_saes_for_raw_activations(tmp_path):
+    src = ToyDataSource(**TOY)
+    scaled = lambda: (b * 50.0 for b in src.iter_from(0))  # noqa: E731 - raw activations with a large norm
+    trainer = GroupTrainer(
+        [TrainSpec(arch="topk", d_sae=48, k=3, lr=5e-3)], 16, tmp_path, TrainConfig(total_steps=60, normalize_activations=True)
+    )
+    raw = src.batch(999) * 50.0
+    trainer.fit(scaled(), eval_batches=[raw])
+    s = trainer.scale_in
+    assert s == pytest.approx(4.0 / float((src.batch(0) * 50).norm(dim=-1).mean()), rel=1e-5)
+    saved = SAE.load(tmp_path / "saes" / trainer.labels[0])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(raw), trainer.saes[0].eval()(raw * s) / s, rtol=1e-4, atol=1e-3)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics[0]["fvu"] < 0.5  # the saved SAE reconstructs raw (unscaled) inputs
+
+
+def test_resampling_reinitialises_only_dead_features(tmp_path):
+    spec = TrainSpec(arch="relu", d_sae=32, coefficient=0.1, resample_every=1, dead_tokens=1)
+    trainer = GroupTrainer([spec], 16, tmp_path, TrainConfig(total_steps=1))
+    t = trainer.trainers[0]
+    before = t.sae.W_dec.detach().clone()
+    t.since_fired[:10] = 5  # features 0..9 dead, the rest alive
+    x = torch.randn(64, 16)
+    n = t.resample(x, x)
+    assert n == 10
+    assert torch.equal(t.sae.W_dec[10:], before[10:])
+    assert not torch.allclose(t.sae.W_dec[:10], before[:10])
+    assert (t.sae.b_enc[:10] == 0).all() and (t.since_fired[:10] == 0).all()
+    # each new decoder direction is one of the batch's centred inputs
+    cos = torch.nn.functional.normalize(t.sae.W_dec[:10], dim=1) @ torch.nn.functional.normalize(x - t.sae.b_dec, dim=1).T
+    assert (cos.max(1).values > 0.9999).all()
+
+
+def test_transcoder_learns_a_sparse_map(tmp_path):
+    torch.manual_seed(0)
+    src = ToyDataSource(**TOY)
+    readout = torch.randn(48, 8)
+    pairs = lambda: ((src.batch(i), src.batch_and_acts(i)[1] @ readout) for i in range(10_000))  # noqa: E731
+    trainer = GroupTrainer(
+        [TrainSpec(arch="topk", d_sae=96, k=4, lr=3e-3, warmup_steps=10)], 16, tmp_path, TrainConfig(total_steps=150), d_out=8
+    )
+    trainer.fit(pairs(), eval_batches=[(src.batch(50_000), src.batch_and_acts(50_000)[1] @ readout)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics[0]["fvu"] < 0.6
+    assert SAE.load(tmp_path / "saes" / trainer.labels[0]).cfg.d_out == 8
+
+
+def test_bad_batches_and_configs(tmp_path):
+    spec = [TrainSpec(arch="relu", d_sae=8)]
+    with pytest.raises(DataError, match="NaN"):
+        GroupTrainer(spec, 4, tmp_path / "a", TrainConfig(total_steps=3)).fit([torch.ones(8, 4), torch.full((8, 4), float("nan"))] * 2)
+    with pytest.raises(DataError, match="expect"):
+        GroupTrainer(spec, 4, tmp_path / "b", TrainConfig(total_steps=3)).fit([torch.ones(8, 5)] * 3)
+    with pytest.raises(DataError, match="ran out"):
+        GroupTrainer(spec, 4, tmp_path / "c", TrainConfig(total_steps=5)).fit([torch.ones(8, 4)] * 2)
+    with pytest.raises(ConfigError, match="label"):
+        GroupTrainer(spec * 2, 4, tmp_path / "d")
+    GroupTrainer(spec, 4, tmp_path / "e", TrainConfig(total_steps=2)).fit([torch.randn(8, 4)] * 2)
+    with pytest.raises(ConfigError, match="different run"):
+        GroupTrainer([TrainSpec(arch="relu", d_sae=16)], 4, tmp_path / "e", TrainConfig(total_steps=2)).fit([torch.randn(8, 4)] * 2)
+    with pytest.raises(ConfigError, match="init"):
+        TrainSpec(init="random")
+
+
+def test_schedules():
+    spec = TrainSpec(lr=1.0, warmup_steps=10, decay_fraction=0.5, coefficient=2.0, coefficient_warmup_steps=4)
+    assert spec.lr_at(0, 100) == pytest.approx(0.1)
+    assert spec.lr_at(20, 100) == 1.0
+    assert spec.lr_at(75, 100) == pytest.approx(0.5)
+    assert spec.coefficient_at(1) == pytest.approx(1.0) and spec.coefficient_at(10) == 2.0
