@@ -2,9 +2,13 @@
 
 Weights: `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_out)`, `b_dec (d_out,)`, and
 `threshold (d_sae,)` for jumprelu (and batchtopk, which SAELens also stores as a jumprelu for
-inference). cfg.json carries SAELens's keys, with saelab's own full config under
-`metadata.saelab` so a round trip through saelab loses nothing. Loading reads both saelab
-folders and SAELens ones (its current nested format and the older flat one). No pickle.
+inference). cfg.json carries SAELens 6's keys (with `metadata.sae_lens_version`, so SAELens keeps
+our metadata), the flat keys SAELens 5 reads, and saelab's own full config under
+`metadata.saelab` so a round trip through saelab loses nothing. Loading reads saelab folders and
+SAELens ones (its current nested format and the older flat one). No pickle.
+
+SAELens has no topk transcoder: saelab writes one (architecture "topk" with `d_out`) that only
+saelab reads. Everything else loads in SAELens with identical outputs (tests/fixtures/saelens).
 """
 
 from __future__ import annotations
@@ -23,10 +27,19 @@ from saelab.sae import SAE, SAEConfig
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
-# saelab arch -> SAELens "architecture" written to disk
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write (nested metadata)
+
+# saelab arch -> SAELens "architecture" written to disk, for SAEs and for transcoders
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+_TO_SAELENS_TRANSCODER = {"relu": "transcoder", "topk": "topk", "batchtopk": "jumprelu_transcoder", "jumprelu": "jumprelu_transcoder"}
 # SAELens architecture -> saelab arch when reading a folder saelab did not write
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+_FROM_SAELENS = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "transcoder": "relu",
+    "jumprelu_transcoder": "jumprelu",
+}
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
@@ -45,6 +58,8 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
 def saelens_cfg(cfg: SAEConfig) -> dict:
     """cfg.json in SAELens's format, with saelab's config under metadata.saelab."""
     metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
         "hook_head_index": None,
@@ -53,8 +68,9 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     }
     if cfg.hook_name_out is not None:
         metadata["hook_name_out"] = cfg.hook_name_out
+    table = _TO_SAELENS_TRANSCODER if cfg.is_transcoder else _TO_SAELENS
     out = {
-        "architecture": "transcoder" if cfg.is_transcoder and cfg.arch == "relu" else _TO_SAELENS[cfg.arch],
+        "architecture": table[cfg.arch],
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -69,7 +85,23 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     if cfg.arch == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
+    # flat keys SAELens 5 requires; SAELens 6 ignores them when metadata.sae_lens_version is set
+    out.update(
+        model_name=cfg.model_name,
+        hook_name=cfg.hook_name,
+        hook_layer=_layer_of(cfg.hook_name),
+        hook_head_index=None,
+        dataset_path=None,
+        context_size=None,
+        activation_fn_str="topk" if cfg.arch == "topk" else "relu",
+        activation_fn_kwargs={"k": cfg.k} if cfg.arch == "topk" else {},
+    )
     return out
+
+
+def _layer_of(hook_name: str | None) -> int:
+    parts = (hook_name or "").split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else 0
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -91,8 +123,28 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise CorruptFileError(f"{weights_path} is not a readable safetensors file: {err}") from err
     cfg = config_from_dict(raw, tensors)
     sae = SAE.from_config(cfg)
-    _assign(sae, tensors, weights_path)
+    _assign(sae, _fold_saelens_options(raw, tensors, weights_path), weights_path)
     return sae.to(device)
+
+
+def _fold_saelens_options(raw: dict, tensors: dict, where: Path) -> dict:
+    """Fold SAELens options that change the computation into plain weights.
+
+    - topk `rescale_acts_by_decoder_norm`: z is scaled by n = ||W_dec rows|| and f divided by n
+      before decoding; the same map is W_enc *= n, b_enc *= n, W_dec /= n.
+    - old `scaling_factor` (finetuning): f is multiplied by s before decoding; W_dec *= s."""
+    tensors = dict(tensors)
+    if raw.get("rescale_acts_by_decoder_norm") and "W_dec" in tensors:
+        n = tensors["W_dec"].float().norm(dim=1)
+        tensors["W_enc"] = tensors["W_enc"].float() * n
+        tensors["b_enc"] = tensors["b_enc"].float() * n
+        tensors["W_dec"] = tensors["W_dec"].float() / n.clamp_min(1e-12)[:, None]
+    scale = tensors.pop("scaling_factor", tensors.pop("finetuning_scaling_factor", None))
+    if scale is not None and "W_dec" in tensors:
+        if scale.shape != tensors["W_dec"].shape[:1]:
+            raise CorruptFileError(f"{where}: scaling_factor has shape {tuple(scale.shape)}, expected ({tensors['W_dec'].shape[0]},)")
+        tensors["W_dec"] = tensors["W_dec"].float() * scale.float()[:, None]
+    return tensors
 
 
 def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
@@ -106,6 +158,17 @@ def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
     if missing:
         raise ConfigError(f"cfg.json is missing {missing}; an SAE config needs at least d_in and d_sae")
     arch_name = raw.get("architecture", "standard")
+    activation_fn = raw.get("activation_fn_str", raw.get("activation_fn", "relu")) or "relu"
+    if arch_name == "batchtopk":
+        raise ConfigError(
+            "this is a SAELens batchtopk training checkpoint; load the folder SAELens writes with "
+            "save_inference_model (a jumprelu), or train the SAE with saelab"
+        )
+    if arch_name == "standard" and activation_fn == "topk":  # SAELens 5: topk as an activation option
+        arch_name = "topk"
+    elif activation_fn not in ("relu", "topk"):
+        raise ConfigError(f"SAELens activation function {activation_fn!r} is not supported; saelab reads relu and topk")
+    k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     norm = raw.get("normalize_activations", "none") or "none"
     if norm not in ("none", None):
         raise ConfigError(
@@ -113,20 +176,17 @@ def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
             "('none'). Fold the scaling into the weights first."
         )
     d_out = raw.get("d_out") or (tensors["W_dec"].shape[1] if tensors and "W_dec" in tensors else raw["d_in"])
-    if arch_name == "transcoder":
-        arch = "relu"
-    elif arch_name in _FROM_SAELENS:
-        arch = _FROM_SAELENS[arch_name]
-    else:
-        raise ConfigError(f"SAELens architecture {arch_name!r} is not supported; saelab loads {sorted(_FROM_SAELENS) + ['transcoder']}")
+    if arch_name not in _FROM_SAELENS:
+        raise ConfigError(f"SAELens architecture {arch_name!r} is not supported; saelab loads {sorted(_FROM_SAELENS)}")
+    arch = _FROM_SAELENS[arch_name]
     return SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
         arch=arch,
         d_out=int(d_out),
-        k=raw.get("k"),
+        k=int(k) if k is not None and arch == "topk" else None,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        hook_name=raw.get("hook_name", meta.get("hook_name")),
+        hook_name=raw.get("hook_name", raw.get("hook_point", meta.get("hook_name"))),
         hook_name_out=raw.get("hook_name_out", meta.get("hook_name_out")),
         model_name=raw.get("model_name", meta.get("model_name")),
         dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
