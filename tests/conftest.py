@@ -32,16 +32,18 @@ def _tiny_hf_config(arch: str):
 
 
 def save_tiny_hf_model(arch: str, folder, seed: int = 0):
-    """Save a random-init tiny HF causal LM + a word-level tokenizer ("t0".."t63") to `folder`."""
+    """Save a random-init tiny HF causal LM + a word-level tokenizer to `folder`: "<bos>" is 0
+    (also EOS), "<unk>" 1, and "wK" is id K for K in 2..63."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(_tiny_hf_config(arch)).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t1"))
+    vocab = {"<bos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0",
-                            unk_token="t1").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>",
+                            unk_token="<unk>").save_pretrained(folder)
     return folder
 
 
@@ -56,3 +58,20 @@ def tiny_hf_model_dirs(tmp_path_factory):
     """{arch: folder} of tiny random-init HF models, one per family in TINY_ARCHS."""
     root = tmp_path_factory.mktemp("tiny_hf")
     return {arch: save_tiny_hf_model(arch, root / arch) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory):
+    """Folder of a tiny default-style LM (GPT-NeoX 2 layers, d_model 32, vocab 512, context 32,
+    trained 300 steps on a 300 kB slice of the standard library): loads with HookedLM.load."""
+    from saelab.lm.default import TINY_CONFIG, build_default_lm
+
+    return build_default_lm(tmp_path_factory.mktemp("tiny_lm") / "lm", TINY_CONFIG, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_lm_path):
+    """The tiny LM loaded as a HookedLM (shared: do not modify its weights)."""
+    from saelab.lm.hooked import HookedLM
+
+    return HookedLM.load(tiny_lm_path)

@@ -1,0 +1,275 @@
+"""Text sources, a stable train / held-out split by document, and packing into contexts.
+
+A source spec is one string:
+    "stdlib"            the built-in corpus: the Python standard library's own .py source
+                        (every Python install carries it, so nothing is downloaded)
+    "hf:NAME"           a Hugging Face dataset: a hub name, a local folder of data files, or a
+                        folder written by `Dataset.save_to_disk`
+    a path              a .txt file (one document), a .jsonl file (one document per line, text
+                        in `text_field`), or a folder searched recursively for both
+
+Packing: documents are tokenized, joined into one stream with the end-of-text token between
+them, and cut into contexts of `context_length` tokens, each starting with BOS when the model
+expects one (Pythia, GPT-2 and Llama checkpoints were trained that way; SAELens does the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
+
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # stable identity (relative path, path:line, dataset#row): decides the split
+    text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    documents: list[Document]
+    fingerprint: str  # sha256 over (id, length) of every document: changes when the set does
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(d.text) for d in self.documents)
+
+
+def _make_corpus(name: str, docs: list[Document]) -> Corpus:
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise DataError(f"corpus {name} has no non-empty documents")
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(f"{d.id}\t{len(d.text)}\n".encode())
+    return Corpus(name, docs, h.hexdigest())
+
+
+# ---- sources ---------------------------------------------------------------------------------
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    """The standard library's .py files, sorted, without test folders and installed packages."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
+
+
+def load_stdlib(max_bytes: int | None = None, root: str | Path | None = None) -> Corpus:
+    """The built-in corpus, optionally a deterministic subset of at most `max_bytes`: files
+    taken in an order fixed by a hash of their path (a spread over the whole library, not
+    the first package alphabetically), skipping any that would overflow the budget."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = stdlib_files(root)
+    if max_bytes is not None:
+        chosen, total = [], 0
+        for p in sorted(files, key=lambda p: _unit_hash(p.relative_to(root).as_posix(), "subset")):
+            if total + p.stat().st_size <= max_bytes:
+                chosen.append(p)
+                total += p.stat().st_size
+        files = sorted(chosen)
+    docs = [Document(p.relative_to(root).as_posix(),
+                     p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    return _make_corpus("stdlib", docs)
+
+
+def load_text_files(path: str | Path, text_field: str = "text") -> Corpus:
+    """A .txt file, a .jsonl file, or a folder of them (searched recursively, sorted)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"corpus path {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")
+                       and p.is_file() and not any(s.startswith(".") for s in p.parts))
+        if not files:
+            raise DataError(f"no .txt or .jsonl files in {path}")
+        base = path
+    else:
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ConfigError(f"corpus file {path} must end in .txt or .jsonl")
+        files, base = [path], path.parent
+    docs: list[Document] = []
+    for f in files:
+        rel = f.relative_to(base).as_posix()
+        if f.suffix == ".txt":
+            docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
+        else:
+            docs += _jsonl_documents(f, rel, text_field)
+    return _make_corpus(str(path), docs)
+
+
+def _jsonl_documents(f: Path, rel: str, text_field: str) -> list[Document]:
+    docs = []
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorruptFileError(f"{f} line {lineno} is not valid JSON: {err}") from err
+            text = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{f} line {lineno} has no string field {text_field!r} "
+                                f"(has: {keys}); set text_field")
+            docs.append(Document(f"{rel}:{lineno}", text))
+    return docs
+
+
+def load_hf_dataset(name: str, split: str = "train", text_field: str = "text",
+                    config: str | None = None, max_docs: int | None = None) -> Corpus:
+    """A Hugging Face dataset (hub name, local data-file folder, or save_to_disk folder).
+
+    With `max_docs` the dataset is streamed and only the first rows are read."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ConfigError("Hugging Face datasets need the `datasets` package: "
+                          "pip install 'saelab[hf]'") from err
+    local = Path(name).expanduser()
+    try:
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(local))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            rows: Iterable = ds.select(range(min(max_docs, len(ds)))) if max_docs else ds
+        else:
+            rows = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
+            rows = rows.take(max_docs) if max_docs is not None else rows
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise MissingFileError(f"cannot load dataset {name!r} split {split!r}: {err}") from err
+    docs = []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get(text_field), str):
+            raise DataError(f"dataset {name!r} rows have no string field {text_field!r} "
+                            f"(columns: {sorted(row)}); set text_field")
+        docs.append(Document(f"{name}[{split}]#{i}", row[text_field]))
+    return _make_corpus(f"hf:{name}", docs)
+
+
+def load_corpus(source: str = "stdlib", *, text_field: str = "text", split: str = "train",
+                max_docs: int | None = None, max_bytes: int | None = None) -> Corpus:
+    """Dispatch on the source spec (see module docstring)."""
+    if source == "stdlib":
+        return load_stdlib(max_bytes=max_bytes)
+    if source.startswith("hf:"):
+        return load_hf_dataset(source[3:], split=split, text_field=text_field, max_docs=max_docs)
+    corpus = load_text_files(source, text_field=text_field)
+    if max_docs is not None:
+        corpus = _make_corpus(corpus.name, corpus.documents[:max_docs])
+    return corpus
+
+
+# ---- split -----------------------------------------------------------------------------------
+def _unit_hash(key: str, salt: int | str) -> float:
+    """A number in [0, 1) fixed by (salt, key): the same on every run and machine. Different
+    uses take different salts, so a subset choice never correlates with the split."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_documents(docs: Sequence[Document], holdout_frac: float = 0.05,
+                    seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """(train, held_out) by document: a document is held out when the hash of its id falls
+    below `holdout_frac`, so adding documents never moves the others. With two or more
+    documents both sides get at least one."""
+    if not 0 <= holdout_frac < 1:
+        raise ConfigError(f"holdout_frac must be in [0, 1), got {holdout_frac}")
+    keys = [_unit_hash(d.id, seed) for d in docs]
+    held = [k < holdout_frac for k in keys]
+    if len(docs) >= 2 and holdout_frac > 0:
+        if not any(held):
+            held[keys.index(min(keys))] = True
+        if all(held):
+            held[keys.index(max(keys))] = False
+    train = [d for d, h in zip(docs, held) if not h]
+    return train, [d for d, h in zip(docs, held) if h]
+
+
+# ---- tokenize and pack -----------------------------------------------------------------------
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens, from an HF tokenizer or a `tokenizers.Tokenizer`."""
+    if hasattr(tokenizer, "encode_batch"):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pack(docs: Sequence[Document], tokenizer, context_length: int, *,
+         bos_token_id: int | None = None, sep_token_id: int | None = None,
+         prepend_bos: bool = True, max_contexts: int | None = None,
+         progress: bool | None = None) -> torch.Tensor:
+    """Token contexts (n_contexts, context_length), int64, in document order.
+
+    Stream = doc tokens + [sep] + doc tokens + [sep] ...; each context is [bos] + the next
+    context_length - 1 stream tokens (or context_length stream tokens without BOS). The
+    last partial context is dropped. bos/sep default to the tokenizer's bos/eos."""
+    bos = bos_token_id if bos_token_id is not None else _special(tokenizer, "bos", "eos")
+    sep = sep_token_id if sep_token_id is not None else _special(tokenizer, "eos", "bos")
+    if prepend_bos and bos is None:
+        raise ConfigError("the tokenizer has no BOS or EOS token; pass bos_token_id or "
+                          "prepend_bos=False")
+    if context_length < 2:
+        raise ConfigError(f"context_length must be at least 2, got {context_length}")
+    body = context_length - 1 if prepend_bos else context_length
+    pieces: list[np.ndarray] = []
+    have, needed = 0, None if max_contexts is None else max_contexts * body
+    tail = np.array([] if sep is None else [sep], dtype=np.int64)
+    with tqdm(total=len(docs), desc="tokenizing", unit="doc",
+              disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(docs), 64):
+            batch = docs[start:start + 64]
+            for ids in _encode(tokenizer, [d.text for d in batch]):
+                pieces += [np.asarray(ids, dtype=np.int64), tail]
+                have += len(ids) + len(tail)
+            bar.update(len(batch))
+            if needed is not None and have >= needed:
+                break
+    n = have // body if needed is None else min(have // body, max_contexts)
+    if n == 0:
+        raise DataError(f"the corpus gives {have} tokens, fewer than one context of "
+                        f"{body} (+BOS); use more text or a shorter context_length")
+    out = torch.from_numpy(np.concatenate(pieces)[:n * body].copy()).view(n, body)
+    if prepend_bos:
+        out = torch.cat([torch.full((n, 1), bos, dtype=torch.long), out], dim=1)
+    return out
+
+
+def _special(tokenizer, first: str, second: str) -> int | None:
+    for kind in (first, second):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if tid is not None:
+            return tid
+    return None
+
+
+def token_contexts(source: str, tokenizer, context_length: int, *, split: str = "train",
+                   holdout_frac: float = 0.05, seed: int = 0, max_contexts: int | None = None,
+                   text_field: str = "text", prepend_bos: bool = True,
+                   progress: bool | None = None) -> torch.Tensor:
+    """One call from a source spec to contexts (n, context_length) of the train or held-out
+    split ("all" skips the split)."""
+    if split not in ("train", "heldout", "all"):
+        raise ConfigError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    corpus = load_corpus(source, text_field=text_field)
+    docs = corpus.documents
+    if split != "all":
+        train, held = split_documents(docs, holdout_frac, seed)
+        docs = train if split == "train" else held
+        if not docs:
+            raise DataError(f"the {split} split of {corpus.name} is empty ({len(corpus.documents)}"
+                            " document(s); the split is by document, so use several files or a "
+                            ".jsonl with one document per line)")
+    return pack(docs, tokenizer, context_length, prepend_bos=prepend_bos,
+                max_contexts=max_contexts, progress=progress)

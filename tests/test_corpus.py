@@ -1,0 +1,165 @@
+"""Text sources, the document split and packing, checked against hand-built expectations.
+
+Tokenizer: the word-level test tokenizer from conftest ("wK" -> id K, BOS = EOS = id 0), so
+every packed context can be written down by hand."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.data.corpus import (Document, load_corpus, load_hf_dataset, load_stdlib,
+                                load_text_files, pack, split_documents, stdlib_files,
+                                token_contexts)
+from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_hf_model_dirs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_hf_model_dirs["gpt2"])
+
+
+def words(*ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_stdlib_files_skip_tests_and_installed_packages(tmp_path):
+    for rel in ("a.py", "pkg/b.py", "test/c.py", "pkg/tests/d.py", "idlelib/idle_test/e.py",
+                "site-packages/f.py", "dist-packages/g.py", "pkg/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in stdlib_files(tmp_path)] == [
+        "a.py", "pkg/b.py"]
+    before = load_stdlib(root=tmp_path)
+    assert [d.id for d in before.documents] == ["a.py", "pkg/b.py"]
+    assert load_stdlib(root=tmp_path).fingerprint == before.fingerprint
+    (tmp_path / "pkg/new.py").write_text("x = 1\n")
+    assert load_stdlib(root=tmp_path).fingerprint != before.fingerprint
+
+
+def test_real_stdlib_corpus_and_subset():
+    files = stdlib_files()
+    names = {p.name for p in files}
+    assert {"os.py", "functools.py"} <= names and len(files) > 100
+    assert not any(part in ("test", "tests", "site-packages") for p in files for part in p.parts)
+    sub = load_stdlib(max_bytes=100_000)
+    assert 0 < sum(len(d.text.encode()) for d in sub.documents) <= 100_000 + 1000  # replaced chars
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert {d.id for d in sub.documents} <= {p.relative_to(root).as_posix() for p in files}
+    assert len({d.id.split("/")[0] for d in sub.documents}) > 1  # a spread, not one package
+
+
+def test_text_files_and_jsonl(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": "one", "x": 1}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "skip.md").write_text("not read")
+    corpus = load_text_files(tmp_path)
+    assert [(d.id, d.text) for d in corpus.documents] == [
+        ("a.txt", "hello"), ("sub/b.jsonl:1", "one"), ("sub/b.jsonl:3", "two")]
+    assert load_corpus(str(tmp_path / "a.txt")).documents == [Document("a.txt", "hello")]
+    assert len(load_corpus(str(tmp_path), max_docs=2).documents) == 2
+
+
+def test_text_file_errors(tmp_path):
+    with pytest.raises(MissingFileError):
+        load_text_files(tmp_path / "missing")
+    with pytest.raises(DataError, match="no .txt or .jsonl"):
+        load_text_files(tmp_path)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ConfigError, match=".jsonl"):
+        load_text_files(tmp_path / "x.csv")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(CorruptFileError, match="line 2"):
+        load_text_files(bad)
+    bad.write_text('{"body": "ok"}\n')
+    with pytest.raises(DataError, match="body"):
+        load_text_files(bad)
+    assert load_text_files(bad, text_field="body").documents[0].text == "ok"
+    (tmp_path / "bad.jsonl").unlink()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no non-empty"):
+        load_text_files(tmp_path / "empty.txt")
+
+
+def test_hf_dataset_from_local_files_and_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": f"doc {i}", "n": i} for i in range(5)]
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = load_corpus(f"hf:{files}")
+    assert [d.text for d in corpus.documents] == [r["text"] for r in rows]
+    assert len({d.id for d in corpus.documents}) == 5
+    assert [d.text for d in load_hf_dataset(str(files), max_docs=2).documents] == ["doc 0", "doc 1"]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    assert [d.text for d in load_hf_dataset(str(saved), max_docs=3).documents] == [
+        "doc 0", "doc 1", "doc 2"]
+    with pytest.raises(DataError, match="columns"):
+        load_hf_dataset(str(saved), text_field="body")
+
+
+def test_split_is_stable_disjoint_and_by_document():
+    docs = [Document(f"d{i}", "x") for i in range(1000)]
+    train, held = split_documents(docs, 0.1, seed=3)
+    assert {d.id for d in train} | {d.id for d in held} == {d.id for d in docs}
+    assert not {d.id for d in train} & {d.id for d in held}
+    assert 60 < len(held) < 140
+    assert split_documents(docs, 0.1, seed=3) == (train, held)
+    more_train, more_held = split_documents(docs + [Document("extra", "y")], 0.1, seed=3)
+    assert {d.id for d in held} <= {d.id for d in more_held}
+    assert split_documents(docs, 0.1, seed=4)[1] != held
+    two = [Document("a", "x"), Document("b", "y")]
+    assert [len(part) for part in split_documents(two, 0.01)] == [1, 1]
+    assert [len(part) for part in split_documents(two, 0.99)] == [1, 1]
+    with pytest.raises(ConfigError):
+        split_documents(docs, 1.0)
+
+
+def test_pack_builds_exact_contexts(tok):
+    docs = [Document("a", words(11, 2, 3)), Document("b", words(4, 5)), Document("c", words(6))]
+    # stream: 11 2 3 0 4 5 0 6 0 -> bodies of 3 after BOS 0
+    assert pack(docs, tok, 4).tolist() == [[0, 11, 2, 3], [0, 0, 4, 5], [0, 0, 6, 0]]
+    assert pack(docs, tok, 4, max_contexts=2).tolist() == [[0, 11, 2, 3], [0, 0, 4, 5]]
+    assert pack(docs, tok, 4, prepend_bos=False).tolist() == [[11, 2, 3, 0], [4, 5, 0, 6]]
+    assert pack(docs, tok, 4, bos_token_id=9, sep_token_id=8).tolist() == [
+        [9, 11, 2, 3], [9, 8, 4, 5], [9, 8, 6, 8]]
+    assert pack(docs, tok, 4).dtype == torch.long
+    with pytest.raises(DataError, match="fewer than one context"):
+        pack(docs, tok, 11)
+    with pytest.raises(ConfigError):
+        pack(docs, tok, 1)
+
+
+def test_pack_many_documents_matches_concatenation(tok):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 20, (150,), generator=gen).tolist()  # > one encode batch
+    docs = [Document(str(i), words(*range(2, n + 2))) for i, n in enumerate(lengths)]
+    stream = [t for n in lengths for t in list(range(2, n + 2)) + [0]]
+    out = pack(docs, tok, 8)
+    assert out.shape == (len(stream) // 7, 8)
+    assert torch.equal(out[:, 1:].flatten(), torch.tensor(stream[:out.shape[0] * 7]))
+
+
+def test_token_contexts_splits_train_and_heldout(tmp_path, tok):
+    lines = [json.dumps({"text": words(*([i % 60 + 2] * 9))}) for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    train = token_contexts(str(tmp_path), tok, 11, split="train", holdout_frac=0.2)
+    held = token_contexts(str(tmp_path), tok, 11, split="heldout", holdout_frac=0.2)
+    everything = token_contexts(str(tmp_path), tok, 11, split="all")
+    assert train.shape[0] + held.shape[0] == everything.shape[0] == 40
+    # each document (9 tokens + separator) fills exactly one context: no value on both sides
+    assert not set(train[:, 1].tolist()) & set(held[:, 1].tolist())
+    (tmp_path / "c.jsonl").unlink()
+    (tmp_path / "one.txt").write_text(words(*range(2, 40)))
+    with pytest.raises(DataError, match="heldout split .* is empty"):
+        token_contexts(str(tmp_path), tok, 10, split="heldout")
+    with pytest.raises(ConfigError):
+        token_contexts(str(tmp_path), tok, 10, split="test")
