@@ -24,16 +24,25 @@ from torch import Tensor, nn
 
 
 class Activation(nn.Module):
-    """Interface: `forward(z) -> f`; `penalty(z, f, dec_norms) -> per-token penalty (N,)`."""
+    """Interface: `forward(z) -> f`; `penalty(z, f, dec_norms) -> per-token penalty (N,)`.
+
+    Two optional fast paths the SAE's training loss uses when an activation offers them:
+    `weighted_l1` (the penalty is f @ dec_norms, so it rides along in the decoder product as one
+    extra output column), and `sparse(z) -> (values, indices)` (k per token, decoded with
+    embedding_bag instead of a dense (N, d_sae) product)."""
 
     uses_k = False
     has_threshold = False
+    weighted_l1 = False
+    sparse = None
 
     def penalty(self, z: Tensor, f: Tensor, dec_norms: Tensor) -> Tensor:
         return z.new_zeros(z.shape[0])
 
 
 class ReLU(Activation):
+    weighted_l1 = True
+
     def forward(self, z: Tensor) -> Tensor:
         return torch.relu(z)
 
@@ -49,8 +58,13 @@ class TopK(Activation):
         self.k = k
 
     def forward(self, z: Tensor) -> Tensor:
+        values, indices = self.sparse(z)
+        return torch.zeros_like(z).scatter_(-1, indices, values)
+
+    def sparse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The k largest pre-activations per token, relu'd: values and indices, (N, k) each."""
         top = torch.topk(z, self.k, dim=-1, sorted=False)
-        return torch.zeros_like(z).scatter_(-1, top.indices, torch.relu(top.values))
+        return torch.relu(top.values), top.indices
 
 
 class _JumpReLUFn(torch.autograd.Function):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelab.activations import ACTIVATIONS
@@ -92,11 +93,12 @@ class ForwardOutput(NamedTuple):
     """Everything one training step needs from an SAE, for a batch of N tokens."""
 
     x_hat: Tensor  # (N, d_out) reconstruction
-    feature_acts: Tensor  # (N, d_sae) sparse feature activations f
+    feature_acts: Tensor | None  # (N, d_sae) feature activations f; None where computed sparsely (topk)
     loss: Tensor  # scalar: mse + sparsity + aux
     mse: Tensor  # scalar: mean over tokens of the squared error summed over dimensions
     sparsity: Tensor  # scalar: coefficient * mean penalty (weighted L1 for relu, L0 for jumprelu)
     aux: Tensor  # scalar: aux_coefficient * auxiliary-k loss (topk / batchtopk), else 0
+    fired: Tensor  # (d_sae,) int: on how many of the N tokens each feature was active (no grad)
 
 
 class SAE(nn.Module):
@@ -155,11 +157,13 @@ class SAE(nn.Module):
             raise DataError(f"{what} has last dimension {x.shape[-1]}, but this SAE expects {dim} (shape {tuple(x.shape)})")
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """z = (x - b_dec) @ W_enc + b_enc, shape (..., d_sae)."""
+        """z = (x - b_dec) @ W_enc + b_enc, shape (..., d_sae).
+
+        Computed as x @ W_enc + (b_enc - b_dec @ W_enc): the same map, but b_dec's gradient is
+        then a vector-matrix product instead of a full (N, d_sae) x (d_sae, d_in) one."""
         self._check_input(x, self.cfg.d_in, "input")
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        bias = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
+        return x @ self.W_enc + bias
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f, shape (..., d_sae)."""
@@ -191,18 +195,31 @@ class SAE(nn.Module):
         self._check_input(y, self.cfg.d_out, "target")
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         z = self.pre_acts(x)
-        f = self.activation(z)
-        x_hat = f @ self.W_dec + self.b_dec
+        act, f = self.activation, None
+        sparsity = z.new_zeros(())
+        if act.sparse is not None:
+            values, indices = act.sparse(z)
+            x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+            fired = torch.bincount(indices[values.detach() > 0], minlength=self.cfg.d_sae)
+        else:
+            f = act(z)
+            if act.weighted_l1 and coefficient:
+                # the penalty f @ ||W_dec rows|| as one more output column of the decoder product
+                norms = self.W_dec.norm(dim=1, keepdim=True)
+                out = f @ torch.cat([self.W_dec, norms], dim=1)
+                x_hat, sparsity = out[:, :-1] + self.b_dec, coefficient * out[:, -1].mean()
+            else:
+                x_hat = f @ self.W_dec + self.b_dec
+                if coefficient:
+                    sparsity = coefficient * act.penalty(z, f, self.W_dec.norm(dim=1)).mean()
+            with torch.no_grad():  # f >= 0, so sign(f) is the firing indicator; cheaper than (f > 0).sum(0)
+                fired = f.sign().sum(0).long()
         err = y - x_hat
         mse = err.pow(2).sum(-1).mean()
-        if coefficient:
-            sparsity = coefficient * self.activation.penalty(z, f, self.W_dec.norm(dim=1)).mean()
-        else:
-            sparsity = mse.new_zeros(())
         aux = mse.new_zeros(())
-        if self.activation.uses_k and dead_mask is not None and bool(dead_mask.any()):
+        if act.uses_k and dead_mask is not None and bool(dead_mask.any()):
             aux = aux_coefficient * self._aux_loss(z, err.detach(), dead_mask, aux_k or self.cfg.d_in // 2)
-        return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux)
+        return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux, fired)
 
     def _aux_loss(self, z: Tensor, residual: Tensor, dead_mask: Tensor, aux_k: int) -> Tensor:
         """Normalised MSE of the residual's reconstruction by the top-aux_k dead features."""

@@ -43,7 +43,7 @@ class SAETrainer:
         if self.unit_norm:
             sae.normalize_decoder()
         with torch.no_grad():
-            fired = (out.feature_acts > 0).sum(0)
+            fired = out.fired
             self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
             l0 = float(fired.sum()) / x.shape[0]
         resampled = 0
