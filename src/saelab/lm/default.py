@@ -57,7 +57,7 @@ class DefaultLMConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     holdout_frac: float = 0.05
-    eval_contexts: int = 128  # held-out contexts the recorded loss is measured on
+    eval_contexts: int = 256  # held-out contexts (evenly spaced) the recorded loss is on
     max_bytes: int | None = None  # corpus subset for quick builds; None = whole stdlib
     seed: int = 0
 
@@ -129,11 +129,13 @@ def _build_into(out: Path, cfg: DefaultLMConfig, progress: bool | None) -> dict:
     corpus = load_stdlib(max_bytes=cfg.max_bytes)
     train_docs, held_docs = split_documents(corpus.documents, cfg.holdout_frac, cfg.seed)
     random.Random(cfg.seed).shuffle(train_docs)  # packing order: a mix, not alphabetical
-    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.context_length)
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.context_length,
+                                progress=sys.stderr.isatty() if progress is None else progress)
     train = pack(train_docs, tokenizer, cfg.context_length, progress=progress,
                  max_contexts=cfg.steps * cfg.batch_size)
-    held = pack(held_docs, tokenizer, cfg.context_length, progress=False,
-                max_contexts=cfg.eval_contexts)
+    held = pack(held_docs, tokenizer, cfg.context_length, progress=False)
+    if len(held) > cfg.eval_contexts:  # spread over all held-out files, not the first few
+        held = held[torch.linspace(0, len(held) - 1, cfg.eval_contexts).round().long()]
     model = _new_model(cfg, len(tokenizer))
     final_train_loss = _train(model, train, cfg, progress)
     heldout_loss = _mean_loss(model, held)
@@ -157,7 +159,8 @@ def _build_into(out: Path, cfg: DefaultLMConfig, progress: bool | None) -> dict:
     }
 
 
-def train_tokenizer(docs: list[Document], vocab_size: int, context_length: int):
+def train_tokenizer(docs: list[Document], vocab_size: int, context_length: int,
+                    progress: bool = False):
     """Byte-level BPE (GPT-2 / Pythia style) trained on whole documents; `<|endoftext|>` is
     id 0 and serves as BOS, EOS and separator, as in Pythia. Returns a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -168,7 +171,7 @@ def train_tokenizer(docs: list[Document], vocab_size: int, context_length: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=progress)
     tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS,
                                    unk_token=BOS, pad_token=PAD, model_max_length=context_length)
