@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.data.corpus import (Document, load_corpus, load_hf_dataset, load_stdlib,
+from saelab.data.corpus import (Document, evenly_spaced, load_corpus, load_hf_dataset, load_stdlib,
                                 load_text_files, pack, split_documents, stdlib_files,
                                 token_contexts)
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
@@ -157,9 +157,27 @@ def test_token_contexts_splits_train_and_heldout(tmp_path, tok):
     assert train.shape[0] + held.shape[0] == everything.shape[0] == 40
     # each document (9 tokens + separator) fills exactly one context: no value on both sides
     assert not set(train[:, 1].tolist()) & set(held[:, 1].tolist())
+    rows = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
+    # seed orders documents, split_seed picks the held-out ones
+    reordered = token_contexts(str(tmp_path), tok, 11, split="heldout", holdout_frac=0.2, seed=5)
+    assert rows(reordered) == rows(held) and not torch.equal(reordered, held)
+    other_split = token_contexts(str(tmp_path), tok, 11, split="heldout", holdout_frac=0.2,
+                                 split_seed=1)
+    assert rows(other_split) != rows(held)
+    # a small sample is spread over the pool: evenly spaced rows of the full ordered pack
+    sample = token_contexts(str(tmp_path), tok, 11, split="all", max_contexts=4)
+    assert torch.equal(sample, everything[[0, 13, 26, 39]])
+    first = token_contexts(str(tmp_path), tok, 11, split="all", max_contexts=4, spread=1)
+    assert torch.equal(first, everything[:4])
     (tmp_path / "c.jsonl").unlink()
     (tmp_path / "one.txt").write_text(words(*range(2, 40)))
     with pytest.raises(DataError, match="heldout split .* is empty"):
         token_contexts(str(tmp_path), tok, 10, split="heldout")
     with pytest.raises(ConfigError):
         token_contexts(str(tmp_path), tok, 10, split="test")
+
+
+def test_evenly_spaced():
+    assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9]
+    assert evenly_spaced(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert evenly_spaced(7, 1).tolist() == [0]

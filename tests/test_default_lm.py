@@ -51,11 +51,9 @@ def test_tiny_lm_loads_through_hooked_lm_and_reproduces_heldout_loss(tiny_lm_pat
     assert lm.tokenizer.decode(lm.tokenizer(src, add_special_tokens=False)["input_ids"]) == src
     # the recorded held-out loss, recomputed through the corpus functions and HookedLM.loss
     corpus = load_stdlib(max_bytes=TINY_CONFIG.max_bytes)
-    _, held_docs = split_documents(corpus.documents, TINY_CONFIG.holdout_frac, TINY_CONFIG.seed)
+    _, held_docs = split_documents(corpus.documents, TINY_CONFIG.holdout_frac, 0)
     held = pack(held_docs, lm.tokenizer, 32, progress=False)
-    keep = [round(i * (len(held) - 1) / (TINY_CONFIG.eval_contexts - 1))
-            for i in range(TINY_CONFIG.eval_contexts)]
-    held = held[keep]
+    held = held[torch.linspace(0, len(held) - 1, TINY_CONFIG.eval_contexts).round().long()]
     info = json.loads((tiny_lm_path / "build_info.json").read_text())
     assert float(lm.loss(held)) == pytest.approx(info["heldout_loss"], abs=1e-4)
 

@@ -255,21 +255,38 @@ def _special(tokenizer, first: str, second: str) -> int | None:
 
 
 def token_contexts(source: str, tokenizer, context_length: int, *, split: str = "train",
-                   holdout_frac: float = 0.05, seed: int = 0, max_contexts: int | None = None,
+                   holdout_frac: float = 0.05, split_seed: int = 0, seed: int = 0,
+                   max_contexts: int | None = None, spread: int = 16, max_docs: int | None = None,
                    text_field: str = "text", prepend_bos: bool = True,
                    progress: bool | None = None) -> torch.Tensor:
     """One call from a source spec to contexts (n, context_length) of the train or held-out
-    split ("all" skips the split)."""
+    split ("all" skips the split).
+
+    `split_seed` fixes which documents are held out; keep it at 0 so every tool (and the
+    default LM's own build) agrees on the held-out set. `seed` only orders the documents.
+    With `max_contexts`, up to `spread` times as many contexts are packed and evenly spaced
+    ones kept, so a small sample comes from many documents rather than the first one or two."""
     if split not in ("train", "heldout", "all"):
         raise ConfigError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
-    corpus = load_corpus(source, text_field=text_field)
+    corpus = load_corpus(source, text_field=text_field, max_docs=max_docs)
     docs = corpus.documents
     if split != "all":
-        train, held = split_documents(docs, holdout_frac, seed)
+        train, held = split_documents(docs, holdout_frac, split_seed)
         docs = train if split == "train" else held
         if not docs:
             raise DataError(f"the {split} split of {corpus.name} is empty ({len(corpus.documents)}"
                             " document(s); the split is by document, so use several files or a "
                             ".jsonl with one document per line)")
-    return pack(docs, tokenizer, context_length, prepend_bos=prepend_bos,
-                max_contexts=max_contexts, progress=progress)
+    docs = sorted(docs, key=lambda d: _unit_hash(d.id, f"order:{seed}"))
+    pool = pack(docs, tokenizer, context_length, prepend_bos=prepend_bos, progress=progress,
+                max_contexts=None if max_contexts is None else max_contexts * max(1, spread))
+    if max_contexts is None or len(pool) <= max_contexts:
+        return pool
+    return pool[evenly_spaced(len(pool), max_contexts)]
+
+
+def evenly_spaced(n: int, k: int) -> torch.Tensor:
+    """k distinct indices spread evenly over range(n), first and last included (k <= n)."""
+    if k == 1:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.tensor([round(i * (n - 1) / (k - 1)) for i in range(k)], dtype=torch.long)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from saelab.atomic import write_json
-from saelab.data.corpus import Document, load_stdlib, pack, split_documents
+from saelab.data.corpus import Document, evenly_spaced, load_stdlib, pack, split_documents
 from saelab.errors import ConfigError, MissingFileError
 from saelab.lm.hooked import HookedLM
 from saelab.paths import models_dir
@@ -59,7 +59,7 @@ class DefaultLMConfig:
     holdout_frac: float = 0.05
     eval_contexts: int = 256  # held-out contexts (evenly spaced) the recorded loss is on
     max_bytes: int | None = None  # corpus subset for quick builds; None = whole stdlib
-    seed: int = 0
+    seed: int = 0  # initialisation and data order; the held-out split always uses seed 0
 
     def __post_init__(self):
         if self.vocab_size < 260:
@@ -127,7 +127,8 @@ def build_default_lm(folder: str | Path, config: DefaultLMConfig | None = None,
 def _build_into(out: Path, cfg: DefaultLMConfig, progress: bool | None) -> dict:
     start = time.perf_counter()
     corpus = load_stdlib(max_bytes=cfg.max_bytes)
-    train_docs, held_docs = split_documents(corpus.documents, cfg.holdout_frac, cfg.seed)
+    # split seed 0 whatever cfg.seed: the held-out files are the ones token_contexts holds out
+    train_docs, held_docs = split_documents(corpus.documents, cfg.holdout_frac, 0)
     random.Random(cfg.seed).shuffle(train_docs)  # packing order: a mix, not alphabetical
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.context_length,
                                 progress=sys.stderr.isatty() if progress is None else progress)
@@ -135,7 +136,7 @@ def _build_into(out: Path, cfg: DefaultLMConfig, progress: bool | None) -> dict:
                  max_contexts=cfg.steps * cfg.batch_size)
     held = pack(held_docs, tokenizer, cfg.context_length, progress=False)
     if len(held) > cfg.eval_contexts:  # spread over all held-out files, not the first few
-        held = held[torch.linspace(0, len(held) - 1, cfg.eval_contexts).round().long()]
+        held = held[evenly_spaced(len(held), cfg.eval_contexts)]
     model = _new_model(cfg, len(tokenizer))
     final_train_loss = _train(model, train, cfg, progress)
     heldout_loss = _mean_loss(model, held)
