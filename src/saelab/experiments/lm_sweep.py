@@ -1,0 +1,114 @@
+"""Train a sweep of SAEs (or sparse MLPs) on a language model's activations and evaluate them.
+
+The whole job, resumable at every stage: tokenize the corpus -> cache activations at the hook
+(one LM pass, shared by every SAE) -> train all SAEs together on shuffled batches ->
+evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text -> write
+metrics.json, a table and the L0 / loss-recovered plot into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from saelab.atomic import write_json
+from saelab.data.cache import cache_activations
+from saelab.data.corpus import token_contexts
+from saelab.downstream import eval_tokens
+from saelab.errors import ConfigError
+from saelab.lm.hooked import HookedLM
+from saelab.lm_eval import evaluate_on_lm, resolve_lm
+from saelab.plots import plot_l0_vs_loss_recovered
+from saelab.tables import format_rows
+from saelab.train import GroupTrainer, TrainConfig
+from saelab.train_spec import TrainSpec
+
+TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", "loss_recovered_mean", "kl")
+
+
+@dataclass
+class LMSweepConfig:
+    specs: list[TrainSpec]
+    model: str | None = None  # HF folder or hub name; None: the offline default LM
+    hook: str | None = None  # None: the residual stream after the middle layer
+    hook_out: str | None = None  # a transcoder's target hook (sparse MLP)
+    source: str = "stdlib"
+    context_length: int = 128
+    train_contexts: int = 4096
+    eval_contexts: int = 64
+    batch_size: int = 4096
+    steps: int = 500
+    normalize_activations: bool = True
+    cache_dtype: str = "float32"
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["specs"] = [s.to_dict() for s in self.specs]
+        return out
+
+
+def middle_hook(lm: HookedLM) -> str:
+    """blocks.L.hook_resid_post for the middle layer (layer 0 of a 2-layer model)."""
+    return f"blocks.{max(0, (lm.n_layers - 1) // 2)}.hook_resid_post"
+
+
+def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = None) -> list[dict]:
+    run_dir = Path(run_dir)
+    lm = lm or resolve_lm(cfg.model)
+    hook = cfg.hook or middle_hook(lm)
+    hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
+    for name in hooks:
+        lm.hook_dim(name)  # an unknown hook is a ConfigError listing the valid ones
+    length = min(cfg.context_length, lm.context_length)
+    if lm.tokenizer is None:
+        raise ConfigError("the model has no tokenizer; saelab needs one to read text")
+    timings = {}
+    start = time.perf_counter()
+    contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
+    cache = cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
+    timings["cache_s"] = time.perf_counter() - start
+    batches = cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
+    trainer = GroupTrainer(
+        cfg.specs,
+        lm.hook_dim(hook),
+        run_dir,
+        TrainConfig(total_steps=cfg.steps, checkpoint_every=max(1, cfg.steps // 5), log_every=10,
+                    normalize_activations=cfg.normalize_activations, seed=cfg.seed),
+        d_out=lm.hook_dim(cfg.hook_out) if cfg.hook_out else None,
+        hook_name=hook,
+        hook_name_out=cfg.hook_out,
+        model_name=lm.name,
+    )
+    start = time.perf_counter()
+    trainer.fit(batches)
+    timings["train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    held_out = eval_tokens(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
+    entries = evaluate_on_lm(lm, trainer.final_saes(), held_out)
+    timings["eval_s"] = time.perf_counter() - start
+    for entry, label, spec in zip(entries, trainer.labels, cfg.specs):
+        entry.update(name=label, spec=spec.to_dict(), train_tokens=cfg.steps * cfg.batch_size)
+    write_json(run_dir / "metrics.json", entries)
+    write_json(run_dir / "sweep.json", {**cfg.to_dict(), "hook": hook, "model_name": lm.name, "timings": timings})
+    series: dict[str, list] = {}
+    for entry in entries:
+        series.setdefault(f"{entry['spec']['arch']} x{entry['d_sae'] // lm.hook_dim(hook)}", []).append((entry["l0"], entry["loss_recovered"]))
+    plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
+    (run_dir / "table.txt").write_text(format_rows(entries, TABLE_COLUMNS) + "\n")
+    return entries
+
+
+def sweep_specs(expansions: list[float], l1: list[float], ks: list[int], arch_k: str = "topk", lr: float = 1e-3,
+                decoder_norm: str = "weighted", steps: int = 500) -> list[TrainSpec]:
+    """The relu-at-each-L1 plus topk-at-each-k grid, at each width (expansion x d_in)."""
+    specs = []
+    for e in expansions:
+        specs += [TrainSpec(arch="relu", expansion=e, coefficient=c, lr=lr, decoder_norm=decoder_norm,
+                            coefficient_warmup_steps=steps // 10, warmup_steps=steps // 20) for c in l1]
+        specs += [TrainSpec(arch=arch_k, expansion=e, k=k, lr=lr, warmup_steps=steps // 20, dead_tokens=200_000) for k in ks]
+    return specs
+
+

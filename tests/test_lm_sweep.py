@@ -1,0 +1,49 @@
+"""End to end on the tiny LM: cache -> train a small sweep -> evaluate -> prune."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.experiments.lm_sweep import LMSweepConfig, run_lm_sweep, sweep_specs
+from saelab.lm_eval import evaluate_on_lm, reconstruction_metrics
+from saelab.metrics import fvu
+from saelab.sae import SAE
+
+
+def test_reconstruction_metrics_match_direct_computation(tiny_lm):
+    hook = "blocks.0.hook_resid_post"
+    sae = SAE(tiny_lm.hook_dim(hook), 64, hook_name=hook)
+    tokens = torch.randint(3, 500, (6, 16))
+    got = reconstruction_metrics(tiny_lm, [sae], tokens, batch_size=4)[0]
+    acts = tiny_lm.run_with_cache(tokens, [hook])[hook][:, 1:].reshape(-1, 32)
+    with torch.no_grad():
+        assert got["fvu"] == pytest.approx(fvu(acts, sae(acts)), rel=1e-4)
+    assert got["n_tokens"] == 6 * 15
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
+    specs = sweep_specs([4], [1.0], [8], lr=3e-3, steps=60)
+    cfg = LMSweepConfig(specs=specs, model=str(tiny_lm_path), context_length=32, train_contexts=256,
+                        eval_contexts=16, batch_size=512, steps=60)
+    entries = run_lm_sweep(cfg, tmp_path / "run", lm=tiny_lm)
+    assert [e["name"] for e in entries] == ["relu_128_c1", "topk_128_k8"]
+    for e in entries:
+        assert 0 < e["fvu"] < 1 and 0.0 < e["loss_recovered"] <= 1.05 and e["kl"] >= 0
+    topk = entries[1]
+    assert topk["l0"] <= 8 + 1e-6
+    for name in ("metrics.json", "log.jsonl", "l0_vs_loss_recovered.png", "sweep.json", "table.txt"):
+        assert (tmp_path / "run" / name).exists(), name
+    # the saved SAE evaluates the same when loaded again
+    sae = SAE.load(tmp_path / "run" / "saes" / "topk_128_k8")
+    assert sae.cfg.model_name == str(tiny_lm_path) and sae.cfg.hook_name == "blocks.0.hook_resid_post"
+    # prune it to half its L0 and re-measure through the CLI
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0]["l0"] / 2),
+                 "--contexts", "16", "--out", str(out), "--compare", str(tmp_path / "run")]) == 0
+    pruned = json.loads((out / "metrics.json").read_text())
+    assert pruned[0]["name"] == "original" and pruned[1]["l0"] < entries[0]["l0"] / 2
+    assert pruned[1]["n_killed"] > 0 and (out / "l0_vs_loss_recovered.png").exists()
+    assert "pruned_l0<" in capsys.readouterr().out
