@@ -331,3 +331,41 @@ def test_command_finds_sae_folders_of_a_run(tmp_path):
     assert out_dirs(one, [one], tmp_path / "o") == [tmp_path / "o"]
     with pytest.raises(MissingFileError, match="neither an SAE folder"):
         sae_folders(run / "saes" / "notes")
+
+
+@pytest.mark.slow
+def test_command_builds_a_dashboard_per_sae_of_a_run(tmp_path, save_tiny_hf, capsys):
+    """`saelab dashboard RUN` end to end on a tiny random LM: one dashboard per SAE, the
+    report JSON beside it equal to build_report's with the same options."""
+    from saelab.cli import main
+    from saelab.interpret.report import build_report
+    from saelab.sae import SAE
+
+    model = save_tiny_hf("gpt_neox", tmp_path / "lm")
+    text = tmp_path / "corpus.jsonl"
+    words = [f"w{(7 * n * n + 3 * n) % 62 + 2}" for n in range(8000)]
+    text.write_text("".join(json.dumps({"text": " ".join(words[i:i + 40])}) + "\n" for i in range(0, len(words), 40)))
+    run = tmp_path / "run"
+    for seed, name in enumerate(("a", "b")):
+        torch_seed(seed)
+        SAE(32, 24, arch="topk", k=4, hook_name="blocks.0.hook_resid_post", model_name=str(model)).save(run / "saes" / name)
+    opts = ["--source", str(text), "--contexts", "6", "--context-length", "16", "--batch-size", "4"]
+    assert main(["dashboard", str(run), *opts]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(run / "dashboard" / n / "index.html") for n in ("a", "b")]
+    expected = build_report(run / "saes" / "b", str(model), n_contexts=6, context_length=16, corpus=str(text), batch_size=4)
+    assert read_dashboard_json(run / "dashboard" / "b") == json.loads(json.dumps(expected))
+    live = [f["index"] for f in expected["features"] if not f["dead"]]
+    assert sorted(int(p.stem) for p in (run / "dashboard" / "b" / "features").glob("*.html")) == live
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def test_same_contract_as_report_module():
+    from saelab.interpret import dashboard, report
+
+    assert dashboard.DETAIL_KEYS == report.DETAIL_KEYS and dashboard.SCHEMA == report.SCHEMA

@@ -11,6 +11,7 @@ import sys
 from saelab.errors import SaelabError
 
 COMMANDS = [
+    "dashboard",
     "toy",
 ]
 

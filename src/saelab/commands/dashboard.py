@@ -1,0 +1,71 @@
+"""`saelab dashboard RUN_OR_SAE`: the static HTML feature dashboard of an SAE, or of every SAE of a
+run (its saes/*). The feature report (max-activating and quantile examples, logit lens, ablated
+text, embedding-space token lists, optionally definition trees) is computed by
+`saelab.interpret.report.build_report` and written as index.html + features/<i>.html, with the
+same data as report.json + features/<i>.json beside them. Prints the path of each index.html;
+open it from disk, no server or network needed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from saelab.errors import MissingFileError
+from saelab.interpret.dashboard import write_dashboard
+
+SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens offline, file://)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, metavar="RUN_OR_SAE",
+                   help="an SAE folder (cfg.json + sae_weights.safetensors) or a run folder (every SAE in saes/)")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model folder (default: the SAE's model_name when it is a folder, "
+                        "else the offline default LM)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <SAE folder>/dashboard; for a run, <run>/dashboard/<SAE name>)")
+    p.add_argument("--source", default="stdlib",
+                   help="text the examples come from: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder "
+                        "(held-out split; default: stdlib)")
+    p.add_argument("--contexts", type=int, default=512, help="held-out contexts to scan (default: 512)")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per context (default: 128, at most the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
+    p.add_argument("--features", type=int, nargs="+", default=None,
+                   help="features to give pages (default: all); every feature is in the index")
+    p.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
+    p.add_argument("--include-dead", action="store_true", help="also write pages for dead features")
+    p.set_defaults(func=run)
+
+
+def sae_folders(path: Path) -> list[Path]:
+    """The SAE folders `path` names: itself, or the SAE folders under its saes/ (a run)."""
+    path = Path(path)
+    if all((path / name).is_file() for name in SAE_FILES):
+        return [path]
+    folders = sorted(p for p in (path / "saes").glob("*") if all((p / n).is_file() for n in SAE_FILES))
+    if not folders:
+        raise MissingFileError(f"{path} is neither an SAE folder ({' + '.join(SAE_FILES)}) "
+                               f"nor a run folder with SAE folders under saes/")
+    return folders
+
+
+def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
+    """Where each SAE's dashboard goes: --out itself for one SAE, one subfolder per SAE for a run."""
+    if folders == [Path(path)]:
+        return [out or Path(path) / "dashboard"]
+    root = out or Path(path) / "dashboard"
+    return [root / folder.name for folder in folders]
+
+
+def run(args: argparse.Namespace) -> int:
+    from saelab.interpret.report import build_report
+
+    folders = sae_folders(args.path)
+    for folder, out in zip(folders, out_dirs(args.path, folders, args.out)):
+        report = build_report(folder, args.model, features=args.features, n_contexts=args.contexts,
+                              context_length=args.context_length, corpus=args.source,
+                              batch_size=args.batch_size, tree=args.tree)
+        print(write_dashboard(report, out, include_dead=args.include_dead), flush=True)
+    return 0
