@@ -13,6 +13,8 @@ from saelab.errors import SaelabError
 COMMANDS = [
     "dashboard",
     "toy",
+    "logit_lens",
+    "tokens",
 ]
 
 

@@ -1,0 +1,71 @@
+"""`saelab tokens SAE --feature I`: a feature read in the model's input-embedding space: the
+tokens nearest its encoder and decoder vectors, and with --tree the model's own definition of a
+"ghost token" placed at the vector (`A typical definition of <ghost> is "`), expanded as a tree
+of likely continuations with cumulative probabilities. The vector is scale * (mean token
+embedding norm) * unit(feature vector); the list score is sign(c) |c|^exponent / distance with
+c the cosine (see saelab.interpret.embedding)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from saelab.commands.logit_lens import add_model_args, token_mask
+from saelab.interpret.embedding import DEFAULT_PROMPT, definition_tree, feature_vectors, nearest_tokens
+from saelab.interpret.loading import check_compatible, load_model, load_sae
+from saelab.interpret.vocab import token_strings
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tokens", help="tokens near a feature's vectors in embedding space; definition tree",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sae", type=Path, metavar="SAE", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    add_model_args(p)
+    p.add_argument("--vector", choices=("encoder", "decoder", "both"), default="both",
+                   help="which feature vector (default: %(default)s; the tree uses encoder for both)")
+    p.add_argument("--scale", type=float, default=1.0, help="distance from the origin in mean token norms")
+    p.add_argument("--exponent", type=float, default=1.0, help="exponent on the cosine in the list score")
+    p.add_argument("-k", type=int, default=20, help="tokens listed (default: %(default)s)")
+    p.add_argument("--tree", action="store_true", help="also the definition tree of the ghost token")
+    p.add_argument("--depth", type=int, default=3, help="tree depth in tokens (default: %(default)s)")
+    p.add_argument("--breadth", type=int, default=3, help="children per node (default: %(default)s)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="tree prompt with <ghost> once (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sae, _ = load_sae(args.sae)
+    lm = load_model(args.model, sae)
+    check_compatible(lm, sae)
+    vocab = token_strings(lm.tokenizer, lm.W_E.shape[0])
+    mask = token_mask(lm, args, lm.W_E.shape[0], lm.W_E.T)
+    which = ("encoder", "decoder") if args.vector == "both" else (args.vector,)
+    out = []
+    for j in args.feature:
+        item = {"feature": j, "scale": args.scale, "exponent": args.exponent}
+        for w in which:
+            v = feature_vectors(lm, sae, [j], w, args.scale, mask)
+            ids, scores = nearest_tokens(lm, v, k=args.k, exponent=args.exponent, mask=mask)
+            item[w] = [[vocab[t], s] for t, s in zip(ids[0].tolist(), scores[0].tolist())]
+        if args.tree:
+            v = feature_vectors(lm, sae, [j], which[0], args.scale, mask)[0]
+            item["tree"] = definition_tree(lm, v, depth=args.depth, breadth=args.breadth, prompt=args.prompt)
+        out.append(item)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for item in out:
+        print(f"feature {item['feature']} (scale {args.scale}, exponent {args.exponent})")
+        for w in which:
+            print(f"  {w}: " + "  ".join(f"{t!r} {s:.3g}" for t, s in item[w]))
+        if "tree" in item:
+            print(f"  definition tree ({which[0]} vector):")
+            _print_tree(item["tree"], "    ")
+    return 0
+
+
+def _print_tree(node: dict, indent: str) -> None:
+    print(f"{indent}{node['text']!r}  p={node['prob']:.3g}")
+    for child in node["children"]:
+        _print_tree(child, indent + "  ")

@@ -1,0 +1,282 @@
+"""The feature report: everything known about each feature of one SAE, as one JSON-able dict.
+
+`build_report` runs the one-pass scan over held-out contexts (examples.py), the logit lens
+(lens.py), encoder / decoder agreement and embedding-space token lists (embedding.py) for all
+features, and for the features given detail: per-token activations of their examples, ablated
+text for the top few (ablate.py) and, optionally, definition trees. The dict follows the schema
+the dashboard renders (interpret/dashboard.py): top level
+
+    {"schema": 1, "sae": {...}, "n_tokens": int, "density_hist": {...}, "features": [...]}
+
+with one entry per feature; entries of features given detail also carry the DETAIL_KEYS.
+`write_report` writes report.json (index entries only) and features/<i>.json (full entries).
+
+Examples hold the whole context (`tokens`, `acts`) with `pos` the position in it, unless
+`window` is set: then tokens[0] is context position `start` (an extra key) and `pos` indexes
+`tokens`. Floats are rounded to 4 significant digits; NaN becomes null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from saelab.atomic import write_json
+from saelab.errors import ConfigError, DataError
+from saelab.interpret.ablate import AblationRequest, ablate_tokens
+from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
+                                        feature_vectors, nearest_tokens)
+from saelab.interpret.examples import (ContextBatch, FeatureScan, ScanConfig, context_batches,
+                                       example_acts, feature_acts, scan_features)
+from saelab.interpret.lens import LensResult, classify, feature_lens
+from saelab.interpret.loading import check_compatible, load_model, load_sae
+from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
+from saelab.metrics import density_histogram
+
+SCHEMA = 1
+DETAIL_KEYS = ("act_hist", "top_tokens", "examples", "quantiles", "logits", "ablation",
+               "embedding", "tree")
+INDEX_LOGITS = 5
+
+
+@dataclass
+class ReportOptions:
+    """What the report computes; any field can also be passed to build_report by keyword."""
+
+    features: Sequence[int] | None = None  # features given detail (None: all)
+    n_contexts: int = 512  # held-out contexts scanned when no contexts are given
+    context_length: int = 128  # their length (at most the model's)
+    corpus: str = "stdlib"  # where those contexts come from (a data.corpus source)
+    batch_size: int = 16  # contexts per forward
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    window: tuple[int, int] | None = None  # tokens kept (before, after) an example; None: all
+    n_logits: int = 10
+    n_top_tokens: int = 10
+    n_ablate: int = 2  # top examples per feature with ablated text
+    ablate_max_back: int | None = 24  # tokens before the position removed in turn (None: all)
+    embedding_k: int = 10
+    embedding_scale: float = 1.0
+    embedding_exponent: float = 1.0
+    tree: bool = False  # definition trees (a forward per depth level per feature)
+    tree_vector: str = "encoder"
+    tree_scale: float = 1.0
+    tree_depth: int = 3
+    tree_breadth: int = 3
+    # ids that may appear in token lists: (d_vocab,) bool of ids the corpus uses, "contexts"
+    # (those in the scanned contexts: drops never-trained ids, and rare ones), or None (all)
+    used_ids: Tensor | str | None = "contexts"
+    high_norm_z: float | None = None  # drop tokens whose unembedding norm is a z-score outlier
+
+
+def build_report(sae, model=None, contexts: Tensor | None = None, *,
+                 options: ReportOptions | None = None,
+                 acts: Iterable[ContextBatch] | None = None, progress: bool | None = None,
+                 **overrides) -> dict:
+    """The report of `sae` (an SAE or its folder) on `model` (a HookedLM, a folder, or None:
+    see loading.load_model) over `contexts` (n, S) token ids (None: held-out contexts of
+    `corpus`). `acts`: batches with precomputed activations at the SAE's hook for those same
+    contexts (rows = rows of `contexts`), used by the scan instead of running the model."""
+    opts = _options(options, overrides)
+    sae, sae_path = load_sae(sae)
+    lm = load_model(model, sae)
+    check_compatible(lm, sae)
+    contexts = _contexts(lm, contexts, opts, progress)
+    detail = _detail_features(opts.features, sae.cfg.d_sae)
+    batches = acts if acts is not None else context_batches(contexts, opts.batch_size)
+    scan = scan_features(batches, sae, lm, config=opts.scan, progress=progress,
+                         total=None if acts is not None else -(-len(contexts) // opts.batch_size))
+    vocab = token_strings(lm.tokenizer, max(lm.d_vocab, lm.W_E.shape[0]))
+    if isinstance(opts.used_ids, str):
+        if opts.used_ids != "contexts":
+            raise ConfigError(f"used_ids must be a bool mask, 'contexts' or None, got {opts.used_ids!r}")
+        opts = dataclasses.replace(opts, used_ids=used_token_ids(contexts, len(vocab)))
+    mask = _mask(lm, opts, lm.d_vocab, lm.W_U)
+    lens = feature_lens(sae, lm, k=max(INDEX_LOGITS, opts.n_logits), mask=mask)
+    enc_dec = enc_dec_cosine(sae).tolist() if sae.cfg.d_in == sae.cfg.d_out else None
+    features = [_index_entry(j, scan, lens, enc_dec, vocab) for j in range(sae.cfg.d_sae)]
+    for j, extra in _details(lm, sae, contexts, scan, lens, detail, vocab, opts).items():
+        features[j].update(extra)
+    counts, edges = density_histogram(scan.density)
+    cfg = sae.cfg
+    return {"schema": SCHEMA,
+            "sae": {"path": sae_path, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+                    "hook_name": cfg.hook_name, "model_name": cfg.model_name or lm.name or None},
+            "n_tokens": scan.n_tokens,
+            "density_hist": {"edges": _floats(edges), "counts": counts.tolist()},
+            "features": features}
+
+
+def write_report(report: dict, folder) -> Path:
+    """report.json (index entries only) + features/<i>.json for entries with detail, each written
+    atomically. Returns the path of report.json."""
+    folder = Path(folder)
+    for feat in report["features"]:
+        if any(k in feat for k in DETAIL_KEYS):
+            write_json(folder / "features" / f"{feat['index']}.json", feat)
+    index = [{k: v for k, v in f.items() if k not in DETAIL_KEYS} for f in report["features"]]
+    return write_json(folder / "report.json", {**report, "features": index})
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def _options(options: ReportOptions | None, overrides: dict) -> ReportOptions:
+    try:
+        return dataclasses.replace(options or ReportOptions(), **overrides)
+    except TypeError as err:
+        valid = ", ".join(f.name for f in dataclasses.fields(ReportOptions))
+        raise ConfigError(f"unknown report option ({err}); valid: {valid}") from err
+
+
+def _contexts(lm, contexts, opts: ReportOptions, progress) -> Tensor:
+    if contexts is None:
+        from saelab.data.corpus import token_contexts
+
+        length = min(opts.context_length, lm.context_length)
+        contexts = token_contexts(opts.corpus, lm.tokenizer, length, split="heldout",
+                                  max_contexts=opts.n_contexts, progress=progress)
+    contexts = torch.as_tensor(contexts)
+    if contexts.ndim != 2 or contexts.dtype.is_floating_point or contexts.numel() == 0:
+        raise DataError(f"contexts must be a non-empty (n, seq) array of token ids, got shape "
+                        f"{tuple(contexts.shape)} {contexts.dtype}")
+    return contexts.long().cpu()
+
+
+def _mask(lm, opts: ReportOptions, n: int, W: Tensor) -> Tensor:
+    """Ids that token lists may show, of the first n (W (d, n): for the high-norm test)."""
+    n_tok = len(lm.tokenizer) if lm.tokenizer is not None else None
+    used = opts.used_ids[:n] if opts.used_ids is not None else None
+    return vocab_mask(n, tokenizer_size=n_tok, used=used, W=W, high_norm_z=opts.high_norm_z)
+
+
+def _detail_features(features, d_sae: int) -> list[int]:
+    feats = list(range(d_sae)) if features is None else [int(f) for f in features]
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad:
+        raise ConfigError(f"feature index out of range: {bad[:10]} (valid: 0..{d_sae - 1})")
+    return sorted(set(feats))
+
+
+# ---- assembly --------------------------------------------------------------------------------
+def _r(x) -> float | None:
+    """4 significant digits; NaN / Inf -> None."""
+    x = float(x)
+    return float(f"{x:.4g}") if math.isfinite(x) else None
+
+
+def _floats(values) -> list:
+    return [_r(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def _index_entry(j: int, scan: FeatureScan, lens: LensResult, enc_dec, vocab) -> dict:
+    skew, kurt = float(lens.skew[j]), float(lens.kurtosis[j])
+    return {"index": j, "density": _r(scan.density[j]), "max_act": _r(scan.max_act[j]),
+            "mean_act": _r(scan.mean_act[j]),
+            "top_logits": [vocab[t] for t in lens.top_ids[j, :INDEX_LOGITS].tolist()],
+            "bottom_logits": [vocab[t] for t in lens.bottom_ids[j, :INDEX_LOGITS].tolist()],
+            "logit_skew": _r(skew), "logit_kurtosis": _r(kurt),
+            "kind": classify(skew, kurt),
+            "enc_dec_cos": None if enc_dec is None else _r(enc_dec[j]),
+            "dead": bool(scan.count[j] == 0)}
+
+
+def _details(lm, sae, contexts, scan, lens, feats, vocab, opts) -> dict[int, dict]:
+    if not feats:
+        return {}
+    examples = _examples(lm, sae, contexts, scan, feats, vocab, opts)
+    ablation = _ablations(lm, sae, contexts, examples, feats, vocab, opts)
+    embedding = _embeddings(lm, sae, feats, vocab, opts)
+    out = {}
+    for j in feats:
+        edges, counts = scan.act_hist(j)
+        n = opts.n_logits
+        out[j] = {
+            "act_hist": {"edges": _floats(edges), "counts": counts},
+            "top_tokens": [{"token": vocab[t], "count": c, "mean_act": _r(m)}
+                           for t, c, m in scan.top_tokens(j, opts.n_top_tokens)],
+            "examples": examples[j]["top"], "quantiles": examples[j]["quantiles"],
+            "logits": {"top": _token_values(lens.top_ids[j, :n], lens.top_values[j, :n], vocab),
+                       "bottom": _token_values(lens.bottom_ids[j, :n], lens.bottom_values[j, :n], vocab)},
+            "ablation": ablation[j], "embedding": embedding.get(j),
+            "tree": _tree(lm, sae, j, opts) if opts.tree else None}
+    return out
+
+
+def _token_values(ids: Tensor, values: Tensor, vocab) -> list[dict]:
+    return [{"token": vocab[t], "value": _r(v)} for t, v in zip(ids.tolist(), values.tolist())]
+
+
+def _examples(lm, sae, contexts, scan, feats, vocab, opts) -> dict[int, dict]:
+    """Top and quantile examples of each feature, with per-token activations fetched for the
+    contexts they come from (one more pass, over just those contexts)."""
+    quantiles = scan.quantiles()
+    wanted = []  # (feature, "top" | bin index, activation, row, pos)
+    for j in feats:
+        wanted += [(j, "top", *e) for e in scan.top_examples(j)]
+        for b, (_, _, items) in enumerate(quantiles.of(j)):
+            wanted += [(j, b, *e) for e in items]
+    fetched = example_acts(lambda rows: feature_acts(sae, lm, contexts[rows]),
+                           torch.tensor([w[3] for w in wanted], dtype=torch.long),
+                           torch.tensor([w[4] for w in wanted], dtype=torch.long),
+                           torch.tensor([w[0] for w in wanted], dtype=torch.long),
+                           window=opts.window, batch_size=opts.batch_size) if wanted else []
+    out = {j: {"top": [], "quantiles": [{"lo": _r(lo), "hi": _r(hi), "examples": []}
+                                        for lo, hi, _ in quantiles.of(j)]} for j in feats}
+    for (j, where, act, row, pos), (start, acts) in zip(wanted, fetched):
+        ex = {"context": row, "tokens": [vocab[t] for t in contexts[row, start:start + len(acts)].tolist()],
+              "acts": _floats(acts), "pos": pos - start, "act": _r(act)}
+        if opts.window is not None:
+            ex["start"] = start
+        (out[j]["top"] if where == "top" else out[j]["quantiles"][where]["examples"]).append(ex)
+    return out
+
+
+def _ablations(lm, sae, contexts, examples, feats, vocab, opts) -> dict[int, list]:
+    """Ablated text for each feature's top `n_ablate` examples, all in shared forwards."""
+    todo = [(j, i, ex) for j in feats for i, ex in enumerate(examples[j]["top"][:opts.n_ablate])]
+    requests = [AblationRequest(contexts[ex["context"]], ex["pos"] + ex.get("start", 0), j)
+                for j, _, ex in todo]
+    results = ablate_tokens(lm, sae, requests, max_back=opts.ablate_max_back) if requests else []
+    out: dict[int, list] = {j: [] for j in feats}
+    for (j, i, ex), req, res in zip(todo, requests, results):
+        out[j].append({"example": i, "pos": req.pos,
+                       "tokens": [vocab[t] for t in req.tokens[:req.pos + 1].tolist()],
+                       "base_act": _r(res.base), "delta": [None if d is None else _r(d) for d in res.delta()]})
+    return out
+
+
+def _embeddings(lm, sae, feats, vocab, opts) -> dict[int, dict]:
+    """Nearest tokens to each feature's encoder and decoder vectors (empty when the SAE's
+    vectors are not d_model wide: nothing to compare with token embeddings)."""
+    if sae.cfg.d_in != lm.d_model or sae.cfg.d_out != lm.d_model:
+        return {}
+    mask = _mask(lm, opts, lm.W_E.shape[0], lm.W_E.T)
+    out = {j: {"scale": opts.embedding_scale, "exponent": opts.embedding_exponent} for j in feats}
+    for which in ("encoder", "decoder"):
+        for start in range(0, len(feats), 256):
+            chunk = feats[start:start + 256]
+            vecs = feature_vectors(lm, sae, chunk, which, opts.embedding_scale, mask)
+            ids, scores = nearest_tokens(lm, vecs, k=opts.embedding_k,
+                                         exponent=opts.embedding_exponent, mask=mask)
+            for j, i_row, s_row in zip(chunk, ids.tolist(), scores.tolist()):
+                out[j][which] = [{"token": vocab[t], "score": _r(s)} for t, s in zip(i_row, s_row)]
+    return out
+
+
+def _tree(lm, sae, j: int, opts) -> dict | None:
+    width = sae.cfg.d_in if opts.tree_vector == "encoder" else sae.cfg.d_out
+    if width != lm.d_model:
+        return None  # the ghost token needs a d_model-wide vector
+    vec = feature_vectors(lm, sae, [j], opts.tree_vector, opts.tree_scale)[0]
+    root = definition_tree(lm, vec, depth=opts.tree_depth, breadth=opts.tree_breadth)
+    return {"prompt": DEFAULT_PROMPT, "vector": opts.tree_vector, "scale": opts.tree_scale,
+            "root": _round_tree(root)}
+
+
+def _round_tree(node: dict) -> dict:
+    return {"text": node["text"], "prob": _r(node["prob"]),
+            "children": [_round_tree(c) for c in node["children"]]}

@@ -1,0 +1,74 @@
+"""Ablated text: batched, right-padded, multi-example forwards against one forward per
+shortened sequence at its natural length."""
+
+import math
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError, DataError
+from saelab.interpret.ablate import AblationRequest, ablate_tokens
+from saelab.lm.hooked import HookedLM
+from saelab.sae import SAE
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def _setup(path):
+    lm = HookedLM.load(path)
+    torch.manual_seed(0)
+    sae = SAE(lm.d_model, 10, arch="relu", hook_name=HOOK)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+    return lm, sae
+
+
+def _act(lm, sae, tokens, feature):
+    """Feature activation at the last position of `tokens`, one unpadded forward."""
+    x = lm.run_with_cache(tokens[None], [HOOK])[HOOK][0, -1]
+    return sae.encode(x)[feature].item()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])  # rotary and learned positions
+def test_batched_ablation_matches_one_sequence_at_a_time(tiny_hf_model_dirs, arch):
+    lm, sae = _setup(tiny_hf_model_dirs[arch])
+    g = torch.Generator().manual_seed(1)
+    ctx = [torch.randint(0, 64, (16,), generator=g) for _ in range(3)]
+    reqs = [AblationRequest(ctx[0], 9, 3), AblationRequest(ctx[1], 4, 7),
+            AblationRequest(ctx[2], 15, 3), AblationRequest(ctx[0], 0, 1)]
+    out = ablate_tokens(lm, sae, reqs, max_rows=7)  # rows of one example split across forwards
+    for req, res in zip(reqs, out):
+        prefix = req.tokens[:req.pos + 1]
+        assert res.base == pytest.approx(_act(lm, sae, prefix, req.feature), abs=1e-5)
+        assert res.ablated.shape == (req.pos + 1,) and math.isnan(res.ablated[req.pos])
+        for t in range(req.pos):
+            shortened = torch.cat([prefix[:t], prefix[t + 1:]])
+            assert res.ablated[t].item() == pytest.approx(_act(lm, sae, shortened, req.feature), abs=1e-5)
+        delta = res.delta()
+        assert delta[-1] is None and all(d is not None for d in delta[:-1])
+        assert all(d == pytest.approx(a - res.base) for d, a in zip(delta, res.ablated.tolist()[:-1]))
+    assert out[3].delta() == [None]  # position 0: nothing earlier to remove
+
+
+def test_max_back_limits_the_removed_tokens(tiny_hf_model_dirs):
+    lm, sae = _setup(tiny_hf_model_dirs["gpt_neox"])
+    tokens = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(2))
+    full, = ablate_tokens(lm, sae, [AblationRequest(tokens, 10, 2)])
+    part, = ablate_tokens(lm, sae, [AblationRequest(tokens, 10, 2)], max_back=3)
+    assert [d is None for d in part.delta()] == [True] * 7 + [False] * 3 + [True]
+    torch.testing.assert_close(part.ablated[7:10], full.ablated[7:10])
+    assert part.base == full.base
+
+
+def test_errors(tiny_hf_model_dirs):
+    lm, sae = _setup(tiny_hf_model_dirs["gpt_neox"])
+    tokens = torch.arange(2, 10)
+    with pytest.raises(DataError, match=r"position 8 is out of range .* 0\.\.7"):
+        ablate_tokens(lm, sae, [AblationRequest(tokens, 8, 0)])
+    with pytest.raises(DataError, match="out of range"):
+        ablate_tokens(lm, sae, [AblationRequest(tokens, -1, 0)])
+    with pytest.raises(ConfigError, match=r"feature 10 is out of range \(valid: 0\.\.9\)"):
+        ablate_tokens(lm, sae, [AblationRequest(tokens, 3, 10)])
+    sae.cfg.hook_name = None
+    with pytest.raises(ConfigError, match="hook_name"):
+        ablate_tokens(lm, sae, [AblationRequest(tokens, 3, 1)])

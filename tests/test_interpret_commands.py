@@ -1,0 +1,74 @@
+"""`saelab logit-lens` and `saelab tokens`: their output against the library calls."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from saelab.commands import logit_lens, tokens
+from saelab.errors import ConfigError
+from saelab.interpret.embedding import feature_vectors, nearest_tokens
+from saelab.interpret.lens import feature_lens
+from saelab.interpret.vocab import vocab_mask
+from saelab.sae import SAE
+
+
+def _run(module, argv):
+    parser = argparse.ArgumentParser()
+    module.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tiny_lm, tiny_lm_path, tmp_path_factory):
+    torch.manual_seed(0)
+    sae = SAE(tiny_lm.d_model, 16, hook_name="blocks.1.hook_resid_post", model_name=str(tiny_lm_path))
+    folder = tmp_path_factory.mktemp("cmd") / "sae"
+    sae.save(folder)
+    return folder, SAE.load(folder)
+
+
+def test_logit_lens_command(tiny_lm, sae_dir, capsys):
+    folder, sae = sae_dir
+    assert _run(logit_lens, ["logit-lens", str(folder), "--feature", "3", "11", "-k", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    mask = vocab_mask(tiny_lm.d_vocab, tokenizer_size=len(tiny_lm.tokenizer))
+    want = feature_lens(sae, tiny_lm, [3, 11], k=4, mask=mask)
+    assert [o["feature"] for o in out] == [3, 11] and [o["kind"] for o in out] == want.kinds()
+    for o, ids in zip(out, want.top_ids.tolist()):
+        assert [t for t, _ in o["top"]] == [tiny_lm.tokenizer.decode([i]) for i in ids]
+    assert _run(logit_lens, ["logit-lens", str(folder), "--feature", "3", "--no-fold-norm"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("feature 3: ") and "kurtosis" in text
+    with pytest.raises(ConfigError, match="out of range"):
+        _run(logit_lens, ["logit-lens", str(folder), "--feature", "16"])
+
+
+def test_drop_unused(tiny_lm, sae_dir, tmp_path, capsys):
+    folder, _ = sae_dir
+    text = tmp_path / "small.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    used = set(tiny_lm.tokenizer.encode(text.read_text()))
+    argv = ["logit-lens", str(folder), "--feature", "2", "-k", "3", "--json", "--drop-unused", str(text)]
+    assert _run(logit_lens, argv) == 0
+    out, = json.loads(capsys.readouterr().out)
+    listed = {t for t, _ in out["top"] + out["bottom"]}
+    assert listed <= {tiny_lm.tokenizer.decode([i]) for i in used | {tiny_lm.bos_token_id}}
+
+
+def test_tokens_command(tiny_lm, sae_dir, capsys):
+    folder, sae = sae_dir
+    argv = ["tokens", str(folder), "--feature", "5", "--vector", "decoder", "--scale", "2", "--exponent", "2",
+            "-k", "6", "--tree", "--depth", "2", "--breadth", "2", "--json"]
+    assert _run(tokens, argv) == 0
+    out, = json.loads(capsys.readouterr().out)
+    mask = vocab_mask(tiny_lm.W_E.shape[0], tokenizer_size=len(tiny_lm.tokenizer))
+    ids, _ = nearest_tokens(tiny_lm, feature_vectors(tiny_lm, sae, [5], "decoder", 2.0, mask), k=6,
+                            exponent=2.0, mask=mask)
+    assert [t for t, _ in out["decoder"]] == [tiny_lm.tokenizer.decode([i]) for i in ids[0].tolist()]
+    assert "encoder" not in out and len(out["tree"]["children"]) == 2
+    assert _run(tokens, ["tokens", str(folder), "--feature", "5", "-k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "encoder:" in text and "decoder:" in text

@@ -1,0 +1,135 @@
+"""The feature report: the schema the dashboard reads, its numbers against direct computation,
+files, and the errors a user can hit."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError, DataError
+from saelab.interpret.examples import ContextBatch, feature_acts
+from saelab.interpret.report import DETAIL_KEYS, build_report, write_report
+from saelab.sae import SAE
+
+HOOK = "blocks.0.hook_resid_post"
+INDEX_KEYS = {"index", "density", "max_act", "mean_act", "top_logits", "bottom_logits", "logit_skew",
+              "logit_kurtosis", "kind", "enc_dec_cos", "dead"}
+EXAMPLE_KEYS = {"context", "tokens", "acts", "pos", "act"}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm):
+    torch.manual_seed(0)
+    sae = SAE(tiny_lm.d_model, 24, arch="topk", k=3, hook_name=HOOK)
+    contexts = torch.randint(0, tiny_lm.d_vocab, (24, 16), generator=torch.Generator().manual_seed(0))
+    contexts[:, 0] = tiny_lm.bos_token_id
+    report = build_report(sae, tiny_lm, contexts, features=[0, 3, 7], n_ablate=2, ablate_max_back=5,
+                          progress=False)
+    return tiny_lm, sae, contexts, report
+
+
+def test_schema(setup):
+    lm, sae, contexts, report = setup
+    assert set(report) == {"schema", "sae", "n_tokens", "density_hist", "features"}
+    assert report["schema"] == 1 and report["n_tokens"] == contexts.numel()
+    assert report["sae"] == {"path": None, "arch": "topk", "d_in": lm.d_model, "d_sae": 24,
+                             "hook_name": HOOK, "model_name": lm.name}
+    assert sum(report["density_hist"]["counts"]) == 24
+    assert len(report["density_hist"]["edges"]) == len(report["density_hist"]["counts"]) + 1
+    feats = report["features"]
+    assert [f["index"] for f in feats] == list(range(24))
+    for f in feats:
+        detail = f["index"] in (0, 3, 7)
+        assert set(f) == INDEX_KEYS | (set(DETAIL_KEYS) if detail else set())
+        assert len(f["top_logits"]) == 5 and f["kind"] in ("prediction", "suppression", "partition", "other")
+    f = feats[3]
+    assert set(f["logits"]) == {"top", "bottom"} and len(f["logits"]["top"]) == 10
+    assert set(f["embedding"]) == {"encoder", "decoder", "scale", "exponent"}
+    assert f["tree"] is None
+    for ex in f["examples"] + [e for q in f["quantiles"] for e in q["examples"]]:
+        assert set(ex) == EXAMPLE_KEYS and len(ex["tokens"]) == len(ex["acts"]) == contexts.shape[1]
+    json.dumps(report, allow_nan=False)  # valid JSON: no NaN anywhere
+
+
+def test_numbers_match_direct_computation(setup):
+    lm, sae, contexts, report = setup
+    with torch.no_grad():
+        f = feature_acts(sae, lm, contexts)
+    vocab = [lm.tokenizer.decode([t]) for t in range(lm.d_vocab)]
+    for j in (0, 3, 7):
+        entry = report["features"][j]
+        fj = f[..., j]
+        assert entry["density"] == pytest.approx((fj > 0).float().mean().item(), rel=1e-3)
+        assert entry["max_act"] == pytest.approx(fj.max().item(), rel=1e-3)
+        assert entry["dead"] == (fj.max().item() == 0)
+        acts = [ex["act"] for ex in entry["examples"]]
+        assert acts == sorted(acts, reverse=True) and (not acts or acts[0] == entry["max_act"])
+        for ex in entry["examples"]:
+            row, pos = ex["context"], ex["pos"]
+            assert ex["tokens"] == [vocab[t] for t in contexts[row].tolist()]
+            assert ex["acts"] == pytest.approx(fj[row].tolist(), rel=1e-3, abs=1e-6)
+            assert ex["act"] == pytest.approx(fj[row, pos].item(), rel=1e-3) == fj[row].max().item()
+        for q in entry["quantiles"]:
+            for ex in q["examples"]:
+                assert q["lo"] <= ex["act"] <= q["hi"] * (1 + 1e-3)
+                assert ex["act"] == pytest.approx(fj[ex["context"], ex["pos"]].item(), rel=1e-3)
+        assert len(entry["ablation"]) == min(2, len(entry["examples"]))
+        for abl in entry["ablation"]:
+            ex = entry["examples"][abl["example"]]
+            assert abl["pos"] == ex["pos"] and abl["base_act"] == pytest.approx(ex["act"], rel=1e-3)
+            assert len(abl["tokens"]) == len(abl["delta"]) == ex["pos"] + 1
+            assert abl["delta"][-1] is None
+            assert sum(d is not None for d in abl["delta"]) == min(5, ex["pos"])
+        total = sum(t["count"] for t in entry["top_tokens"])
+        assert total <= (fj > 0).sum().item()
+
+
+def test_precomputed_activations_give_the_same_report(setup):
+    lm, sae, contexts, report = setup
+    acts = lm.run_with_cache(contexts, [HOOK])[HOOK]
+    batches = [ContextBatch(contexts[i:i + 5], torch.arange(i, min(i + 5, 24)), acts[i:i + 5])
+               for i in range(0, 24, 5)]
+    again = build_report(sae, lm, contexts, acts=batches, features=[0, 3, 7], n_ablate=2,
+                         ablate_max_back=5, progress=False)
+    assert again == report
+
+
+def test_write_report(setup, tmp_path):
+    _, _, _, report = setup
+    path = write_report(report, tmp_path / "out")
+    index = json.loads(path.read_text())
+    assert all(set(f) == INDEX_KEYS for f in index["features"])
+    assert sorted(p.name for p in (tmp_path / "out" / "features").iterdir()) == ["0.json", "3.json", "7.json"]
+    assert json.loads((tmp_path / "out" / "features" / "3.json").read_text()) == report["features"][3]
+
+
+def test_tree_and_window(setup):
+    lm, sae, contexts, _ = setup
+    rep = build_report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2,
+                       window=(3, 1), n_ablate=0, progress=False)
+    f = rep["features"][5]
+    assert f["tree"]["vector"] == "encoder" and len(f["tree"]["root"]["children"]) == 2
+    assert f["ablation"] == []
+    for ex in f["examples"]:
+        assert ex["tokens"][ex["pos"]] == lm.tokenizer.decode([contexts[ex["context"], ex["start"] + ex["pos"]]])
+        assert len(ex["tokens"]) <= 5 and ex["pos"] == min(3, ex["start"] + ex["pos"])
+
+
+def test_errors(setup, tmp_path):
+    lm, sae, contexts, _ = setup
+    with pytest.raises(ConfigError, match=r"out of range.*0\.\.23"):
+        build_report(sae, lm, contexts, features=[24])
+    with pytest.raises(ConfigError, match="not trained on this model"):
+        build_report(SAE(lm.d_model + 2, 4, hook_name=HOOK), lm, contexts)
+    with pytest.raises(ConfigError, match="unknown hook name"):
+        build_report(SAE(lm.d_model, 4, hook_name="blocks.9.hook_resid_post"), lm, contexts)
+    with pytest.raises(ConfigError, match="no hook_name"):
+        build_report(SAE(lm.d_model, 4), lm, contexts)
+    with pytest.raises(ConfigError, match="unknown report option"):
+        build_report(sae, lm, contexts, top_k=3)
+    with pytest.raises(DataError, match="contexts"):
+        build_report(sae, lm, torch.zeros(5), features=[])
+    folder = tmp_path / "sae"
+    sae.save(folder)
+    rep = build_report(folder, lm, contexts[:4], features=[], progress=False)
+    assert rep["sae"]["path"] == str(folder)
