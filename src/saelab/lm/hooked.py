@@ -4,7 +4,7 @@ Plain PyTorch forward hooks on the HF modules (no transformer-lens, no nnsight),
 one call and removed after it, so the wrapped model stays an ordinary HF model. Names:
 
     hook_embed                      token embedding output (before position embedding)
-    hook_pos_embed                  learned position embedding (GPT-2 only)
+    hook_pos_embed                  learned position embedding (GPT-2 only; (1, seq, d))
     blocks.L.hook_resid_pre         block input
     blocks.L.hook_attn_out          attention output, projected back to d_model
     blocks.L.hook_resid_mid         resid_pre + attn_out; sequential blocks only (not Pythia:
