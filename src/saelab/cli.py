@@ -13,6 +13,8 @@ from saelab.errors import SaelabError
 COMMANDS = [
     "dashboard",
     "toy",
+    "sparse_mlp",
+    "perturb",
     "logit_lens",
     "tokens",
 ]

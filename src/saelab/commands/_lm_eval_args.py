@@ -1,0 +1,33 @@
+"""Options shared by commands that run a language model on text: which model, which text,
+how many contexts. Not a command itself (cli.COMMANDS does not list it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from saelab.downstream import eval_tokens, load_lm
+from saelab.lm.hooked import HookedLM
+
+
+def add_lm_data_args(parser: argparse.ArgumentParser, eval_contexts: int = 64) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face model folder (default: the offline default LM, built on first use)")
+    parser.add_argument("--source", default="stdlib",
+                        help="text: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder (default: stdlib)")
+    parser.add_argument("--eval-contexts", type=int, default=eval_contexts,
+                        help=f"held-out contexts to evaluate on (default: {eval_contexts})")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="tokens per context (default: min(128, the model's))")
+    parser.add_argument("--include-bos", action="store_true",
+                        help="keep the BOS position in averages and splices (default: excluded)")
+    parser.add_argument("--batch-size", type=int, default=16, help="contexts per LM forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+
+
+def model_and_eval_tokens(args: argparse.Namespace, model: str | None = None):
+    """(HookedLM, held-out contexts) from the shared options."""
+    lm: HookedLM = load_lm(model or args.model)
+    tokens = eval_tokens(lm, args.source, args.eval_contexts, args.context_length, split="heldout")
+    return lm, tokens

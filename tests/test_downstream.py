@@ -1,0 +1,220 @@
+"""Downstream metrics checked against computations made another way: explicit formulas on
+small logits, and the HF model run with plain torch hooks that zero / mean / replace a module."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.downstream import (
+    ablation_splice, compare_splices, evaluate_downstream, hook_means, keep_bos, kl_divergence,
+    loss_recovered, next_token_ce, sae_hooks, sae_splices, splice_loss,
+)
+from saelab.errors import ConfigError, DataError
+from saelab.lm.hooked import HookedLM
+from saelab.sae import SAE
+
+ARCHS = ("gpt_neox", "gpt2", "llama")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request, tiny_hf_model_dirs):
+    return HookedLM.load(tiny_hf_model_dirs[request.param])
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(3))
+
+
+def hf_ce(lm, tokens, start=0):
+    """Mean next-token CE of the bare HF model (whatever torch hooks are on it)."""
+    with torch.no_grad():
+        logits = lm.model(input_ids=tokens, use_cache=False).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    return ce.view(tokens.shape[0], -1)[:, start:].mean().item()
+
+
+def identity_sae(d: int, hook: str) -> SAE:
+    """relu(x) - relu(-x) = x exactly: encoder [I, -I], decoder [I; -I], zero biases."""
+    sae = SAE(d, 2 * d, hook_name=hook)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def zero_sae(d: int, hook: str, **kw) -> SAE:
+    sae = SAE(d, 8, hook_name=hook, **kw)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+    return sae
+
+
+def replace_output(module, fn):
+    """A plain torch forward hook replacing a module's output (or output[0])."""
+    def hook(_m, _args, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+    return module.register_forward_hook(hook)
+
+
+# ---- formulas ------------------------------------------------------------------------------
+def test_kl_divergence_matches_explicit_sum():
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    got = kl_divergence(p, q)
+    for i in range(2):
+        for j in range(3):
+            pp = [math.exp(v) for v in p[i, j].tolist()]
+            qq = [math.exp(v) for v in q[i, j].tolist()]
+            pp, qq = [v / sum(pp) for v in pp], [v / sum(qq) for v in qq]
+            want = sum(a * math.log(a / b) for a, b in zip(pp, qq))
+            assert got[i, j].item() == pytest.approx(want, abs=1e-6)
+    assert torch.allclose(kl_divergence(p, p), torch.zeros(2, 3), atol=1e-7)
+    # float32 logits: a small KL (~1e-3) is still right to 1% (float64 as the reference)
+    near = p + 0.1 * torch.randn(2, 3, 5, generator=gen)
+    want = kl_divergence(p.double(), near.double())
+    assert torch.allclose(kl_divergence(p, near).double(), want, rtol=1e-2, atol=0)
+
+
+def test_next_token_ce_matches_log_softmax():
+    gen = torch.Generator().manual_seed(1)
+    logits, toks = torch.randn(2, 4, 7, generator=gen), torch.randint(0, 7, (2, 4), generator=gen)
+    got = next_token_ce(logits, toks)
+    logp = torch.log_softmax(logits, -1)
+    want = torch.tensor([[-logp[b, t, toks[b, t + 1]].item() for t in range(3)] for b in range(2)])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_loss_recovered_formula():
+    assert loss_recovered(2.0, 2.5, 4.0) == pytest.approx(0.75)
+    assert loss_recovered(2.0, 2.0, 4.0) == 1.0 and loss_recovered(2.0, 4.0, 4.0) == 0.0
+    assert math.isnan(loss_recovered(2.0, 2.5, 2.0))
+
+
+def test_keep_bos_restores_position_zero():
+    act = torch.randn(2, 4, 3)
+    out = keep_bos(torch.zeros_like)(act)
+    assert torch.equal(out[:, 0], act[:, 0]) and torch.equal(out[:, 1:], torch.zeros(2, 3, 3))
+
+
+# ---- splices against the HF model with plain torch hooks -----------------------------------
+@pytest.mark.parametrize("point", ["hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post"])
+def test_identity_splice_reproduces_clean_loss_exactly(lm, tokens, point):
+    res = splice_loss(lm, tokens, f"blocks.0.{point}", lambda a: a.clone(), batch_size=4)
+    assert res["ce"] == res["ce_clean"] and res["kl"] == 0.0
+    assert res["ce_clean"] == pytest.approx(lm.loss(tokens).item(), abs=1e-6)
+    assert res["n_tokens"] == 6 * 11
+
+
+def test_zero_ablation_equals_torch_hook_route(lm, tokens):
+    mlp = lm.blocks[1].get_submodule(lm.arch.mlp)
+    handle = replace_output(mlp, torch.zeros_like)
+    try:
+        want = hf_ce(lm, tokens)
+    finally:
+        handle.remove()
+    got = splice_loss(lm, tokens, "blocks.1.hook_mlp_out", ablation_splice("zero"))
+    assert got["ce"] == pytest.approx(want, abs=1e-5)
+    assert got["ce"] != pytest.approx(got["ce_clean"], abs=1e-7)
+
+
+@pytest.mark.parametrize("exclude_bos", [False, True])
+def test_mean_ablation_equals_torch_hook_route(lm, tokens, exclude_bos):
+    start = int(exclude_bos)
+    with torch.no_grad():
+        hidden = lm.model(input_ids=tokens, output_hidden_states=True).hidden_states[1]
+    mean = hidden[:, start:].double().mean((0, 1)).float()
+
+    def to_mean(out):
+        new = mean.expand_as(out).clone()
+        if exclude_bos:
+            new[:, 0] = out[:, 0]
+        return new
+
+    handle = replace_output(lm.blocks[0], to_mean)
+    try:
+        want = hf_ce(lm, tokens, start)
+    finally:
+        handle.remove()
+    sae = zero_sae(lm.d_model, "blocks.0.hook_resid_post")
+    [entry] = evaluate_downstream(lm, [sae], tokens, batch_size=4, exclude_bos=exclude_bos)
+    assert entry["ce_mean"] == pytest.approx(want, abs=1e-5)
+    assert entry["ce_clean"] == pytest.approx(hf_ce(lm, tokens, start), abs=1e-6)
+    assert entry["downstream_tokens"] == 6 * (11 - start)
+
+
+def test_transcoder_splice_equals_torch_hook_route(lm, tokens):
+    torch.manual_seed(0)
+    tc = SAE(lm.d_model, 40, d_out=lm.d_model, hook_name="blocks.0.ln2.hook_normalized",
+             hook_name_out="blocks.0.hook_mlp_out")
+    with torch.no_grad():
+        tc.b_enc.fill_(0.1)
+    mlp = lm.blocks[0].get_submodule(lm.arch.mlp)
+    seen = []
+    pre = mlp.register_forward_pre_hook(lambda _m, args, kw: seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True)
+    post = replace_output(mlp, lambda out: tc(seen[-1]))
+    try:
+        want = hf_ce(lm, tokens)
+    finally:
+        pre.remove()
+        post.remove()
+    [entry] = evaluate_downstream(lm, [tc], tokens, ablations=("zero",))
+    assert entry["ce_sae"] == pytest.approx(want, abs=1e-5)
+    assert entry["splice_hook"] == "blocks.0.hook_mlp_out"
+    assert "ce_mean" not in entry
+
+
+def test_several_saes_identity_is_one_zero_is_zero(lm, tokens):
+    d, h = lm.d_model, "blocks.0.hook_resid_post"
+    saes = [identity_sae(d, h), zero_sae(d, h), identity_sae(lm.d_mlp, "blocks.1.mlp.hook_post"),
+            zero_sae(d, "blocks.1.ln2.hook_normalized", d_out=d, hook_name_out="blocks.1.hook_mlp_out")]
+    ident, zero, hidden, tc = evaluate_downstream(lm, saes, tokens, batch_size=4)
+    assert ident["loss_recovered"] == 1.0 and ident["loss_recovered_mean"] == 1.0
+    assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == 0.0
+    assert zero["loss_recovered"] == 0.0 and zero["ce_sae"] == zero["ce_zero"]
+    assert zero["kl"] == zero["kl_zero"] > 0
+    assert hidden["loss_recovered"] == 1.0
+    assert tc["loss_recovered"] == 0.0 and tc["splice_hook"] == "blocks.1.hook_mlp_out"
+    assert ident["ce_zero"] == zero["ce_zero"] != tc["ce_zero"]
+
+
+def test_batching_does_not_change_results(lm, tokens):
+    variants = {"z": {"blocks.0.hook_attn_out": ablation_splice("zero")}}
+    one = compare_splices(lm, tokens, variants, batch_size=1)
+    all_ = compare_splices(lm, [tokens[:2], tokens[2:]], variants)
+    for name in ("clean", "z"):
+        assert one[name]["ce"] == pytest.approx(all_[name]["ce"], abs=1e-6)
+    assert one["z"]["kl"] == pytest.approx(all_["z"]["kl"], abs=1e-6)
+
+
+def test_hook_means_match_cache(lm, tokens):
+    hooks = ["blocks.0.hook_attn_out", "blocks.1.mlp.hook_post"]
+    got = hook_means(lm, tokens, hooks, batch_size=4, exclude_bos=True)
+    cache = lm.run_with_cache(tokens, hooks)
+    for h in hooks:
+        assert torch.allclose(got[h], cache[h][:, 1:].mean((0, 1)), atol=1e-6)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def test_errors_name_what_is_wrong(lm, tokens):
+    with pytest.raises(ConfigError, match=r"d_in=5.*blocks\.0\.hook_resid_post.*dimension 32"):
+        evaluate_downstream(lm, [SAE(5, 8, hook_name="blocks.0.hook_resid_post")], tokens)
+    backwards = SAE(32, 8, d_out=32, hook_name="blocks.1.hook_mlp_out", hook_name_out="blocks.0.hook_mlp_out")
+    with pytest.raises(ConfigError, match="after the input hook"):
+        sae_hooks(lm, backwards)
+    with pytest.raises(ConfigError, match="hook_name"):
+        sae_splices(lm, SAE(32, 8))
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        evaluate_downstream(lm, [zero_sae(32, "blocks.0.hook_resid_post")], tokens, ablations=("noise",))
+    with pytest.raises(ConfigError, match="unknown hook name"):
+        splice_loss(lm, tokens, "blocks.9.hook_mlp_out", torch.zeros_like)
+    with pytest.raises(DataError, match="seq >= 3"):
+        splice_loss(lm, tokens[:, :2], "blocks.0.hook_mlp_out", torch.zeros_like, exclude_bos=True)
