@@ -31,3 +31,12 @@ def test_save_tensors_roundtrip(tmp_path):
     t = {"w": torch.randn(3, 4).T}  # non-contiguous on purpose
     save_tensors(tmp_path / "t.safetensors", t)
     assert torch.equal(load_file(tmp_path / "t.safetensors")["w"], t["w"])
+
+
+def test_written_files_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
