@@ -12,7 +12,10 @@ from saelab.errors import SaelabError
 
 COMMANDS = [
     "dashboard",
+    "quickstart",
+    "train",
     "toy",
+    "prune",
     "sparse_mlp",
     "perturb",
     "logit_lens",
