@@ -83,11 +83,15 @@ def _brute_quantiles(v, r, p, j, mx, cfg):
     return [sorted(b)[:cfg.per_quantile] for b in out]
 
 
-@pytest.mark.parametrize("batch_size,capacity", [(1, 64), (7, 64), (30, 3)])
-def test_scan_matches_brute_force(batch_size, capacity):
+@pytest.mark.parametrize("batch_size,table_max,capacity", [
+    (7, 10**9, 64),  # dense token table
+    (1, 0, 64),  # token slots, never full: exact
+    (30, 0, 3),  # token slots, full: counts are lower bounds
+])
+def test_scan_matches_brute_force(batch_size, table_max, capacity):
     sae, acts, tokens = _data()
     cfg = ScanConfig(top_k=4, n_quantiles=3, per_quantile=2, n_fine=16, seed=5,
-                     token_table_max=10**9 if capacity == 64 else 0, token_capacity=capacity)
+                     token_table_max=table_max, token_capacity=capacity)
     scan = scan_features(_batches(acts, tokens, batch_size), sae, config=cfg, vocab_size=VOCAB)
     with torch.no_grad():
         f = sae.encode(acts)  # (N_CTX, SEQ, D_SAE)

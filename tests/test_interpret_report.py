@@ -8,7 +8,7 @@ import torch
 
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.examples import ContextBatch, feature_acts
-from saelab.interpret.report import DETAIL_KEYS, build_report, write_report
+from saelab.interpret.report import DETAIL_KEYS, _floats, _r, build_report, write_report
 from saelab.sae import SAE
 
 HOOK = "blocks.0.hook_resid_post"
@@ -133,3 +133,11 @@ def test_errors(setup, tmp_path):
     sae.save(folder)
     rep = build_report(folder, lm, contexts[:4], features=[], progress=False)
     assert rep["sae"]["path"] == str(folder)
+
+
+def test_rounding_to_four_significant_digits():
+    vals = [0.0, 1.0, 0.34494999, 123456.7, -9.87654e-7, 5e20, float("nan"), float("inf")]
+    vals += (torch.randn(2000, dtype=torch.float64) * 10.0 ** torch.randint(-8, 9, (2000,))).tolist()
+    want = [None if not torch.isfinite(torch.tensor(v)) else float(f"{v:.4g}") for v in vals]
+    assert _floats(vals) == want
+    assert [_r(v) for v in vals] == want

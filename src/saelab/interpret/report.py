@@ -59,7 +59,9 @@ class ReportOptions:
     n_logits: int = 10
     n_top_tokens: int = 10
     n_ablate: int = 2  # top examples per feature with ablated text
-    ablate_max_back: int | None = 24  # tokens before the position removed in turn (None: all)
+    # tokens before the position removed in turn (None: all). Ablation is the report's main cost:
+    # n_features * n_ablate * (max_back + 1) sequences of up to the example's position in length
+    ablate_max_back: int | None = 16
     embedding_k: int = 10
     embedding_scale: float = 1.0
     embedding_exponent: float = 1.0
@@ -169,7 +171,13 @@ def _r(x) -> float | None:
 
 
 def _floats(values) -> list:
-    return [_r(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    """`_r` of each value, vectorised (examples hold millions of activations)."""
+    t = torch.as_tensor(values, dtype=torch.float64).flatten()
+    exp = torch.floor(torch.log10(t.abs().clamp_min(1e-300))) - 3
+    up, down = torch.pow(10.0, (-exp).clamp_min(0)), torch.pow(10.0, exp.clamp_min(0))
+    out = torch.where(exp < 0, torch.round(t * up) / up, torch.round(t / down) * down)
+    out = torch.where(t == 0, 0.0, out).tolist()
+    return out if bool(torch.isfinite(t).all()) else [v if math.isfinite(v) else None for v in out]
 
 
 def _index_entry(j: int, scan: FeatureScan, lens: LensResult, enc_dec, vocab) -> dict:
@@ -214,10 +222,11 @@ def _examples(lm, sae, contexts, scan, feats, vocab, opts) -> dict[int, dict]:
     """Top and quantile examples of each feature, with per-token activations fetched for the
     contexts they come from (one more pass, over just those contexts)."""
     quantiles = scan.quantiles()
+    bins = {j: quantiles.of(j) for j in feats}
     wanted = []  # (feature, "top" | bin index, activation, row, pos)
     for j in feats:
         wanted += [(j, "top", *e) for e in scan.top_examples(j)]
-        for b, (_, _, items) in enumerate(quantiles.of(j)):
+        for b, (_, _, items) in enumerate(bins[j]):
             wanted += [(j, b, *e) for e in items]
     fetched = example_acts(lambda rows: feature_acts(sae, lm, contexts[rows]),
                            torch.tensor([w[3] for w in wanted], dtype=torch.long),
@@ -225,7 +234,7 @@ def _examples(lm, sae, contexts, scan, feats, vocab, opts) -> dict[int, dict]:
                            torch.tensor([w[0] for w in wanted], dtype=torch.long),
                            window=opts.window, batch_size=opts.batch_size) if wanted else []
     out = {j: {"top": [], "quantiles": [{"lo": _r(lo), "hi": _r(hi), "examples": []}
-                                        for lo, hi, _ in quantiles.of(j)]} for j in feats}
+                                        for lo, hi, _ in bins[j]]} for j in feats}
     for (j, where, act, row, pos), (start, acts) in zip(wanted, fetched):
         ex = {"context": row, "tokens": [vocab[t] for t in contexts[row, start:start + len(acts)].tolist()],
               "acts": _floats(acts), "pos": pos - start, "act": _r(act)}
