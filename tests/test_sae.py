@@ -56,8 +56,12 @@ def test_encode_decode_match_formula(arch):
 
 def test_topk_keeps_k_per_token():
     sae = make("topk", k=4).eval()
-    f = sae.encode(torch.randn(50, 8) * 3)
+    x = torch.randn(50, 8) * 3
+    f = sae.encode(x)
     assert ((f > 0).sum(-1) <= 4).all() and ((f > 0).sum(-1) >= 1).all()
+    out = sae.loss(x)  # the training path decodes sparsely: same result as the dense one
+    torch.testing.assert_close(out.x_hat, sae.decode(f), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.fired, (f > 0).any(0)) and out.l0.item() == pytest.approx((f > 0).sum().item() / 50)
 
 
 def test_batchtopk_training_keeps_k_times_batch_and_sets_threshold():

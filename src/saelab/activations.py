@@ -44,7 +44,9 @@ class ReLU(Activation):
     weighted_l1 = True
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.relu(z)
+        # in place: z is a fresh pre-activation nobody else reads (its GEMM's backward needs only
+        # the GEMM's inputs), and a new (N, d_sae) buffer costs more than the relu itself on CPU
+        return torch.relu_(z)
 
     def penalty(self, z: Tensor, f: Tensor, dec_norms: Tensor) -> Tensor:
         return f @ dec_norms

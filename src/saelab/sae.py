@@ -98,7 +98,8 @@ class ForwardOutput(NamedTuple):
     mse: Tensor  # scalar: mean over tokens of the squared error summed over dimensions
     sparsity: Tensor  # scalar: coefficient * mean penalty (weighted L1 for relu, L0 for jumprelu)
     aux: Tensor  # scalar: aux_coefficient * auxiliary-k loss (topk / batchtopk), else 0
-    fired: Tensor  # (d_sae,) int: on how many of the N tokens each feature was active (no grad)
+    fired: Tensor  # (d_sae,) bool: which features were active on at least one of the N tokens
+    l0: Tensor | None  # scalar: mean active features per token (None unless measured, see `loss`)
 
 
 class SAE(nn.Module):
@@ -163,12 +164,14 @@ class SAE(nn.Module):
         then a vector-matrix product instead of a full (N, d_sae) x (d_sae, d_in) one."""
         self._check_input(x, self.cfg.d_in, "input")
         bias = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
-        return x @ self.W_enc + bias
+        if x.dim() == 2:  # not a view: activations may then work in place on it
+            return torch.addmm(bias, x, self.W_enc)  # the bias add fused into the GEMM
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), self.W_enc).view(*x.shape[:-1], self.cfg.d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f, shape (..., d_sae)."""
-        z = self.pre_acts(x)
-        return self.activation(z.reshape(-1, z.shape[-1])).view_as(z)
+        z = self.pre_acts(x.reshape(-1, x.shape[-1]))
+        return self.activation(z).view(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction f @ W_dec + b_dec, shape (..., d_out)."""
@@ -186,11 +189,14 @@ class SAE(nn.Module):
         dead_mask: Tensor | None = None,
         aux_k: int | None = None,
         aux_coefficient: float = 1 / 32,
+        measure_l0: bool = True,
     ) -> ForwardOutput:
         """Training loss on a batch x (N, d_in) against target (N, d_out), default x itself.
 
         `dead_mask` (d_sae,) marks features the trainer considers dead; for topk/batchtopk they
-        reconstruct the residual through their own top-`aux_k` pre-activations (Gao et al.)."""
+        reconstruct the residual through their own top-`aux_k` pre-activations (Gao et al.).
+        `measure_l0=False` skips counting active features (a full pass over f for dense
+        architectures), which a trainer needs only on logging steps."""
         y = x if target is None else target
         self._check_input(y, self.cfg.d_out, "target")
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
@@ -200,7 +206,9 @@ class SAE(nn.Module):
         if act.sparse is not None:
             values, indices = act.sparse(z)
             x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-            fired = torch.bincount(indices[values.detach() > 0], minlength=self.cfg.d_sae)
+            active = values.detach() > 0
+            fired = torch.bincount(indices[active], minlength=self.cfg.d_sae) > 0
+            l0 = active.sum() / x.shape[0]
         else:
             f = act(z)
             if act.weighted_l1 and coefficient:
@@ -212,14 +220,15 @@ class SAE(nn.Module):
                 x_hat = f @ self.W_dec + self.b_dec
                 if coefficient:
                     sparsity = coefficient * act.penalty(z, f, self.W_dec.norm(dim=1)).mean()
-            with torch.no_grad():  # f >= 0, so sign(f) is the firing indicator; cheaper than (f > 0).sum(0)
-                fired = f.sign().sum(0).long()
+            with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
+                fired = f.sum(0) > 0
+                l0 = (f > 0).sum() / x.shape[0] if measure_l0 else None
         err = y - x_hat
         mse = err.pow(2).sum(-1).mean()
         aux = mse.new_zeros(())
         if act.uses_k and dead_mask is not None and bool(dead_mask.any()):
             aux = aux_coefficient * self._aux_loss(z, err.detach(), dead_mask, aux_k or self.cfg.d_in // 2)
-        return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux, fired)
+        return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux, fired, l0)
 
     def _aux_loss(self, z: Tensor, residual: Tensor, dead_mask: Tensor, aux_k: int) -> Tensor:
         """Normalised MSE of the residual's reconstruction by the top-aux_k dead features."""

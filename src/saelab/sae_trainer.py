@@ -27,14 +27,15 @@ class SAETrainer:
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.spec.dead_tokens
 
-    def update(self, step: int, x: Tensor, y: Tensor) -> dict:
-        """One optimiser step on batch x (N, d_in) -> y (N, d_out); returns this step's log entry."""
+    def update(self, step: int, x: Tensor, y: Tensor, log: bool = True) -> dict | None:
+        """One optimiser step on batch x (N, d_in) -> y (N, d_out); returns this step's log
+        entry if `log` (measuring L0 and FVU costs passes over the batch), else None."""
         spec, sae = self.spec, self.sae
         lr, coefficient = spec.lr_at(step, self.total_steps), spec.coefficient_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.dead_mask() if sae.activation.uses_k else None
-        out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient)
+        out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.unit_norm:
@@ -43,19 +44,19 @@ class SAETrainer:
         if self.unit_norm:
             sae.normalize_decoder()
         with torch.no_grad():
-            fired = out.fired
-            self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
-            l0 = float(fired.sum()) / x.shape[0]
+            self.since_fired = torch.where(out.fired, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
         resampled = 0
         if spec.resample_every and (step + 1) % spec.resample_every == 0:
             resampled = self.resample(x, y)
+        if not log:
+            return None
         return {
             "loss": out.loss.item(),
             "mse": out.mse.item(),
             "sparsity": out.sparsity.item(),
             "aux": out.aux.item(),
-            "l0": l0,
-            "fvu": metrics.fvu(y, out.x_hat.detach()),
+            "l0": out.l0.item(),
+            "fvu": out.mse.item() / metrics.total_variance(y),
             "dead": int(self.dead_mask().sum()),
             "lr": lr,
             "coefficient": coefficient,

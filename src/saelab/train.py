@@ -83,7 +83,7 @@ class GroupTrainer:
         hook_name: str | None = None,
         hook_name_out: str | None = None,
         model_name: str | None = None,
-        on_step: Callable[[int, list[dict]], None] | None = None,
+        on_step: Callable[[int, list[dict | None]], None] | None = None,
     ):
         if not specs:
             raise ConfigError("give at least one TrainSpec")
@@ -132,10 +132,11 @@ class GroupTrainer:
                     x, y = self._prepare(next(batches))
                 except StopIteration:
                     raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
-                entries = [t.update(self.step, x, y) for t in self.trainers]
+                logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
+                entries = [t.update(self.step, x, y, log=logging) for t in self.trainers]
                 self.step += 1
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                if logging:
                     record = {"step": self.step, "tokens": self.step * x.shape[0], "saes": dict(zip(self.labels, entries))}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
