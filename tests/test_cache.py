@@ -1,0 +1,360 @@
+"""Activation cache: what is written equals a direct forward pass; resume; shuffles; live mode."""
+
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.data.cache import (ShuffledBatches, cache_activations, live_batches,
+                               model_fingerprint, open_cache)
+from saelab.errors import CorruptFileError, DataError, MissingFileError
+from saelab.lm.hooked import HookedLM
+
+L, VOCAB = 16, 300
+H0, H1, MLP0 = "blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.0.hook_mlp_out"
+
+
+def save_tiny_lm(folder: Path, seed: int) -> Path:
+    """Random-init 2-layer GPT-NeoX (d 32, d_mlp 64) + a word-level tokenizer ("<bos>" = 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=L,
+                        bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    vocab = {"<bos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def lm(lm_dir):
+    return HookedLM.load(lm_dir)
+
+
+@pytest.fixture(scope="module")
+def other_lm(tmp_path_factory):
+    """Same architecture and tokenizer, other weights."""
+    return HookedLM.load(save_tiny_lm(tmp_path_factory.mktemp("lm") / "other", seed=1))
+
+
+def make_contexts(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(2, VOCAB, (n, L), generator=g)
+    ctx[:, 0] = 0
+    return ctx
+
+
+def reference(lm, ctx, hook, first=1):
+    """Activations computed another way: one plain forward over all contexts at once."""
+    return lm.run_with_cache(ctx, [hook])[hook][:, first:].reshape(-1, lm.hook_dim(hook))
+
+
+def blocks(ctx, size):
+    """Contexts as a stream of blocks, then single rows (a generator, not an array)."""
+    head = len(ctx) - 3
+    for i in range(0, head, size):
+        yield ctx[i:min(i + size, head)]
+    yield from ctx[head:]
+
+
+def count_forwards(lm, monkeypatch) -> list:
+    """Count the contexts the LM runs on (wraps the real method; the model still runs)."""
+    seen, real = [], lm.run_with_cache
+
+    def counting(tokens, names, **kw):
+        seen.append(len(tokens))
+        return real(tokens, names, **kw)
+    monkeypatch.setattr(lm, "run_with_cache", counting)
+    return seen
+
+
+def read_all(cache, hook):
+    chunks = list(cache.sequential(hook, batch_size=50))
+    return [torch.cat(col) for col in zip(*chunks)]
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def test_cached_rows_equal_a_direct_forward(lm, tmp_path):
+    ctx = make_contexts(30)
+    cache = cache_activations(lm, blocks(ctx, 4), [H0, H1], tmp_path / "c", shard_contexts=7,
+                              meta={"corpus": "random"})
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["complete"] and m["contexts_done"] == 30 and m["tokens_done"] == 30 * (L - 1)
+    assert [h["dim"] for h in m["hooks"]] == [32, 64] and m["drop_bos"] and m["meta"]["corpus"]
+    assert m["shards_done"] == 5 and m["shard_contexts"] == 7
+    assert np.array_equal(np.load(tmp_path / "c" / "tokens" / "00004.npy"), ctx[28:30].numpy())
+    assert m["model"]["fingerprint"] == model_fingerprint(lm) and m["tokenizer_fingerprint"]
+    for hook in (H0, H1):
+        acts, tokens, cidx, pos = read_all(cache, hook)
+        torch.testing.assert_close(acts, reference(lm, ctx, hook), rtol=1e-5, atol=1e-6)
+        assert torch.equal(tokens, ctx[:, 1:].reshape(-1))
+        assert torch.equal(ctx[cidx, pos], tokens)
+        assert pos.min() == 1 and pos.max() == L - 1
+    assert torch.equal(cache.context_tokens([29, 3, 29]), ctx[[29, 3, 29]])  # BOS included
+    shard = cache.shard_activations(H1, 1)
+    assert isinstance(shard, np.memmap) and shard.shape == (7 * (L - 1), 64)
+    assert np.array_equal(shard, reference(lm, ctx[7:14], H1).numpy())
+
+
+@pytest.mark.parametrize("dtype,stored", [("fp16", np.float16), ("bf16", np.uint16)])
+def test_half_precision_round_trips_exactly(lm, tmp_path, dtype, stored):
+    ctx = make_contexts(6)
+    cache = cache_activations(lm, ctx, H0, tmp_path / "c", dtype=dtype)
+    want = reference(lm, ctx, H0).to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    acts = read_all(cache, H0)[0]
+    assert acts.dtype == torch.float32 and torch.equal(acts, want.float())
+    raw = np.load(tmp_path / "c" / "acts" / H0 / "00000.npy")
+    assert raw.dtype == stored
+    assert np.array_equal(raw.view(np.int16), want.view(torch.int16).numpy())
+
+
+def test_keeping_bos_keeps_position_zero(lm, tmp_path):
+    ctx = make_contexts(5)
+    cache = cache_activations(lm, ctx, H0, tmp_path / "c", drop_bos=False)
+    acts, tokens, _, pos = read_all(cache, H0)
+    assert cache.n_tokens == 5 * L and pos[0] == 0 and torch.equal(tokens, ctx.reshape(-1))
+    torch.testing.assert_close(acts, reference(lm, ctx, H0, first=0), rtol=1e-5, atol=1e-6)
+
+
+def test_writer_memory_does_not_grow_with_tokens(lm, tmp_path):
+    """Peak traced memory (numpy shard buffers included) for 4x the tokens stays about the
+    same. What may grow is a few KiB of Python garbage per shard (JSON encoder closures)
+    awaiting a full collection, not activations: keeping them would add a shard per shard."""
+    def peak(n):
+        gc.collect()
+        tracemalloc.start()
+        cache_activations(lm, (c for c in make_contexts(n)), [H0, H1], tmp_path / f"m{n}",
+                          shard_contexts=64, progress=False)
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size
+    peak(8)  # warm up lazy imports and caches
+    small, large = peak(128), peak(512)  # 2 and 8 shards
+    shard_bytes = 64 * (L - 1) * (32 + 64) * 4
+    assert small > 2 * shard_bytes  # both shard buffers (filling, saving) are traced
+    assert large < small + 0.25 * shard_bytes, (small, large)
+
+
+# ---- resuming ---------------------------------------------------------------------------------
+def interrupted(ctx, after):
+    for i, row in enumerate(ctx):
+        if i == after:
+            raise KeyboardInterrupt
+        yield row
+
+
+def test_interrupted_write_resumes_to_the_same_cache(lm, tmp_path, monkeypatch):
+    ctx, path = make_contexts(40), tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(lm, interrupted(ctx, 21), [H0, H1], path, shard_contexts=8)
+    with pytest.raises(DataError, match="unfinished"):
+        open_cache(path)
+    partial = open_cache(path, require_complete=False)
+    assert not partial.complete and partial.n_contexts == 16
+    (path / "acts" / H0 / "00002.npy").write_bytes(b"half a shard")  # left by a crash
+    (path / "tokens" / ".00002.npy.x.tmp").write_bytes(b"junk")
+    seen = count_forwards(lm, monkeypatch)
+    resumed = cache_activations(lm, ctx, [H0, H1], path, shard_contexts=8)
+    assert sum(seen) == 40 - 16  # finished shards are not recomputed
+    monkeypatch.undo()
+    fresh = cache_activations(lm, ctx, [H0, H1], tmp_path / "fresh", shard_contexts=8)
+    assert resumed.manifest == {**fresh.manifest, "meta": {}} and resumed.complete
+    for hook in (H0, H1):
+        for a, b in zip(read_all(resumed, hook), read_all(fresh, hook)):
+            assert torch.equal(a, b)
+    assert not (path / "tokens" / ".00002.npy.x.tmp").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(lm_dir, lm, tmp_path):
+    """A writer killed by SIGKILL mid-run leaves a cache that is unfinished, never complete,
+    and resumes to the same result."""
+    path = tmp_path / "c"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        torch.set_num_threads(1)
+        from saelab.data.cache import cache_activations
+        from saelab.lm.hooked import HookedLM
+        from tests.test_cache import make_contexts
+        def rows():
+            for i, row in enumerate(make_contexts(40)):
+                if i == 27:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield row
+        cache_activations(HookedLM.load({str(lm_dir)!r}), rows(), [{H0!r}], {str(path)!r},
+                          shard_contexts=6, progress=False)
+        """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL
+    partial = open_cache(path, require_complete=False)  # checks every counted file exists
+    assert not partial.complete and partial.n_contexts in (12, 18, 24)  # last write may be lost
+    resumed = cache_activations(lm, make_contexts(40), H0, path, shard_contexts=6)
+    fresh = cache_activations(lm, make_contexts(40), H0, tmp_path / "fresh", shard_contexts=6)
+    assert torch.equal(read_all(resumed, H0)[0], read_all(fresh, H0)[0])
+
+
+def test_resume_refuses_other_data_or_options(lm, other_lm, tmp_path, monkeypatch):
+    ctx, path = make_contexts(12), tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(lm, interrupted(ctx, 9), H0, path, shard_contexts=4)
+    with pytest.raises(DataError, match="contexts given differ"):
+        cache_activations(lm, make_contexts(12, seed=1), H0, path, shard_contexts=4)
+    with pytest.raises(DataError, match="dtype"):
+        cache_activations(lm, ctx, H0, path, shard_contexts=4, dtype="fp16")
+    with pytest.raises(DataError, match="hooks"):
+        cache_activations(lm, ctx, [H0, H1], path, shard_contexts=4)
+    with pytest.raises(DataError, match="model fingerprint"):
+        cache_activations(other_lm, ctx, H0, path, shard_contexts=4)
+    cache_activations(lm, ctx, H0, path)  # default shard size: the recorded one stands
+    seen = count_forwards(lm, monkeypatch)
+    assert cache_activations(lm, ctx, H0, path).complete and seen == []
+    with pytest.raises(DataError, match="complete"):
+        cache_activations(lm, make_contexts(13), H0, path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not an activation cache"):
+        cache_activations(lm, ctx, H0, tmp_path / "other")
+
+
+# ---- opening ----------------------------------------------------------------------------------
+def test_open_checks_model_hooks_and_files(lm, lm_dir, other_lm, tmp_path):
+    path = tmp_path / "c"
+    cache_activations(lm, make_contexts(8), [H0, H1], path, shard_contexts=4)
+    assert open_cache(path, model=lm, hooks=[H1]).dim(H1) == 64
+    moved = HookedLM.load(shutil.copytree(lm_dir, tmp_path / "moved"))  # same model elsewhere
+    assert open_cache(path, model=moved).model_name == str(lm_dir)
+    with pytest.raises(DataError, match="fingerprint"):
+        open_cache(path, model=other_lm)
+    with pytest.raises(DataError, match="hook_resid_post"):
+        open_cache(path, hooks=MLP0)
+    with pytest.raises(DataError, match="holds"):
+        open_cache(path).batches(MLP0, 8)
+    with pytest.raises(MissingFileError):
+        open_cache(tmp_path / "nothing")
+    np.save(path / "acts" / H1 / "00001.npy", np.zeros((3, 64), np.float32))
+    with pytest.raises(CorruptFileError, match="manifest says"):
+        list(open_cache(path).sequential(H1))
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptFileError):
+        open_cache(path)
+
+
+# ---- shuffled batches -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_cache(lm, tmp_path_factory):
+    ctx = make_contexts(40, seed=2)
+    return cache_activations(lm, ctx, [H0, MLP0], tmp_path_factory.mktemp("pairs") / "c",
+                             shard_contexts=6), ctx
+
+
+def row_keys(x):
+    return [bytes(r) for r in x.numpy()]
+
+
+def test_an_epoch_is_a_shuffled_permutation_of_aligned_pairs(pair_cache):
+    cache, _ = pair_cache
+    x_all, _, cidx, _ = read_all(cache, H0)
+    y_all = read_all(cache, MLP0)[0]
+    y_of = dict(zip(row_keys(x_all), row_keys(y_all)))
+    context_of = dict(zip(row_keys(x_all), cidx.tolist()))
+    batches = cache.batches(H0, 40, target=MLP0, seed=1, epochs=1, buffer_mb=0.03)
+    assert batches.window_contexts < cache.n_contexts  # memory bound by a window, not the cache
+    assert batches.buffer_rows * (32 + 32) * 4 <= 0.03 * 2**20
+    got = list(batches)
+    assert len(got) == len(batches) == 40 * (L - 1) // 40
+    xs = torch.cat([x for x, _ in got])
+    assert sorted(row_keys(xs)) == sorted(row_keys(x_all))  # every row once
+    for x, y in got:
+        assert row_keys(y) == [y_of[k] for k in row_keys(x)]  # target aligned with input
+    assert len({context_of[k] for k in row_keys(got[0][0])}) >= 5  # mixed across contexts
+    assert not torch.equal(xs, x_all)
+
+
+def test_batches_are_deterministic_and_resume_exactly(pair_cache):
+    cache, _ = pair_cache
+    make = lambda seed: cache.batches(H0, 37, seed=seed, buffer_mb=0.02)  # noqa: E731
+    b = make(4)
+    per_epoch = cache.n_tokens / 37
+    first = list(islice(iter(b), int(3 * per_epoch)))
+    assert all(x.shape == (37, 32) for x in first)
+    window_steps = b.buffer_rows // 37
+    for step in (0, 1, window_steps, window_steps + 1, int(per_epoch), int(2 * per_epoch) + 2):
+        resumed = list(islice(b.iter_from(step), 3))
+        assert all(torch.equal(a, c) for a, c in zip(resumed, first[step:step + 3])), step
+    assert all(torch.equal(a, c) for a, c in zip(islice(make(4), 5), first))
+    assert not torch.equal(next(iter(make(5))), first[0])
+    rows, n = torch.cat(first), cache.n_tokens
+    epoch1, epoch2 = rows[:n], rows[n:2 * n]
+    assert sorted(row_keys(epoch1)) == sorted(row_keys(epoch2))
+    assert not torch.equal(epoch1, epoch2)  # a new order each epoch
+
+
+def test_live_batches_equal_disk_batches(lm, pair_cache):
+    cache, ctx = pair_cache
+    disk = cache.batches(H0, 50, target=MLP0, seed=7, buffer_mb=0.05)
+    live = live_batches(lm, ctx, H0, 50, target=MLP0, seed=7, buffer_mb=0.05,
+                        forward_batch_size=3)
+    assert live.window_contexts == disk.window_contexts
+    for (x1, y1), (x2, y2) in zip(islice(disk.iter_from(10), 20), islice(live.iter_from(10), 20)):
+        torch.testing.assert_close(x1, x2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    single = next(iter(live_batches(lm, ctx, H0, 50, seed=7, buffer_mb=0.05)))
+    assert single.shape == (50, 32)
+
+
+def test_shuffler_checks_its_inputs():
+    load = lambda ids: (torch.arange(len(ids) * 2.0)[:, None],)  # noqa: E731
+    with pytest.raises(ValueError):
+        ShuffledBatches(load, 4, 2, 0, 1)
+    endless = ShuffledBatches(load, 4, 2, 3, 2)
+    with pytest.raises(TypeError):
+        len(endless)
+    short = ShuffledBatches(lambda ids: (torch.zeros(1, 1),), 4, 2, 3, 2)
+    with pytest.raises(DataError, match="rows"):
+        next(iter(short))
+
+
+def test_a_training_run_resumes_on_cache_batches(pair_cache, tmp_path):
+    """GroupTrainer interrupted mid-run and resumed on cache.batches ends with the same SAE."""
+    from saelab.sae import SAE
+    from saelab.train import GroupTrainer, TrainConfig
+    from saelab.train_spec import TrainSpec
+
+    cache, _ = pair_cache
+    spec = lambda: [TrainSpec(arch="topk", d_sae=64, k=4, lr=3e-3, warmup_steps=2)]  # noqa: E731
+    cfg = TrainConfig(total_steps=12, checkpoint_every=4, log_every=4, seed=1)
+    src = cache.batches(H0, 64, target=MLP0, seed=3, buffer_mb=0.05)
+
+    def crash(step, _):
+        if step == 6:
+            raise KeyboardInterrupt
+    GroupTrainer(spec(), 32, tmp_path / "full", cfg, d_out=32).fit(src)
+    with pytest.raises(KeyboardInterrupt):
+        GroupTrainer(spec(), 32, tmp_path / "cut", cfg, d_out=32, on_step=crash).fit(src)
+    GroupTrainer(spec(), 32, tmp_path / "cut", cfg, d_out=32).fit(src)
+    a, b = (SAE.load(next((tmp_path / r / "saes").iterdir())).state_dict() for r in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
