@@ -17,6 +17,9 @@ def test_plan_kills_most_frequent_until_below_target():
     assert plan.expected_l0 == pytest.approx(0.26)
     assert plan.cutoff == pytest.approx(0.2)
     assert plan_pruning(density, 10.0).killed.numel() == 0
+    # a tie across the boundary: killing one 0.3 reaches the target only with its twin killed too
+    tie = plan_pruning(torch.tensor([0.3, 0.3, 0.1]), target_l0=0.45)
+    assert set(tie.killed.tolist()) == {0, 1} and tie.expected_l0 == pytest.approx(0.1) and tie.cutoff == pytest.approx(0.1)
     with pytest.raises(ConfigError):
         plan_pruning(density, 0)
 

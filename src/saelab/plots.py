@@ -13,6 +13,7 @@ def plot_l0_vs_loss_recovered(series: dict[str, list[tuple[float, float]]], path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for (name, points), marker in zip(series.items(), "osD^v<>"):
@@ -21,6 +22,8 @@ def plot_l0_vs_loss_recovered(series: dict[str, list[tuple[float, float]]], path
             xs, ys = zip(*points)
             ax.plot(xs, [100 * y for y in ys], marker=marker, linestyle="-" if len(points) > 1 else "", label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel("% CE loss recovered")
     ax.grid(True, alpha=0.3)

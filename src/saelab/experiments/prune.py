@@ -49,8 +49,9 @@ def plan_pruning(density: torch.Tensor, target_l0: float) -> PrunePlan:
     if float(density.sum()) < target_l0:
         return PrunePlan(target_l0, order[:0], float(sorted_d[0]) if len(sorted_d) else 0.0, float(density.sum()))
     n = int(torch.nonzero(remaining < target_l0)[0]) + 1
+    while 0 < n < len(sorted_d) and sorted_d[n] == sorted_d[n - 1]:
+        n += 1  # a tie at the boundary: kill all equal features, so the rule is "density > cutoff"
     cutoff = float(sorted_d[n]) if n < len(sorted_d) else 0.0
-    n = int((sorted_d > cutoff).sum())  # include ties at the cut so the rule is "density > cutoff"
     return PrunePlan(target_l0, order[:n], cutoff, float(sorted_d[n:].sum()))
 
 
