@@ -21,31 +21,13 @@ from saelab.data.cache import (ShuffledBatches, cache_activations, live_batches,
 from saelab.errors import CorruptFileError, DataError, MissingFileError
 from saelab.lm.hooked import HookedLM
 
-L, VOCAB = 16, 300
+L, VOCAB = 16, 64  # the tiny models of conftest.save_tiny_hf_model: context 16, vocab 64
 H0, H1, MLP0 = "blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.0.hook_mlp_out"
 
 
-def save_tiny_lm(folder: Path, seed: int) -> Path:
-    """Random-init 2-layer GPT-NeoX (d 32, d_mlp 64) + a word-level tokenizer ("<bos>" = 0)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=L,
-                        bos_token_id=0, eos_token_id=0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    vocab = {"<bos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>",
-                            unk_token="<unk>").save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny", seed=0)
+def lm_dir(tmp_path_factory, save_tiny_hf):
+    return save_tiny_hf("gpt_neox", tmp_path_factory.mktemp("lm") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +36,9 @@ def lm(lm_dir):
 
 
 @pytest.fixture(scope="module")
-def other_lm(tmp_path_factory):
+def other_lm(tmp_path_factory, save_tiny_hf):
     """Same architecture and tokenizer, other weights."""
-    return HookedLM.load(save_tiny_lm(tmp_path_factory.mktemp("lm") / "other", seed=1))
+    return HookedLM.load(save_tiny_hf("gpt_neox", tmp_path_factory.mktemp("lm") / "other", seed=1))
 
 
 def make_contexts(n: int, seed: int = 0) -> torch.Tensor:
