@@ -17,7 +17,7 @@ from saelab.tables import format_rows
 def register(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the offline default (about 10 minutes)", description=__doc__)
     p.add_argument("--out", default="runs/quickstart", help="run folder (resumes if interrupted)")
-    add_sweep_args(p, steps=400, contexts=4096, l1=[1.0, 3.0], ks=[16, 32], expansions=[4, 8])
+    add_sweep_args(p, steps=400, contexts=4096, l1=[2.0, 5.0], ks=[16, 32], expansions=[4, 8])
     p.set_defaults(func=run)
 
 
