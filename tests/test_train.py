@@ -25,7 +25,7 @@ def mixed_specs():
         TrainSpec(arch="jumprelu", d_sae=48, coefficient=0.01, b_dec_init="geometric_median"),
     ]
     for spec in specs:
-        spec.lr = 5e-3
+        spec.lr, spec.warmup_steps = 5e-3, 5
     return specs
 
 

@@ -36,11 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _join_process_group()
     try:
         return int(args.func(args) or 0)
     except SaelabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _join_process_group() -> None:
+    """Under `torchrun --nproc_per_node N -m saelab.cli ...`, join the process group it set up
+    (env:// rendezvous; nccl on GPUs, gloo otherwise): sweeps then shard their SAEs over ranks."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:  # rank 0 prints the results; the others would print the same
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":

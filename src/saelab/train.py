@@ -12,6 +12,12 @@ A batch source is an iterable of `x` tensors (N, d_in) or `(x, y)` pairs (transc
 `iter_from(step)`, a resumed run continues from the right batch directly; otherwise the batches
 already used are skipped. With the same seed, a run resumed after a crash or `kill -9` ends
 with the same weights as one that never stopped.
+
+Scaling out: under `torch.distributed` (e.g. `torchrun`, any backend), each rank trains every
+world-th SAE of the sweep on the same batch stream and keeps its own checkpoint file; rank 0
+gathers the log lines and metrics. Each SAE has its own seeded generator and is initialised the
+same way whatever the rank count, so a sharded sweep ends with exactly the weights of a
+single-process one.
 """
 
 from __future__ import annotations
@@ -95,10 +101,19 @@ class GroupTrainer:
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"two specs share a label: {self.labels}; give them distinct `name`s")
         self.on_step = on_step
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.all_labels, self.all_specs = self.labels, self.specs
+        self.rank, self.world = rank_and_world()
+        if self.world > len(self.specs):
+            raise ConfigError(f"{self.world} ranks but only {len(self.specs)} SAEs: every rank needs at least one")
         torch.manual_seed(self.config.seed)
-        saes = [SAE.from_config(s.sae_config(d_in, self.d_out, **self.where)).to(self.config.device) for s in self.specs]
-        self.trainers = [SAETrainer(s, m, self.config.total_steps, self.generator) for s, m in zip(self.specs, saes)]
+        saes = [SAE.from_config(s.sae_config(d_in, self.d_out, **self.where)) for s in self.specs]  # all: same init on any rank
+        mine = range(self.rank, len(self.specs), self.world)
+        self.specs, self.labels = [self.specs[i] for i in mine], [self.labels[i] for i in mine]
+        self.trainers = [
+            SAETrainer(self.all_specs[i], saes[i].to(self.config.device), self.config.total_steps,
+                       torch.Generator().manual_seed(self.config.seed * 1_000_003 + i))
+            for i in mine
+        ]
         self.scale_in = self.scale_out = 1.0
         self.step = 0
 
@@ -109,7 +124,7 @@ class GroupTrainer:
     def run_config(self) -> dict:
         return {
             "train": dataclasses.asdict(self.config),
-            "specs": [s.to_dict() for s in self.specs],
+            "specs": [s.to_dict() for s in self.all_specs],
             "d_in": self.d_in,
             "d_out": self.d_out,
             **self.where,
@@ -125,8 +140,8 @@ class GroupTrainer:
         self._truncate_log()
         cfg = self.config
         batches = _batches_from(source, self.step)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step", disable=None)
-        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as log:
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step", disable=None if self.rank == 0 else True)
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if self.rank == 0 else _NoFile() as log:
             while self.step < cfg.total_steps:
                 try:
                     x, y = self._prepare(next(batches))
@@ -137,10 +152,13 @@ class GroupTrainer:
                 self.step += 1
                 bar.update(1)
                 if logging:
-                    record = {"step": self.step, "tokens": self.step * x.shape[0], "saes": dict(zip(self.labels, entries))}
+                    merged = self.gather(dict(zip(self.labels, entries)))
+                    merged = {label: merged[label] for label in self.all_labels}
+                    record = {"step": self.step, "tokens": self.step * x.shape[0], "saes": merged}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    bar.set_postfix(l0=f"{entries[0]['l0']:.1f}", fvu=f"{entries[0]['fvu']:.3f}")
+                    first = merged[self.all_labels[0]]
+                    bar.set_postfix(l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
                 if self.on_step is not None:
                     self.on_step(self.step, entries)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
@@ -182,7 +200,7 @@ class GroupTrainer:
                 sample,
                 b_dec=spec.b_dec_init if not trainer.sae.cfg.is_transcoder else "zeros",
                 decoder=spec.init == "data",
-                generator=self.generator,
+                generator=trainer.generator,
             )
 
     # ---- outputs ---------------------------------------------------------------------------
@@ -200,22 +218,42 @@ class GroupTrainer:
         return [sae.save(self.run_dir / "saes" / label) for sae, label in zip(self.final_saes(), self.labels)]
 
     def write_metrics(self, eval_batches: Iterable) -> list[dict]:
+        """Evaluate this rank's SAEs; metrics.json (written by rank 0) has every SAE, in spec order."""
         entries = evaluate_saes(self.final_saes(), eval_batches)
         for entry, label, spec in zip(entries, self.labels, self.specs):
             entry.update({"name": label, "spec": spec.to_dict()})
-        write_json(self.run_dir / "metrics.json", entries)
-        return entries
+        merged = self.gather(dict(zip(self.labels, entries)))
+        ordered = [merged[label] for label in self.all_labels]
+        if self.rank == 0:
+            write_json(self.run_dir / "metrics.json", ordered)
+        return ordered
+
+    def gather(self, mine: dict) -> dict:
+        """Merge {label: value} dicts of every rank (a collective: all ranks call it together)."""
+        if self.world == 1:
+            return mine
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return {k: v for part in parts for k, v in part.items()}
 
     # ---- checkpoints -----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        name = CHECKPOINT if self.world == 1 else CHECKPOINT.replace(".", f".rank{self.rank}of{self.world}.", 1)
+        return self.run_dir / name
+
     def save_checkpoint(self) -> Path:
-        tensors = {"rng": self.generator.get_state()}
+        tensors = {}
         for i, trainer in enumerate(self.trainers):
             tensors.update({f"{i}.{k}": v for k, v in trainer.state_tensors().items()})
+            tensors[f"{i}.rng"] = trainer.generator.get_state()
         meta = {"step": str(self.step), "scale_in": repr(self.scale_in), "scale_out": repr(self.scale_out)}
-        return save_tensors(self.run_dir / CHECKPOINT, tensors, metadata=meta)
+        return save_tensors(self.checkpoint_path, tensors, metadata=meta)
 
     def _load_checkpoint(self) -> bool:
-        path = self.run_dir / CHECKPOINT
+        path = self.checkpoint_path
         if not path.exists():
             return False
         try:
@@ -228,28 +266,53 @@ class GroupTrainer:
             raise CorruptFileError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh") from err
         self.step = int(meta["step"])
         self.scale_in, self.scale_out = float(meta["scale_in"]), float(meta["scale_out"])
-        self.generator.set_state(tensors.pop("rng"))
         for i, trainer in enumerate(self.trainers):
+            trainer.generator.set_state(tensors.pop(f"{i}.rng"))
             prefix = f"{i}."
             trainer.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         return True
 
     def _check_or_write_config(self) -> None:
         path, wanted = self.run_dir / "config.json", self.run_config()
-        if path.exists() and (self.run_dir / CHECKPOINT).exists():
+        if path.exists() and self.checkpoint_path.exists():
             found = json.loads(path.read_text())
             if found != json.loads(json.dumps(wanted)):
                 raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run; use a new run folder or the same config")
-        else:
+        elif self.rank == 0:
             write_json(path, wanted)
 
     def _truncate_log(self) -> None:
         """Drop log lines past the checkpoint: they will be written again by the resumed run."""
         path = self.run_dir / "log.jsonl"
-        if not path.exists():
+        if self.rank != 0 or not path.exists():
             return
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
         write_text(path, "".join(line + "\n" for line in keep))
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _NoFile:
+    """Stands in for the log file on ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def train_group(specs: list[TrainSpec], source: Iterable, d_in: int, run_dir: str | Path, **kwargs) -> list[Path]:

@@ -4,6 +4,9 @@ The whole job, resumable at every stage: tokenize the corpus -> cache activation
 (one LM pass, shared by every SAE) -> train all SAEs together on shuffled batches ->
 evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text -> write
 metrics.json, a table and the L0 / loss-recovered plot into the run folder.
+
+Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
+SAEs (see saelab.train), and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.atomic import write_json
-from saelab.data.cache import cache_activations
+from saelab.data.cache import cache_activations, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.downstream import eval_tokens
 from saelab.errors import ConfigError
@@ -22,7 +25,7 @@ from saelab.lm.hooked import HookedLM
 from saelab.lm_eval import evaluate_on_lm, resolve_lm
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.tables import format_rows
-from saelab.train import GroupTrainer, TrainConfig
+from saelab.train import GroupTrainer, TrainConfig, rank_and_world
 from saelab.train_spec import TrainSpec
 
 TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", "loss_recovered_mean", "kl")
@@ -67,8 +70,15 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         raise ConfigError("the model has no tokenizer; saelab needs one to read text")
     timings = {}
     start = time.perf_counter()
-    contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
-    cache = cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
+    rank, world = rank_and_world()
+    if rank == 0:  # one rank writes the cache; the others read it once it is complete
+        contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
+        cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
     timings["cache_s"] = time.perf_counter() - start
     batches = cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
     trainer = GroupTrainer(
@@ -87,10 +97,14 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     held_out = eval_tokens(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
-    entries = evaluate_on_lm(lm, trainer.final_saes(), held_out)
-    timings["eval_s"] = time.perf_counter() - start
-    for entry, label, spec in zip(entries, trainer.labels, cfg.specs):
+    local = evaluate_on_lm(lm, trainer.final_saes(), held_out)
+    for entry, label, spec in zip(local, trainer.labels, trainer.specs):
         entry.update(name=label, spec=spec.to_dict(), train_tokens=cfg.steps * cfg.batch_size)
+    merged = trainer.gather(dict(zip(trainer.labels, local)))
+    entries = [merged[label] for label in trainer.all_labels]
+    timings["eval_s"] = time.perf_counter() - start
+    if rank != 0:
+        return entries
     write_json(run_dir / "metrics.json", entries)
     write_json(run_dir / "sweep.json", {**cfg.to_dict(), "hook": hook, "model_name": lm.name, "timings": timings})
     series: dict[str, list] = {}

@@ -55,10 +55,13 @@ def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[dict]:
     trainer = GroupTrainer(cfg.specs(), cfg.data.d, run_dir, TrainConfig(total_steps=cfg.steps, checkpoint_every=500, log_every=50, seed=cfg.seed))
     trainer.fit(source)
     entries = trainer.write_metrics(held_out)
-    for entry, sae in zip(entries, trainer.final_saes()):
-        entry.update(ground_truth_recovery(sae, source.features))
-    write_json(run_dir / "metrics.json", entries)
-    write_json(run_dir / "toy_data.json", cfg.data.to_dict())
+    local = {label: ground_truth_recovery(sae, source.features) for label, sae in zip(trainer.labels, trainer.final_saes())}
+    recovery = trainer.gather(local)
+    for entry in entries:
+        entry.update(recovery[entry["name"]])
+    if trainer.rank == 0:
+        write_json(run_dir / "metrics.json", entries)
+        write_json(run_dir / "toy_data.json", cfg.data.to_dict())
     return entries
 
 
