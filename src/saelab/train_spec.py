@@ -54,11 +54,14 @@ class TrainSpec:
             raise ConfigError("a TrainSpec needs d_sae or expansion")
         return int(round(self.expansion * d_in))
 
+    def knob(self) -> str:
+        """The swept setting in short: `k32` for topk / batchtopk, `c2` (the coefficient) otherwise."""
+        return f"k{self.k}" if self.k is not None else f"c{self.coefficient:g}"
+
     def label(self, d_in: int) -> str:
         if self.name:
             return self.name
-        knob = f"k{self.k}" if self.k is not None else f"c{self.coefficient:g}"
-        return f"{self.arch}_{self.width(d_in)}_{knob}"
+        return f"{self.arch}_{self.width(d_in)}_{self.knob()}"
 
     def sae_config(self, d_in: int, d_out: int | None = None, **where) -> SAEConfig:
         """The SAE this spec trains; `where` carries hook_name, hook_name_out, model_name."""

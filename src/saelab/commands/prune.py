@@ -53,7 +53,7 @@ def run(args) -> int:
             variant.save(out / f"pruned_l0_{plan.target_l0:g}")
     write_json(out / "metrics.json", entries)
     print(format_rows(entries, COLUMNS))
-    series = {"pruned (this SAE)": [(e["l0"], e["loss_recovered"]) for e in entries]}
+    series = {"pruned (this SAE)": [(e["l0"], e["loss_recovered"], e["name"]) for e in entries]}
     if args.compare:
         series["trained sweep"] = _sweep_points(Path(args.compare))
     plot_l0_vs_loss_recovered(series, out / "l0_vs_loss_recovered.png", title=f"pruning {Path(args.sae).name}")
@@ -61,8 +61,8 @@ def run(args) -> int:
     return 0
 
 
-def _sweep_points(run_dir: Path) -> list[tuple[float, float]]:
+def _sweep_points(run_dir: Path) -> list[tuple[float, float, str]]:
     path = run_dir / "metrics.json"
     if not path.exists():
         raise MissingFileError(f"{run_dir} has no metrics.json (a run folder from `saelab train` or `saelab quickstart`)")
-    return [(e["l0"], e["loss_recovered"]) for e in json.loads(path.read_text()) if "loss_recovered" in e]
+    return [(e["l0"], e["loss_recovered"], e.get("name")) for e in json.loads(path.read_text()) if "loss_recovered" in e]

@@ -109,7 +109,8 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     write_json(run_dir / "sweep.json", {**cfg.to_dict(), "hook": hook, "model_name": lm.name, "timings": timings})
     series: dict[str, list] = {}
     for entry in entries:
-        series.setdefault(f"{entry['spec']['arch']} x{entry['d_sae'] // lm.hook_dim(hook)}", []).append((entry["l0"], entry["loss_recovered"]))
+        series.setdefault(f"{entry['spec']['arch']} x{entry['d_sae'] // lm.hook_dim(hook)}", []).append(
+            (entry["l0"], entry["loss_recovered"], TrainSpec.from_dict(entry["spec"]).knob()))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
     (run_dir / "table.txt").write_text(format_rows(entries, TABLE_COLUMNS) + "\n")
     return entries
