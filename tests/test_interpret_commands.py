@@ -6,10 +6,13 @@ import json
 import pytest
 import torch
 
-from saelab.commands import logit_lens, tokens
-from saelab.errors import ConfigError
+from saelab.commands import dashboard, logit_lens, tokens
+from saelab.data.cache import cache_activations
+from saelab.errors import ConfigError, DataError
+from saelab.interpret.dashboard import read_dashboard_json
 from saelab.interpret.embedding import feature_vectors, nearest_tokens
 from saelab.interpret.lens import feature_lens
+from saelab.interpret.report import build_report
 from saelab.interpret.vocab import vocab_mask
 from saelab.sae import SAE
 
@@ -72,3 +75,26 @@ def test_tokens_command(tiny_lm, sae_dir, capsys):
     assert _run(tokens, ["tokens", str(folder), "--feature", "5", "-k", "3"]) == 0
     text = capsys.readouterr().out
     assert "encoder:" in text and "decoder:" in text
+
+
+def test_dashboard_from_a_cache(tiny_lm, sae_dir, tmp_path, capsys):
+    """`--cache`: the dashboard's report is build_report's from that cache (all of its contexts
+    by default, the first --contexts when given); a cache without the SAE's hook is an error."""
+    folder, sae = sae_dir
+    contexts = torch.randint(0, tiny_lm.d_vocab, (7, 16), generator=torch.Generator().manual_seed(1))
+    contexts[:, 0] = tiny_lm.bos_token_id
+    cache = cache_activations(tiny_lm, contexts, [sae.cfg.hook_name], tmp_path / "cache", progress=False)
+    out = tmp_path / "dash"
+    argv = ["dashboard", str(folder), "--cache", str(cache.path), "--features", "1", "4", "--batch-size", "3",
+            "--out", str(out)]
+    assert _run(dashboard, argv) == 0
+    assert capsys.readouterr().out.split() == [str(out / "index.html")]
+    want = build_report(folder, None, cache=cache.path, n_contexts=None, features=[1, 4], batch_size=3,
+                        progress=False)
+    got = read_dashboard_json(out)
+    assert got == json.loads(json.dumps(want)) and got["n_tokens"] == 7 * 15
+    assert _run(dashboard, argv + ["--contexts", "2", "--out", str(tmp_path / "two")]) == 0
+    assert read_dashboard_json(tmp_path / "two")["n_tokens"] == 2 * 15
+    other = cache_activations(tiny_lm, contexts, "blocks.0.hook_resid_post", tmp_path / "other", progress=False)
+    with pytest.raises(DataError, match="has no activations for.*blocks.1.hook_resid_post.*it holds"):
+        _run(dashboard, ["dashboard", str(folder), "--cache", str(other.path)])

@@ -3,7 +3,13 @@ run (its saes/*). The feature report (max-activating and quantile examples, logi
 text, embedding-space token lists, optionally definition trees) is computed by
 `saelab.interpret.report.build_report` and written as index.html + features/<i>.html, with the
 same data as report.json + features/<i>.json beside them. Prints the path of each index.html;
-open it from disk, no server or network needed."""
+open it from disk, no server or network needed.
+
+Examples come from held-out text run through the model (--source), or from an activation cache
+(--cache): then the scan and the examples' activations are read from the cache, not recomputed
+(the model still runs for ablated text and trees). Give a cache of HELD-OUT text made by the
+SAE's model with its hook, e.g. one written by the cache writer on held-out contexts; a training
+run's own cache holds its train split, so a run folder never uses it by default."""
 
 from __future__ import annotations
 
@@ -29,8 +35,13 @@ def register(subparsers) -> None:
     p.add_argument("--source", default="stdlib",
                    help="text the examples come from: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder "
                         "(held-out split; default: stdlib)")
-    p.add_argument("--contexts", type=int, default=512, help="held-out contexts to scan (default: 512)")
-    p.add_argument("--context-length", type=int, default=128, help="tokens per context (default: 128, at most the model's)")
+    p.add_argument("--cache", type=Path, default=None, metavar="PATH",
+                   help="activation cache of held-out text to scan instead of --source (made by the SAE's model, "
+                        "with its hook; not a training run's cache, which holds the train split)")
+    p.add_argument("--contexts", type=int, default=None,
+                   help="held-out contexts to scan (default: 512; with --cache, all of the cache's)")
+    p.add_argument("--context-length", type=int, default=128,
+                   help="tokens per context (default: 128, at most the model's; with --cache, the cache's)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
     p.add_argument("--features", type=int, nargs="+", default=None,
                    help="features to give pages (default: all); every feature is in the index")
@@ -60,12 +71,15 @@ def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from saelab.data.cache_read import open_cache
     from saelab.interpret.report import build_report
 
     folders = sae_folders(args.path)
+    cache = open_cache(args.cache) if args.cache is not None else None  # checked per SAE
+    n_contexts = args.contexts if args.contexts is not None or cache is not None else 512
     for folder, out in zip(folders, out_dirs(args.path, folders, args.out)):
-        report = build_report(folder, args.model, features=args.features, n_contexts=args.contexts,
-                              context_length=args.context_length, corpus=args.source,
+        report = build_report(folder, args.model, features=args.features, n_contexts=n_contexts,
+                              context_length=args.context_length, corpus=args.source, cache=cache,
                               batch_size=args.batch_size, tree=args.tree)
         print(write_dashboard(report, out, include_dead=args.include_dead), flush=True)
     return 0

@@ -120,13 +120,30 @@ class ActivationCache:
     def context_tokens(self, context_idx) -> torch.Tensor:
         """Full token ids (n, context_length), BOS included, of the given contexts: the text
         every cached row came from."""
+        return torch.from_numpy(self._in_order("", context_idx).astype(np.int64))
+
+    def context_activations(self, context_idx, hook: str) -> torch.Tensor:
+        """float32 activations (n, rows_per_context, d) at `hook` of the given contexts (any
+        order): [i, p] is context position first_position + p. For fetching a few contexts
+        by index (e.g. a feature's examples), where `sequential` would read them all."""
+        self.check_hooks([hook])
+        acts = fmt.from_storage(self._in_order(hook, context_idx), self.dtype)
+        return acts.float().reshape(-1, self.rows_per_context, self._dims[hook])
+
+    def _in_order(self, what: str, context_idx) -> np.ndarray:
+        """`_gather` for context indices in any order (checked to exist), in that order."""
         ids = np.atleast_1d(np.asarray(context_idx, dtype=np.int64))
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_contexts):
+        if ids.size == 0:
+            raise DataError("no context indices given")
+        if ids.min() < 0 or ids.max() >= self.n_contexts:
             raise DataError(f"context indices must be in 0..{self.n_contexts - 1}")
         order = np.argsort(ids, kind="stable")
-        rows = np.empty((len(ids), self.context_length), np.int64)
-        rows[order] = self._gather("", ids[order])
-        return torch.from_numpy(rows)
+        got = self._gather(what, ids[order])
+        if np.array_equal(order, np.arange(len(ids))):
+            return got
+        out = np.empty_like(got)
+        out[order] = got
+        return out
 
     def _gather(self, what: str, ids: np.ndarray) -> np.ndarray:
         """Rows of the given contexts (ascending indices), in that order: (n, rows_per_context, d)

@@ -22,7 +22,9 @@ features, into:
 Only (value, row, position) is kept per example; `example_acts` fetches the per-token
 activations of the kept contexts afterwards (one more pass over just those contexts).
 Batches are whole contexts: a tensor of token ids, or a `ContextBatch` carrying the rows of the
-token array they are and, optionally, precomputed hook activations (from an activation cache).
+token array they are and, optionally, precomputed hook activations. A `ContextSource` gives
+both the batches and the example fetcher, live (the LM) or from an activation cache
+(`cache_source`: the cache's contexts, its stored activations, its BOS position skipped).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saelab.data.cache_read import ActivationCache, open_cache
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
 
@@ -60,9 +64,12 @@ class ScanConfig:
 
 
 class ContextBatch(NamedTuple):
-    tokens: Tensor  # (B, S) token ids
+    tokens: Tensor  # (B, S) token ids of whole contexts
     rows: Tensor | None = None  # (B,) rows of the token array; default: counted from 0
-    acts: Tensor | None = None  # (B, S, d_in) hook activations; default: run the LM
+    acts: Tensor | None = None  # (B, S - start, d_in) hook activations; default: run the LM
+    # first position scanned (1 for a cache that dropped BOS): earlier tokens are context only,
+    # and positions still count from the context's start
+    start: int = 0
 
 
 class TopContexts:
@@ -138,8 +145,9 @@ class FeatureScan:
         self.bins = BinSamples(d_sae, c.n_fine, c.per_quantile, device)
         self.tokens = TokenCounts(d_sae, vocab, c.token_table_max, c.token_capacity, device)
 
-    def update(self, f: Tensor, tokens: Tensor, rows: Tensor) -> None:
-        """f (B, S, d_sae) feature activations of contexts `tokens` (B, S) at `rows` (B,)."""
+    def update(self, f: Tensor, tokens: Tensor, rows: Tensor, start: int = 0) -> None:
+        """f (B, S, d_sae) feature activations of contexts `tokens` (B, S) at `rows` (B,);
+        f[:, 0] is context position `start`."""
         B, S, _ = f.shape
         flat = f.reshape(B * S, -1)
         tok_i, feat = torch.nonzero(flat, as_tuple=True)  # the only pass over dense f
@@ -148,7 +156,8 @@ class FeatureScan:
             tok_i, feat, value = (t[value > 0] for t in (tok_i, feat, value))
         if not bool(torch.isfinite(value).all()):
             raise DataError("feature activations contain Inf")
-        ctx_max, argpos = self._context_max(B, S, tok_i, feat, value)
+        pos = tok_i % S + start
+        ctx_max, argpos = self._context_max(B, S, tok_i, feat, value, pos)
         batch_max = ctx_max.max(dim=0).values
         self.n_tokens += B * S
         self.max_act = torch.maximum(self.max_act, batch_max)
@@ -156,17 +165,18 @@ class FeatureScan:
         self.count += torch.bincount(feat, minlength=self.d_sae)
         self.act_sum.index_add_(0, feat, value.to(torch.float64))
         self.bins.grow(batch_max)
-        self.bins.add(feat, value, rows[tok_i // S], tok_i % S, self.config.seed)
+        self.bins.add(feat, value, rows[tok_i // S], pos, self.config.seed)
         self.tokens.update(feat, tokens.reshape(-1)[tok_i], value)
 
-    def _context_max(self, B, S, tok_i, feat, value) -> tuple[Tensor, Tensor]:
+    def _context_max(self, B, S, tok_i, feat, value, pos) -> tuple[Tensor, Tensor]:
         """Each context's max activation per feature and its first position, (B, d_sae) each,
-        reduced from the active entries only (0 and position S where a feature is silent)."""
+        reduced from the active entries only (0 and a position past the end where silent)."""
         group = (tok_i // S) * self.d_sae + feat
         ctx_max = value.new_zeros(B * self.d_sae).scatter_reduce_(0, group, value, "amax")
         at_max = value == ctx_max[group]
-        argpos = torch.full((B * self.d_sae,), S, dtype=torch.int64, device=value.device)
-        argpos.scatter_reduce_(0, group[at_max], (tok_i % S)[at_max], "amin")
+        past_end = torch.iinfo(torch.int64).max
+        argpos = torch.full((B * self.d_sae,), past_end, dtype=torch.int64, device=value.device)
+        argpos.scatter_reduce_(0, group[at_max], pos[at_max], "amin")
         return ctx_max.view(B, -1), argpos.view(B, -1)
 
     # ---- results ----------------------------------------------------------------------
@@ -230,14 +240,16 @@ def context_batches(contexts: Tensor, batch_size: int = 16) -> Iterator[ContextB
         yield ContextBatch(contexts[start:start + batch_size], rows)
 
 
-def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None) -> Tensor:
-    """SAE feature activations (B, S, d_sae): of `acts` if given, else of the LM's activations
-    at the SAE's hook for `tokens` (the pass stops at that hook)."""
+def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
+                 start: int = 0) -> Tensor:
+    """SAE feature activations (B, S - start, d_sae) of context positions start..: of `acts`
+    if given (those positions only), else of the LM's activations at the SAE's hook for the
+    whole contexts `tokens` (the LM sees every position; the pass stops at that hook)."""
     if acts is None:
         if lm is None:
             raise ConfigError("no activations given and no LM to compute them from")
         hook = sae.cfg.hook_name
-        acts = lm.run_with_cache(tokens, [hook])[hook]
+        acts = lm.run_with_cache(tokens, [hook])[hook][:, start:]
     if not bool(torch.isfinite(acts).all()):
         raise DataError("activations contain NaN or Inf")
     param = sae.W_enc
@@ -266,11 +278,60 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
         if rows.shape != (len(tokens),):
             raise DataError(f"a batch of {len(tokens)} contexts needs {len(tokens)} rows, got {tuple(rows.shape)}")
         next_row = int(rows.max()) + 1
-        f = feature_acts(sae, lm, tokens, batch.acts)
-        if f.shape[:2] != tokens.shape:
-            raise DataError(f"activations {tuple(f.shape[:2])} do not match tokens {tuple(tokens.shape)}")
-        scan.update(f, tokens.long(), rows.to(device))
+        f = feature_acts(sae, lm, tokens, batch.acts, batch.start)
+        scanned = tokens[:, batch.start:]
+        if f.shape[:2] != scanned.shape:
+            raise DataError(f"activations {tuple(f.shape[:2])} do not match tokens {tuple(scanned.shape)}"
+                            f" (positions {batch.start}.. of contexts {tuple(tokens.shape)})")
+        scan.update(f, scanned.long(), rows.to(device), batch.start)
     return scan
+
+
+@dataclass
+class ContextSource:
+    """Whole held-out contexts and where their activations at the SAE's hook come from: the
+    LM (live), or `acts_of(rows) -> (n, S - start, d_in)` (e.g. an activation cache, so nothing
+    is recomputed). Feeds both the scan (`batches`) and `example_acts` (`encode_rows`), so the
+    two read the same activations. Positions before `start` (the BOS a cache dropped) are
+    context only: not scanned, and 0 in example activations; positions always index `tokens`."""
+
+    tokens: Tensor  # (n, S) token ids
+    start: int = 0
+    acts_of: Callable[[Tensor], Tensor] | None = None
+
+    def batches(self, batch_size: int = 16) -> Iterator[ContextBatch]:
+        for batch in context_batches(self.tokens, batch_size):
+            yield batch._replace(acts=self._acts(batch.rows), start=self.start)
+
+    def encode_rows(self, sae, lm=None) -> Callable[[Tensor], Tensor]:
+        """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts."""
+        def encode(rows: Tensor) -> Tensor:
+            f = feature_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start)
+            return torch.nn.functional.pad(f, (0, 0, self.start, 0))
+        return encode
+
+    def _acts(self, rows: Tensor) -> Tensor | None:
+        return None if self.acts_of is None else self.acts_of(rows)
+
+
+def cache_source(cache: ActivationCache | str, sae, lm=None,
+                 n_contexts: int | None = None) -> ContextSource:
+    """The first `n_contexts` (None: all) contexts of an activation cache (an ActivationCache
+    or its folder) with their cached activations at the SAE's hook. A cache without that hook,
+    or made from a model other than `lm`, is a DataError. Point it at held-out text: a training
+    run's cache holds its TRAIN split. Memory: the token ids of those contexts, and one batch
+    of activations at a time."""
+    cache = cache if isinstance(cache, ActivationCache) else open_cache(cache)
+    hook = sae.cfg.hook_name
+    cache.check_hooks([hook])
+    if lm is not None:
+        cache.check_model(lm)
+    n = cache.n_contexts if n_contexts is None else min(n_contexts, cache.n_contexts)
+    if n < 1:
+        raise DataError(f"no contexts to scan: the activation cache at {cache.path} holds "
+                        f"{cache.n_contexts} and {n_contexts} were asked for")
+    return ContextSource(cache.context_tokens(np.arange(n)), cache.first_position,
+                         lambda rows: cache.context_activations(rows, hook))
 
 
 @torch.no_grad()

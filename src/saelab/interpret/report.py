@@ -32,8 +32,8 @@ from saelab.errors import ConfigError, DataError
 from saelab.interpret.ablate import AblationRequest, ablate_tokens
 from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
                                         feature_vectors, nearest_tokens)
-from saelab.interpret.examples import (ContextBatch, FeatureScan, ScanConfig, context_batches,
-                                       example_acts, feature_acts, scan_features)
+from saelab.interpret.examples import (ContextBatch, ContextSource, FeatureScan, ScanConfig,
+                                       cache_source, example_acts, scan_features)
 from saelab.interpret.lens import LensResult, classify, feature_lens
 from saelab.interpret.loading import check_compatible, load_model, load_sae
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
@@ -78,19 +78,24 @@ class ReportOptions:
 
 def build_report(sae, model=None, contexts: Tensor | None = None, *,
                  options: ReportOptions | None = None,
-                 acts: Iterable[ContextBatch] | None = None, progress: bool | None = None,
-                 **overrides) -> dict:
+                 acts: Iterable[ContextBatch] | None = None, cache=None,
+                 progress: bool | None = None, **overrides) -> dict:
     """The report of `sae` (an SAE or its folder) on `model` (a HookedLM, a folder, or None:
     see loading.load_model) over `contexts` (n, S) token ids (None: held-out contexts of
     `corpus`). `acts`: batches with precomputed activations at the SAE's hook for those same
-    contexts (rows = rows of `contexts`), used by the scan instead of running the model."""
+    contexts (rows = rows of `contexts`), used by the scan instead of running the model.
+    `cache` (instead of contexts): an activation cache (ActivationCache or folder) of held-out
+    text made by `model` with the SAE's hook; its first `n_contexts` (None: all) contexts are
+    scanned, and examples' activations read, from it (a dropped BOS position is not scanned).
+    The model still runs for the logit lens, ablation and trees."""
     opts = _options(options, overrides)
     sae, sae_path = load_sae(sae)
     lm = load_model(model, sae)
     check_compatible(lm, sae)
-    contexts = _contexts(lm, contexts, opts, progress)
+    source = _source(lm, sae, contexts, cache, opts, progress)
+    contexts = source.tokens
     detail = _detail_features(opts.features, sae.cfg.d_sae)
-    batches = acts if acts is not None else context_batches(contexts, opts.batch_size)
+    batches = acts if acts is not None else source.batches(opts.batch_size)
     scan = scan_features(batches, sae, lm, config=opts.scan, progress=progress,
                          total=None if acts is not None else -(-len(contexts) // opts.batch_size))
     vocab = token_strings(lm.tokenizer, max(lm.d_vocab, lm.W_E.shape[0]))
@@ -102,7 +107,8 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     lens = feature_lens(sae, lm, k=max(INDEX_LOGITS, opts.n_logits), mask=mask)
     enc_dec = enc_dec_cosine(sae).tolist() if sae.cfg.d_in == sae.cfg.d_out else None
     features = [_index_entry(j, scan, lens, enc_dec, vocab) for j in range(sae.cfg.d_sae)]
-    for j, extra in _details(lm, sae, contexts, scan, lens, detail, vocab, opts).items():
+    encode_rows = source.encode_rows(sae, lm)
+    for j, extra in _details(lm, sae, contexts, scan, lens, detail, vocab, opts, encode_rows).items():
         features[j].update(extra)
     counts, edges = density_histogram(scan.density)
     cfg = sae.cfg
@@ -132,6 +138,16 @@ def _options(options: ReportOptions | None, overrides: dict) -> ReportOptions:
     except TypeError as err:
         valid = ", ".join(f.name for f in dataclasses.fields(ReportOptions))
         raise ConfigError(f"unknown report option ({err}); valid: {valid}") from err
+
+
+def _source(lm, sae, contexts, cache, opts: ReportOptions, progress) -> ContextSource:
+    """Where the scanned contexts and their activations come from: an activation cache, or
+    the LM on `contexts` (held-out text of `corpus` when None)."""
+    if cache is None:
+        return ContextSource(_contexts(lm, contexts, opts, progress))
+    if contexts is not None:
+        raise ConfigError("give contexts or an activation cache, not both")
+    return cache_source(cache, sae, lm, opts.n_contexts)
 
 
 def _contexts(lm, contexts, opts: ReportOptions, progress) -> Tensor:
@@ -192,10 +208,10 @@ def _index_entry(j: int, scan: FeatureScan, lens: LensResult, enc_dec, vocab) ->
             "dead": bool(scan.count[j] == 0)}
 
 
-def _details(lm, sae, contexts, scan, lens, feats, vocab, opts) -> dict[int, dict]:
+def _details(lm, sae, contexts, scan, lens, feats, vocab, opts, encode_rows) -> dict[int, dict]:
     if not feats:
         return {}
-    examples = _examples(lm, sae, contexts, scan, feats, vocab, opts)
+    examples = _examples(contexts, scan, feats, vocab, opts, encode_rows)
     ablation = _ablations(lm, sae, contexts, examples, feats, vocab, opts)
     embedding = _embeddings(lm, sae, feats, vocab, opts)
     out = {}
@@ -218,9 +234,9 @@ def _token_values(ids: Tensor, values: Tensor, vocab) -> list[dict]:
     return [{"token": vocab[t], "value": _r(v)} for t, v in zip(ids.tolist(), values.tolist())]
 
 
-def _examples(lm, sae, contexts, scan, feats, vocab, opts) -> dict[int, dict]:
+def _examples(contexts, scan, feats, vocab, opts, encode_rows) -> dict[int, dict]:
     """Top and quantile examples of each feature, with per-token activations fetched for the
-    contexts they come from (one more pass, over just those contexts)."""
+    contexts they come from by `encode_rows` (the LM again, or a cache: see ContextSource)."""
     quantiles = scan.quantiles()
     bins = {j: quantiles.of(j) for j in feats}
     wanted = []  # (feature, "top" | bin index, activation, row, pos)
@@ -228,7 +244,7 @@ def _examples(lm, sae, contexts, scan, feats, vocab, opts) -> dict[int, dict]:
         wanted += [(j, "top", *e) for e in scan.top_examples(j)]
         for b, (_, _, items) in enumerate(bins[j]):
             wanted += [(j, b, *e) for e in items]
-    fetched = example_acts(lambda rows: feature_acts(sae, lm, contexts[rows]),
+    fetched = example_acts(encode_rows,
                            torch.tensor([w[3] for w in wanted], dtype=torch.long),
                            torch.tensor([w[4] for w in wanted], dtype=torch.long),
                            torch.tensor([w[0] for w in wanted], dtype=torch.long),
