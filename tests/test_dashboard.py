@@ -8,6 +8,7 @@ import json
 import math
 import re
 import unicodedata
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,18 +66,25 @@ def _feature(index: int, tokens: list, dead: bool = False, detail: bool = True) 
                                       {"lo": 4.0, "hi": peak, "examples": examples[:2]}],
         "logits": {"top": [{"token": t, "value": 2.0 - n / 10} for n, t in enumerate(tokens[:8])],
                    "bottom": [{"token": t, "value": -2.0 + n / 10} for n, t in enumerate(tokens[8:])]},
-        "ablation": [] if dead else [{"example": 0, "pos": 4, "tokens": tokens, "base_act": 6.0,
-                                      "delta": [-3.0, 1.5, -0.5, 0.0] + [None] * (len(tokens) - 4)}],
+        "ablation": [] if dead else [
+            {"example": 0, "quantile": None, "pos": 4, "tokens": tokens, "base_act": 6.0,
+             "delta": [-3.0, 1.5, -0.5, 0.0] + [None] * (len(tokens) - 4)},
+            {"example": 0, "quantile": 1, "pos": 2, "tokens": tokens[:3], "base_act": 4.5, "delta": [0.25, 0.0, None]}],
         "embedding": {"encoder": [{"token": t, "score": 0.9 - n / 20} for n, t in enumerate(tokens[:7])],
                       "decoder": [{"token": t, "score": 0.8 - n / 20} for n, t in enumerate(tokens[7:])],
-                      "scale": 4.0, "exponent": 2.0},
+                      "scale": 4.0, "exponent": 2.0, "overlap": {"k": 7, "shared": 2, "jaccard": 0.1667}},
         "tree": None if dead else {
-            "prompt": 'A typical definition of "<token>" would be \'', "vector": "encoder", "scale": 5.0,
-            "root": {"text": "<script>alert(1)</script>", "prob": 1.0, "children": [
-                {"text": "a word \u202e", "prob": 0.6, "children": [{"text": "\x1b used in \n code", "prob": 0.3, "children": []}]},
-                {"text": "&amp; other", "prob": 0.2, "children": []}]}},
+            "prompt": 'A typical definition of "<token>" would be \'', "vector": "both", "scale": 5.0,
+            "roots": {"encoder": _tree_root(), "decoder": _tree_root("<b>")},
+            "overlap": {"k": 2, "shared": 1, "jaccard": 0.3333}},
     })
     return feat
+
+
+def _tree_root(first: str = "a word \u202e") -> dict:
+    return {"text": "<script>alert(1)</script>", "prob": 1.0, "children": [
+        {"text": first, "prob": 0.6, "children": [{"text": "\x1b used in \n code", "prob": 0.3, "children": []}]},
+        {"text": "&amp; other", "prob": 0.2, "children": []}]}
 
 
 def make_report() -> dict:
@@ -122,7 +130,7 @@ ALLOWED_TAGS = {"html", "head", "meta", "title", "link", "body", "header", "a", 
 ALLOWED_ATTRS = {"lang", "charset", "name", "content", "rel", "href", "class", "title", "id", "style", "type",
                  "aria-pressed", "aria-label", "data-key", "data-type", "data-default", "placeholder", "value",
                  "checked", "viewbox", "width", "height", "role", "fill", "x", "y", "x1", "y1", "x2", "y2",
-                 "text-anchor", "src"}
+                 "text-anchor", "src", "step", "data-density", "data-max-act"}
 
 
 @pytest.fixture(scope="module")
@@ -152,33 +160,39 @@ def test_include_dead_writes_dead_pages(tmp_path):
     assert 'href="7.html"' in (tmp_path / "features" / "3.html").read_text()
 
 
+def assert_inert(page: Path) -> str:
+    """What every dashboard page must be, whatever its data: only our tags and attributes, no
+    event handler or javascript: URL, one script (ours), no <img>, only our width styles, and no
+    raw control, bidi or surrogate character. Returns the page's text (what a reader sees)."""
+    parsed = _parse(page)
+    for tag, attrs in parsed.tags:
+        assert tag in ALLOWED_TAGS, (page.name, tag)
+        assert set(attrs) <= ALLOWED_ATTRS, (page.name, tag, attrs)
+        assert not any(k.startswith("on") for k in attrs)
+        assert not any("javascript:" in (v or "") for v in attrs.values())
+    scripts = [a for t, a in parsed.tags if t == "script"]
+    assert len(scripts) == 1 and scripts[0]["src"].endswith("static/dashboard.js")
+    assert not [a for t, a in parsed.tags if t == "img"]
+    styles = [a["style"] for _, a in parsed.tags if "style" in a]
+    assert all(re.fullmatch(r"width: [\d.]+px", s) for s in styles), styles
+    html = page.read_bytes().decode("utf-8")
+    bad = {ch for ch in html if unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in "\n\t"}
+    assert not bad, (page.name, bad)
+    return "".join(parsed.text)
+
+
 def test_no_injected_elements_or_attributes(built):
     _, out, _ = built
     for page in _pages(out):
-        parsed = _parse(page)
-        for tag, attrs in parsed.tags:
-            assert tag in ALLOWED_TAGS, (page.name, tag)
-            assert set(attrs) <= ALLOWED_ATTRS, (page.name, tag, attrs)
-            assert not any(k.startswith("on") for k in attrs)
-            assert not any("javascript:" in (v or "") for v in attrs.values())
-        scripts = [a for t, a in parsed.tags if t == "script"]
-        assert len(scripts) == 1 and scripts[0]["src"].endswith("static/dashboard.js")
-        assert not [a for t, a in parsed.tags if t == "img"]
-        text = "".join(parsed.text)
+        text = assert_inert(page)
         if page.name != "index.html":  # hostile tokens survive as visible text, entities included
             assert "<script>alert(1)</script>" in text
             assert "&amp;" in text and '"onmouseover=alert(1)' in text
             assert "{{·7*7·}}" in text  # template syntax in data is shown, not evaluated
-        styles = [a["style"] for _, a in parsed.tags if "style" in a]
-        assert all(re.fullmatch(r"width: [\d.]+px", s) for s in styles), styles
 
 
 def test_no_raw_control_bidi_or_surrogate_characters(built):
     _, out, _ = built
-    for page in _pages(out):
-        html = page.read_bytes().decode("utf-8")
-        bad = {ch for ch in html if unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in "\n\t"}
-        assert not bad, (page.name, bad)
     feature = (out / "features" / "7.html").read_text()
     assert "\\x00\\x07\\x1b[31m\\x7f\\x85" in feature and "\\u202eevil\\u202c" in feature
     assert "\\xe2" in feature and "\ufffd" in feature and "\\u2028" in feature
@@ -203,10 +217,42 @@ def test_index_lists_every_feature_and_links_pages(built):
     parsed = _parse(out / "index.html")
     rows = [a for t, a in parsed.tags if t == "tr"]
     assert len(rows) == 1 + len(report["features"])  # header + one per feature
-    assert [a for t, a in parsed.tags if t == "tr" and a.get("class") == "dead"] == [{"class": "dead"}]
+    dead = [a for t, a in parsed.tags if t == "tr" and a.get("class") == "dead"]
+    assert dead == [{"class": "dead", "data-density": "0.0", "data-max-act": "0.0"}]
     hrefs = {a["href"] for t, a in parsed.tags if t == "a" and a.get("href", "").startswith("features/")}
     assert hrefs == {"features/2.html", "features/7.html"}
     assert len([1 for t, a in parsed.tags if t == "rect"]) == len(report["density_hist"]["counts"])
+
+
+def test_index_caption_and_numeric_filter_inputs(built):
+    report, out, _ = built
+    parsed = _parse(out / "index.html")
+    text = " ".join("".join(parsed.text).split())
+    assert "dead features (density 0: 1 here) are counted in the leftmost bin" in text
+    assert "left out" not in text
+    rows = [a for t, a in parsed.tags if t == "tr"][1:]
+    want = sorted((f["index"], f["density"], f["max_act"]) for f in report["features"])
+    assert [(float(a["data-density"]), float(a["data-max-act"])) for a in rows] == [w[1:] for w in want]
+    inputs = {a["id"]: a for t, a in parsed.tags if t == "input"}
+    assert all(inputs[i]["type"] == "number" and inputs[i]["step"] == "any" for i in ("dmin", "dmax", "amin"))
+
+
+def test_feature_page_shows_overlaps_ablation_sources_and_both_trees(built):
+    _, out, _ = built
+    parsed = _parse(out / "features" / "7.html")
+    text = " ".join("".join(parsed.text).split())
+    assert "the two lists share 2 of 7 tokens · Jaccard 0.167" in text
+    assert "first-level continuations shared by the two trees: 1 of 2 · Jaccard 0.333" in text
+    assert "encoder vector" in text and "decoder vector" in text and "Definition trees" in text
+    assert text.count("<script>alert(1)</script>") >= 2 and "<b>" in text  # both roots, as text
+    sources = [d.strip() for d in _texts_of_class(out / "features" / "7.html", "src")]
+    assert sources == ["top 1", "quantile 4 – 15"]  # feature 7's bin 1 is [4, max_act 15]
+
+
+def _texts_of_class(page: Path, cls: str) -> list[str]:
+    """Text of every <span class=cls> of a page (no nested spans inside)."""
+    html = page.read_text(encoding="utf-8")
+    return [unescape(m) for m in re.findall(rf'<span class="{cls}">([^<]*)</span>', html)]
 
 
 def test_exported_json_equals_input(built):
@@ -276,11 +322,16 @@ def test_fmt():
 
 
 def test_missing_and_odd_fields_still_render(tmp_path):
-    report = {"schema": 1, "features": [{"index": 0, "examples": [{"tokens": ["a"], "acts": ["x"]}]},
+    legacy_tree = {"prompt": "p", "vector": "decoder", "scale": 1.0,  # one tree, before "roots"
+                   "root": {"text": "p", "prob": 1.0, "children": [{"text": " old", "prob": 0.5, "children": []}]}}
+    report = {"schema": 1, "features": [{"index": 0, "examples": [{"tokens": ["a"], "acts": ["x"]}],
+                                         "tree": legacy_tree, "ablation": [{"quantile": 9, "delta": []}]},
                                         {"index": 1, "density": "<b>high</b>", "act_hist": None, "tree": None}]}
     write_dashboard(report, tmp_path, progress=False)
     for page in (tmp_path / "index.html", tmp_path / "features" / "1.html"):
         assert "<b>high</b>" in "".join(_parse(page).text)  # shown as text, not markup
+    text = "".join(_parse(tmp_path / "features" / "0.html").text)
+    assert "decoder vector" in text and " old" in text and "quantile" in text
     assert 'title="a = –">a</span>' in (tmp_path / "features" / "0.html").read_text()
 
 

@@ -90,7 +90,7 @@ def test_feature_page_renders_shaded_examples(site):
     top = feat["examples"][0]
     assert {"class": "a20 m", "title": f"{visible_token(top['tokens'][top['pos']])} = {top['act']:.3g}"} in shaded
     deltas = [a for a in dom.attrs("span") if re.fullmatch(r"[np]\d+", a.get("class", ""))]
-    assert len(deltas) == 3  # -3.0, +1.5, -0.5 (0.0 and None are plain text)
+    assert len(deltas) == 4  # top: -3.0, +1.5, -0.5; quantile: +0.25 (0.0 and None are plain text)
 
 
 def test_full_context_toggle_and_arrow_keys_are_wired(site):
@@ -112,6 +112,28 @@ def test_index_sorts_and_filters_from_hash(site):
     assert dom.first_cells == ["11", "7", "3", "2"]
     hidden = [cell for cell, a in zip(dom.first_cells, dom.attrs("tr")[1:]) if "hidden" in a.get("class", "")]
     assert hidden == ["3", "2"]  # 3 is dead (hidden by default) and a suppression feature, 2 suppression
+
+
+def _hidden_and_count(html: str) -> tuple[list[str], str]:
+    """(first cells of the hidden rows, the "N of M features" text) of a dumped index page."""
+    dom = _Dom(html)
+    hidden = [cell for cell, a in zip(dom.first_cells, dom.attrs("tr")[1:]) if "hidden" in a.get("class", "")]
+    return hidden, re.search(r'<span id="count"[^>]*>([^<]*)</span>', html).group(1)
+
+
+@pytest.mark.parametrize("hash_, shown", [
+    ("dead=show&min_density=0.01&max_density=0.03", {"7"}),  # densities: 2 .009, 3 0, 7 .024, 11 .036
+    ("dead=show&max_density=0.01", {"2", "3"}),
+    ("min_max_act=12", {"7", "11"}),  # max acts: 2 10, 3 0 (dead, hidden anyway), 7 15, 11 19
+    ("dead=show&min_density=0.001&min_max_act=10&kind=prediction", {"7", "11"}),
+    ("dead=show&min_density=abc", {"2", "3", "7", "11"}),  # not a number: no bound
+])
+def test_index_numeric_filters_from_hash(site, hash_, shown):
+    report, _, _ = site
+    all_rows = {str(f["index"]) for f in report["features"]}
+    hidden, count = _hidden_and_count(_browse(site, f"index.html#{hash_}", "--dump-dom")[0])
+    assert set(hidden) == all_rows - shown
+    assert count == f"{len(shown)} of {len(all_rows)} features"
 
 
 def test_screenshot_shows_activation_shading(site, tmp_path):

@@ -72,3 +72,19 @@ def test_errors(tiny_hf_model_dirs):
     sae.cfg.hook_name = None
     with pytest.raises(ConfigError, match="hook_name"):
         ablate_tokens(lm, sae, [AblationRequest(tokens, 3, 1)])
+
+
+def test_many_examples_share_few_forwards(tiny_hf_model_dirs, monkeypatch):
+    """6 examples x 16 sequences (base + 15 removals) in ceil(96 / max_rows) forwards of the real
+    model, with the same numbers as ablating each example on its own."""
+    lm, sae = _setup(tiny_hf_model_dirs["gpt2"])
+    g = torch.Generator().manual_seed(3)
+    reqs = [AblationRequest(torch.randint(0, 64, (16,), generator=g), 15, f) for f in range(6)]
+    alone = [ablate_tokens(lm, sae, [r])[0] for r in reqs]
+    forwards, real = [], lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    together = ablate_tokens(lm, sae, reqs, max_rows=40)
+    assert len(forwards) == math.ceil(6 * 16 / 40) == 3
+    for one, batched in zip(alone, together):
+        assert batched.base == pytest.approx(one.base, abs=1e-5)
+        torch.testing.assert_close(batched.ablated, one.ablated, equal_nan=True, atol=1e-5, rtol=1e-5)

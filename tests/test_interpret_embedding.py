@@ -8,7 +8,7 @@ import torch
 
 from saelab.errors import ConfigError
 from saelab.interpret.embedding import (definition_tree, enc_dec_cosine, feature_vectors,
-                                        ghost_prompt, nearest_tokens)
+                                        ghost_prompt, nearest_tokens, overlap)
 from saelab.sae import SAE
 
 
@@ -27,6 +27,13 @@ def test_enc_dec_cosine():
     assert enc_dec_cosine(sae).tolist() == pytest.approx(want, abs=1e-6)
     with pytest.raises(ConfigError, match="transcoder"):
         enc_dec_cosine(SAE(5, 6, d_out=7))
+
+
+def test_overlap_known_answers():
+    assert overlap([1, 2, 3, 4], [3, 4, 5]) == {"shared": 2, "jaccard": 2 / 5}
+    assert overlap([1, 1, 2], [2, 1]) == {"shared": 2, "jaccard": 1.0}  # lists taken as sets
+    assert overlap(["a"], ["b"]) == {"shared": 0, "jaccard": 0.0}
+    assert overlap([], []) == {"shared": 0, "jaccard": 1.0}
 
 
 def test_feature_vectors_and_nearest_tokens(tiny_lm):

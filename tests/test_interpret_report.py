@@ -2,13 +2,16 @@
 files, and the errors a user can hit."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from saelab.errors import ConfigError, DataError
+from saelab.interpret.embedding import definition_tree, feature_vectors, nearest_tokens
 from saelab.interpret.examples import ContextBatch, feature_acts
 from saelab.interpret.report import DETAIL_KEYS, _floats, _r, build_report, write_report
+from saelab.interpret.vocab import used_token_ids
 from saelab.sae import SAE
 
 HOOK = "blocks.0.hook_resid_post"
@@ -44,7 +47,7 @@ def test_schema(setup):
         assert len(f["top_logits"]) == 5 and f["kind"] in ("prediction", "suppression", "partition", "other")
     f = feats[3]
     assert set(f["logits"]) == {"top", "bottom"} and len(f["logits"]["top"]) == 10
-    assert set(f["embedding"]) == {"encoder", "decoder", "scale", "exponent"}
+    assert set(f["embedding"]) == {"encoder", "decoder", "scale", "exponent", "overlap"}
     assert f["tree"] is None
     for ex in f["examples"] + [e for q in f["quantiles"] for e in q["examples"]]:
         assert set(ex) == EXAMPLE_KEYS and len(ex["tokens"]) == len(ex["acts"]) == contexts.shape[1]
@@ -73,15 +76,121 @@ def test_numbers_match_direct_computation(setup):
             for ex in q["examples"]:
                 assert q["lo"] <= ex["act"] <= q["hi"] * (1 + 1e-3)
                 assert ex["act"] == pytest.approx(fj[ex["context"], ex["pos"]].item(), rel=1e-3)
-        assert len(entry["ablation"]) == min(2, len(entry["examples"]))
+        top = [a for a in entry["ablation"] if a["quantile"] is None]
+        assert len(top) == min(2, len(entry["examples"])) and entry["ablation"][:len(top)] == top
         for abl in entry["ablation"]:
-            ex = entry["examples"][abl["example"]]
+            ex = _ablated_example(entry, abl)
             assert abl["pos"] == ex["pos"] and abl["base_act"] == pytest.approx(ex["act"], rel=1e-3)
             assert len(abl["tokens"]) == len(abl["delta"]) == ex["pos"] + 1
             assert abl["delta"][-1] is None
             assert sum(d is not None for d in abl["delta"]) == min(5, ex["pos"])
         total = sum(t["count"] for t in entry["top_tokens"])
         assert total <= (fj > 0).sum().item()
+
+
+def _ablated_example(entry: dict, abl: dict) -> dict:
+    if abl["quantile"] is None:
+        return entry["examples"][abl["example"]]
+    return entry["quantiles"][abl["quantile"]]["examples"][abl["example"]]
+
+
+def _bins_nearest_middle(entry: dict) -> list[int]:
+    """Non-empty quantile bins in the order the report picks them (5 bins: 2, 3, 1, 4, 0)."""
+    return [b for b in (2, 3, 1, 4, 0) if entry["quantiles"][b]["examples"]]
+
+
+def test_quantile_example_ablation(setup):
+    """One quantile example per feature by default: the middle example of the non-empty bin
+    nearest the middle bin."""
+    _, _, _, report = setup
+    for j in (0, 3, 7):
+        entry = report["features"][j]
+        rows = [a for a in entry["ablation"] if a["quantile"] is not None]
+        want = [(b, len(entry["quantiles"][b]["examples"]) // 2) for b in _bins_nearest_middle(entry)[:1]]
+        assert [(a["quantile"], a["example"]) for a in rows] == want and want
+        for abl in rows:
+            ex = _ablated_example(entry, abl)
+            assert abl["tokens"] == ex["tokens"][:ex["pos"] + 1]
+            assert abl["delta"][-1] is None and sum(d is not None for d in abl["delta"]) == min(5, ex["pos"])
+
+
+def test_quantile_ablation_count_and_one_batched_call(setup, monkeypatch):
+    lm, sae, contexts, report = setup
+    from saelab.interpret import report as report_module
+
+    calls, real = [], report_module.ablate_tokens
+    monkeypatch.setattr(report_module, "ablate_tokens", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    rep = build_report(sae, lm, contexts, features=[0, 3, 7], n_ablate=1, n_ablate_quantile=3,
+                       ablate_max_back=5, progress=False)
+    n_rows = 0
+    for j in (0, 3, 7):
+        entry = rep["features"][j]
+        assert [a["quantile"] for a in entry["ablation"][1:]] == _bins_nearest_middle(entry)[:3]
+        assert entry["ablation"][0] == report["features"][j]["ablation"][0]  # the same top-1 row
+        n_rows += len(entry["ablation"])
+    assert calls == [n_rows]  # top and quantile requests together, in one call
+    none = build_report(sae, lm, contexts, features=[3], n_ablate=0, n_ablate_quantile=0, progress=False)
+    assert none["features"][3]["ablation"] == []
+
+
+def test_embedding_overlap_against_direct_token_lists(setup):
+    lm, sae, contexts, report = setup
+    n = lm.W_E.shape[0]
+    mask = used_token_ids(contexts, n) & (torch.arange(n) < len(lm.tokenizer))
+    ids = {w: nearest_tokens(lm, feature_vectors(lm, sae, [0, 3, 7], w, 1.0, mask), k=10, mask=mask)[0]
+           for w in ("encoder", "decoder")}
+    for row, j in enumerate((0, 3, 7)):
+        enc, dec = set(ids["encoder"][row].tolist()), set(ids["decoder"][row].tolist())
+        got = report["features"][j]["embedding"]["overlap"]
+        assert got == {"k": 10, "shared": len(enc & dec), "jaccard": _r(len(enc & dec) / len(enc | dec))}
+
+
+def test_tied_sae_has_identical_encoder_and_decoder_views(setup):
+    """W_dec = W_enc.T: the two token lists and the two trees must agree completely."""
+    lm, _, contexts, _ = setup
+    torch.manual_seed(1)
+    tied = SAE(lm.d_model, 6, arch="relu", hook_name=HOOK)
+    with torch.no_grad():
+        tied.W_dec.copy_(tied.W_enc.T * 3.0)  # any positive scale: the views normalise it away
+    rep = build_report(tied, lm, contexts, features=[1, 4], tree=True, tree_vector="both",
+                       tree_depth=2, tree_breadth=3, n_ablate=0, progress=False)
+    for j in (1, 4):
+        emb, tree = rep["features"][j]["embedding"], rep["features"][j]["tree"]
+        assert emb["overlap"] == {"k": 10, "shared": 10, "jaccard": 1.0}
+        assert tree["vector"] == "both" and set(tree["roots"]) == {"encoder", "decoder"}
+        assert tree["overlap"] == {"k": 3, "shared": 3, "jaccard": 1.0}
+
+
+def test_tree_from_both_vectors(setup):
+    lm, sae, contexts, _ = setup
+    kw = dict(features=[5], tree=True, tree_depth=2, tree_breadth=2, n_ablate=0, n_ablate_quantile=0,
+              progress=False)
+    both = build_report(sae, lm, contexts, tree_vector="both", **kw)["features"][5]["tree"]
+    for which in ("encoder", "decoder"):
+        one = build_report(sae, lm, contexts, tree_vector=which, **kw)["features"][5]["tree"]
+        assert list(one["roots"]) == [which] and one["overlap"] is None
+        assert both["roots"][which] == one["roots"][which]
+        direct = definition_tree(lm, feature_vectors(lm, sae, [5], which, 1.0)[0], depth=2, breadth=2)
+        assert [c["text"] for c in one["roots"][which]["children"]] == [c["text"] for c in direct["children"]]
+    enc, dec = ({c["text"] for c in both["roots"][w]["children"]} for w in ("encoder", "decoder"))
+    assert both["overlap"] == {"k": 2, "shared": len(enc & dec), "jaccard": _r(len(enc & dec) / len(enc | dec))}
+    with pytest.raises(ConfigError, match="tree_vector must be one of encoder, decoder, both; got 'middle'"):
+        build_report(sae, lm, contexts, tree_vector="middle", **kw)
+
+
+def test_dead_features_are_counted_in_the_first_density_bin(setup):
+    """What the index's histogram caption says: dead features sit in the leftmost bin."""
+    lm, _, contexts, _ = setup
+    sae = SAE(lm.d_model, 8, arch="relu", hook_name=HOOK)
+    with torch.no_grad():
+        sae.W_enc[:, :3] = 0.0
+        sae.b_enc[:3] = -1.0  # features 0-2 can never fire
+    rep = build_report(sae, lm, contexts, features=[], progress=False)
+    dead = [f["index"] for f in rep["features"] if f["dead"]]
+    counts, edges = rep["density_hist"]["counts"], rep["density_hist"]["edges"]
+    assert dead[:3] == [0, 1, 2] and sum(counts) == 8
+    live_first = sum(not f["dead"] and math.log10(f["density"]) < edges[1] for f in rep["features"])
+    assert counts[0] == len(dead) + live_first
 
 
 def test_precomputed_activations_give_the_same_report(setup):
@@ -106,9 +215,9 @@ def test_write_report(setup, tmp_path):
 def test_tree_and_window(setup):
     lm, sae, contexts, _ = setup
     rep = build_report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2,
-                       window=(3, 1), n_ablate=0, progress=False)
+                       window=(3, 1), n_ablate=0, n_ablate_quantile=0, progress=False)
     f = rep["features"][5]
-    assert f["tree"]["vector"] == "encoder" and len(f["tree"]["root"]["children"]) == 2
+    assert f["tree"]["vector"] == "encoder" and len(f["tree"]["roots"]["encoder"]["children"]) == 2
     assert f["ablation"] == []
     for ex in f["examples"]:
         assert ex["tokens"][ex["pos"]] == lm.tokenizer.decode([contexts[ex["context"], ex["start"] + ex["pos"]]])

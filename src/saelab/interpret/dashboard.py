@@ -162,6 +162,18 @@ def example_html(example: dict, scale: float) -> Markup:
     return tokens_html(example.get("tokens", []), acts, _usable_scale(scale, acts), example.get("pos"))
 
 
+def ablation_source(row: dict, quantiles) -> str:
+    """Which example an ablation row ablates (report.py): "top N", or "quantile lo – hi" for one
+    sampled from that activation interval; tolerant of odd rows, like the rest of the page."""
+    b, i = row.get("quantile"), row.get("example")
+    if b is None:
+        return f"top {i + 1}" if isinstance(i, int) else "top"
+    try:
+        return f"quantile {fmt(quantiles[b]['lo'], 3)} – {fmt(quantiles[b]['hi'], 3)}"
+    except (TypeError, KeyError, IndexError):
+        return "quantile"
+
+
 def ablation_html(row: dict) -> Markup:
     deltas = row.get("delta", [])
     scale = _usable_scale(None, [row.get("base_act") or 0.0, *(d for d in deltas if d is not None)])
@@ -211,7 +223,8 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True,
                       finalize=safe_text, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, chip=token_chip, visible=visible_token)
-    env.globals.update(example_html=example_html, ablation_html=ablation_html, histogram_svg=histogram_svg)
+    env.globals.update(example_html=example_html, ablation_html=ablation_html, ablation_source=ablation_source,
+                       histogram_svg=histogram_svg)
     return env
 
 

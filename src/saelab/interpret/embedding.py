@@ -1,5 +1,7 @@
 """A feature vector read in the model's input-embedding space: nearest tokens, and the model's
-own "definition" of a ghost token placed at that vector. Plus encoder / decoder agreement.
+own "definition" of a ghost token placed at that vector. Plus encoder / decoder agreement: the
+cosine of the two vectors, and `overlap` of the views built from each (a feature whose encoder
+and decoder read and write different directions shows different token lists and trees).
 
 The vector. v = scale * r * w / ||w||, with w the feature's encoder column or decoder row and
 r the mean norm of the (used) token embeddings: scale 1 puts v as far from the origin as a
@@ -39,6 +41,15 @@ def enc_dec_cosine(sae) -> Tensor:
                           "different spaces: no cosine for a transcoder with d_in != d_out")
     enc, dec = sae.W_enc.detach().T.float(), sae.W_dec.detach().float()
     return torch.nn.functional.cosine_similarity(enc, dec, dim=1, eps=1e-12)
+
+
+def overlap(a, b) -> dict:
+    """{"shared": |A & B|, "jaccard": |A & B| / |A | B|} of two lists taken as sets (1.0 when both
+    are empty): how far two views of one feature agree, e.g. its encoder and decoder top-k
+    token ids, or the first-level continuations of its two definition trees."""
+    sa, sb = set(a), set(b)
+    shared, union = len(sa & sb), len(sa | sb)
+    return {"shared": shared, "jaccard": shared / union if union else 1.0}
 
 
 def feature_vectors(lm, sae, features, which: str = "encoder", scale: float = 1.0,

@@ -3,8 +3,9 @@
 `build_report` runs the one-pass scan over held-out contexts (examples.py), the logit lens
 (lens.py), encoder / decoder agreement and embedding-space token lists (embedding.py) for all
 features, and for the features given detail: per-token activations of their examples, ablated
-text for the top few (ablate.py) and, optionally, definition trees. The dict follows the schema
-the dashboard renders (interpret/dashboard.py): top level
+text for the top few and a quantile one (ablate.py), how far the encoder's and decoder's token
+lists agree, and, optionally, definition trees from either vector or both. The dict follows the
+schema the dashboard renders (interpret/dashboard.py): top level
 
     {"schema": 1, "sae": {...}, "n_tokens": int, "density_hist": {...}, "features": [...]}
 
@@ -14,6 +15,12 @@ with one entry per feature; entries of features given detail also carry the DETA
 Examples hold the whole context (`tokens`, `acts`) with `pos` the position in it, unless
 `window` is set: then tokens[0] is context position `start` (an extra key) and `pos` indexes
 `tokens`. Floats are rounded to 4 significant digits; NaN becomes null.
+
+Ablation rows: {"example": i, "quantile": b, "pos", "tokens", "base_act", "delta"}; `quantile`
+is None for top example i, else the example is quantiles[b]["examples"][i]. The embedding dict
+has "encoder" / "decoder" lists and "overlap" {"k", "shared", "jaccard"} of their token ids. A
+tree is {"prompt", "vector", "scale", "roots": {"encoder"|"decoder": node}, "overlap"}, overlap
+(of the two roots' first-level continuation texts) set only when both vectors were used.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from saelab.atomic import write_json
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.ablate import AblationRequest, ablate_tokens
 from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
-                                        feature_vectors, nearest_tokens)
+                                        feature_vectors, nearest_tokens, overlap)
 from saelab.interpret.examples import (ContextBatch, ContextSource, FeatureScan, ScanConfig,
                                        cache_source, example_acts, scan_features)
 from saelab.interpret.lens import LensResult, classify, feature_lens
@@ -43,6 +50,7 @@ SCHEMA = 1
 DETAIL_KEYS = ("act_hist", "top_tokens", "examples", "quantiles", "logits", "ablation",
                "embedding", "tree")
 INDEX_LOGITS = 5
+TREE_VECTORS = ("encoder", "decoder", "both")
 
 
 @dataclass
@@ -59,14 +67,19 @@ class ReportOptions:
     n_logits: int = 10
     n_top_tokens: int = 10
     n_ablate: int = 2  # top examples per feature with ablated text
+    # quantile examples per feature with ablated text: the middle example of each of the
+    # n_ablate_quantile non-empty bins nearest the middle of [0, max act] (what a typical, not
+    # only the strongest, activation reads)
+    n_ablate_quantile: int = 1
     # tokens before the position removed in turn (None: all). Ablation is the report's main cost:
-    # n_features * n_ablate * (max_back + 1) sequences of up to the example's position in length
+    # n_features * (n_ablate + n_ablate_quantile) * (max_back + 1) sequences of up to the
+    # example's position in length
     ablate_max_back: int | None = 16
     embedding_k: int = 10
     embedding_scale: float = 1.0
     embedding_exponent: float = 1.0
     tree: bool = False  # definition trees (a forward per depth level per feature)
-    tree_vector: str = "encoder"
+    tree_vector: str = "encoder"  # one of TREE_VECTORS; "both" grows two trees and compares them
     tree_scale: float = 1.0
     tree_depth: int = 3
     tree_breadth: int = 3
@@ -134,10 +147,13 @@ def write_report(report: dict, folder) -> Path:
 # ---- inputs ----------------------------------------------------------------------------------
 def _options(options: ReportOptions | None, overrides: dict) -> ReportOptions:
     try:
-        return dataclasses.replace(options or ReportOptions(), **overrides)
+        opts = dataclasses.replace(options or ReportOptions(), **overrides)
     except TypeError as err:
         valid = ", ".join(f.name for f in dataclasses.fields(ReportOptions))
         raise ConfigError(f"unknown report option ({err}); valid: {valid}") from err
+    if opts.tree_vector not in TREE_VECTORS:
+        raise ConfigError(f"tree_vector must be one of {', '.join(TREE_VECTORS)}; got {opts.tree_vector!r}")
+    return opts
 
 
 def _source(lm, sae, contexts, cache, opts: ReportOptions, progress) -> ContextSource:
@@ -261,17 +277,29 @@ def _examples(contexts, scan, feats, vocab, opts, encode_rows) -> dict[int, dict
 
 
 def _ablations(lm, sae, contexts, examples, feats, vocab, opts) -> dict[int, list]:
-    """Ablated text for each feature's top `n_ablate` examples, all in shared forwards."""
-    todo = [(j, i, ex) for j in feats for i, ex in enumerate(examples[j]["top"][:opts.n_ablate])]
+    """Ablated text for each feature's top `n_ablate` examples, then its `n_ablate_quantile`
+    quantile ones: one ablate_tokens call, so all of them share batched forwards."""
+    todo = [(j, None, i, ex) for j in feats for i, ex in enumerate(examples[j]["top"][:opts.n_ablate])]
+    for j in feats:
+        bins = examples[j]["quantiles"]
+        todo += [(j, b, i, bins[b]["examples"][i]) for b, i in _quantile_picks(bins, opts.n_ablate_quantile)]
     requests = [AblationRequest(contexts[ex["context"]], ex["pos"] + ex.get("start", 0), j)
-                for j, _, ex in todo]
+                for j, _, _, ex in todo]
     results = ablate_tokens(lm, sae, requests, max_back=opts.ablate_max_back) if requests else []
     out: dict[int, list] = {j: [] for j in feats}
-    for (j, i, ex), req, res in zip(todo, requests, results):
-        out[j].append({"example": i, "pos": req.pos,
+    for (j, b, i, ex), req, res in zip(todo, requests, results):
+        out[j].append({"example": i, "quantile": b, "pos": req.pos,
                        "tokens": [vocab[t] for t in req.tokens[:req.pos + 1].tolist()],
                        "base_act": _r(res.base), "delta": [None if d is None else _r(d) for d in res.delta()]})
     return out
+
+
+def _quantile_picks(bins: list[dict], n: int) -> list[tuple[int, int]]:
+    """(bin, example) to ablate: the middle example of each of the n non-empty bins nearest the
+    middle bin (ties: the higher bin), so mid-range activations get ablated text too."""
+    mid = (len(bins) - 1) / 2
+    order = sorted(range(len(bins)), key=lambda b: (abs(b - mid), -b))
+    return [(b, len(bins[b]["examples"]) // 2) for b in order if bins[b]["examples"]][:max(n, 0)]
 
 
 def _embeddings(lm, sae, feats, vocab, opts) -> dict[int, dict]:
@@ -281,6 +309,7 @@ def _embeddings(lm, sae, feats, vocab, opts) -> dict[int, dict]:
         return {}
     mask = _mask(lm, opts, lm.W_E.shape[0], lm.W_E.T)
     out = {j: {"scale": opts.embedding_scale, "exponent": opts.embedding_exponent} for j in feats}
+    ids_of: dict[tuple[int, str], list[int]] = {}
     for which in ("encoder", "decoder"):
         for start in range(0, len(feats), 256):
             chunk = feats[start:start + 256]
@@ -289,17 +318,33 @@ def _embeddings(lm, sae, feats, vocab, opts) -> dict[int, dict]:
                                          exponent=opts.embedding_exponent, mask=mask)
             for j, i_row, s_row in zip(chunk, ids.tolist(), scores.tolist()):
                 out[j][which] = [{"token": vocab[t], "score": _r(s)} for t, s in zip(i_row, s_row)]
+                ids_of[j, which] = i_row
+    for j in feats:
+        enc, dec = ids_of[j, "encoder"], ids_of[j, "decoder"]
+        out[j]["overlap"] = _overlap(enc, dec, len(enc))
     return out
 
 
+def _overlap(a: list, b: list, k: int) -> dict:
+    """`overlap` of two lists of (up to) k items, with k and the Jaccard rounded like all floats."""
+    both = overlap(a, b)
+    return {"k": k, "shared": both["shared"], "jaccard": _r(both["jaccard"])}
+
+
 def _tree(lm, sae, j: int, opts) -> dict | None:
-    width = sae.cfg.d_in if opts.tree_vector == "encoder" else sae.cfg.d_out
-    if width != lm.d_model:
-        return None  # the ghost token needs a d_model-wide vector
-    vec = feature_vectors(lm, sae, [j], opts.tree_vector, opts.tree_scale)[0]
-    root = definition_tree(lm, vec, depth=opts.tree_depth, breadth=opts.tree_breadth)
+    """Definition trees of feature j from the vector(s) `tree_vector` names; a vector that is
+    not d_model wide is skipped (the ghost token needs one), None when none is."""
+    which = ("encoder", "decoder") if opts.tree_vector == "both" else (opts.tree_vector,)
+    width = {"encoder": sae.cfg.d_in, "decoder": sae.cfg.d_out}
+    roots = {}
+    for w in (w for w in which if width[w] == lm.d_model):
+        vec = feature_vectors(lm, sae, [j], w, opts.tree_scale)[0]
+        roots[w] = _round_tree(definition_tree(lm, vec, depth=opts.tree_depth, breadth=opts.tree_breadth))
+    if not roots:
+        return None
+    first = [[c["text"] for c in root["children"]] for root in roots.values()]
     return {"prompt": DEFAULT_PROMPT, "vector": opts.tree_vector, "scale": opts.tree_scale,
-            "root": _round_tree(root)}
+            "roots": roots, "overlap": _overlap(*first, opts.tree_breadth) if len(roots) == 2 else None}
 
 
 def _round_tree(node: dict) -> dict:

@@ -1,5 +1,7 @@
 /* saelab dashboard: sortable tables, the index filter (state kept in the URL hash, e.g.
-   index.html#sort=max_act&dir=desc&q=the&kind=prediction&dead=show), "full contexts" toggle and
+   index.html#sort=max_act&dir=desc&q=the&kind=prediction&dead=show&min_density=0.001
+   &max_density=0.1&min_max_act=2; a row whose number is missing fails a numeric bound),
+   "full contexts" toggle and
    arrow-key navigation. Plain JS, no dependencies. Data is only ever read via textContent and
    written via textContent / classes: never parsed as HTML. */
 (function () {
@@ -48,21 +50,42 @@
     return -1;
   }
 
+  function bound(input) {
+    var v = parseFloat(input.value);
+    return isNaN(v) ? null : v;
+  }
+
+  /* a number input only takes an HTML floating-point number; anything else in a hash is dropped
+     (assigning it would log a console warning and leave the input empty anyway) */
+  var FLOAT = /^-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?$/;
+  function assign(input, v) {
+    input.value = input.type === "number" && !FLOAT.test(v) ? "" : v;
+  }
+
+  function within(v, lo, hi) {  /* NaN (no number) fails any bound that is set */
+    return (lo === null || v >= lo) && (hi === null || v <= hi);
+  }
+
   /* ---- the index page: filter + hash state ---- */
   function indexPage(table) {
-    var q = document.getElementById("q"), kind = document.getElementById("kind");
-    var dead = document.getElementById("dead"), count = document.getElementById("count");
+    var byId = document.getElementById.bind(document);
+    var q = byId("q"), kind = byId("kind"), dead = byId("dead"), count = byId("count");
+    var dmin = byId("dmin"), dmax = byId("dmax"), amin = byId("amin");
+    var fields = [[q, "q"], [kind, "kind"], [dmin, "min_density"], [dmax, "max_density"], [amin, "min_max_act"]];
     var kindCol = columnOf(table, "kind");
     var rows = Array.prototype.map.call(table.tBodies[0].rows, function (row) {
       return { row: row, text: row.textContent.toLowerCase(), kind: row.cells[kindCol].textContent,
-               dead: row.classList.contains("dead") };
+               dead: row.classList.contains("dead"), density: parseFloat(row.getAttribute("data-density")),
+               maxAct: parseFloat(row.getAttribute("data-max-act")) };
     });
     var sort = { key: "index", dir: "asc" };
 
     function filter() {
       var needle = q.value.trim().toLowerCase(), k = kind.value, hideDead = dead.checked, shown = 0;
+      var lo = bound(dmin), hi = bound(dmax), actLo = bound(amin);
       rows.forEach(function (r) {
-        var ok = (!needle || r.text.indexOf(needle) >= 0) && (!k || r.kind === k) && !(hideDead && r.dead);
+        var ok = (!needle || r.text.indexOf(needle) >= 0) && (!k || r.kind === k) && !(hideDead && r.dead) &&
+                 within(r.density, lo, hi) && within(r.maxAct, actLo, null);
         r.row.classList.toggle("hidden", !ok);
         if (ok) shown++;
       });
@@ -71,16 +94,14 @@
     function writeHash() {
       var p = new URLSearchParams();
       if (sort.key !== "index" || sort.dir !== "asc") { p.set("sort", sort.key); p.set("dir", sort.dir); }
-      if (q.value) p.set("q", q.value);
-      if (kind.value) p.set("kind", kind.value);
+      fields.forEach(function (f) { if (f[0].value) p.set(f[1], f[0].value); });
       if (!dead.checked) p.set("dead", "show");
       var h = p.toString();
       history.replaceState(null, "", h ? "#" + h : location.pathname + location.search);
     }
     function readHash() {
       var p = new URLSearchParams(location.hash.slice(1));
-      q.value = p.get("q") || "";
-      kind.value = p.get("kind") || "";
+      fields.forEach(function (f) { assign(f[0], p.get(f[1]) || ""); });
       dead.checked = p.get("dead") !== "show";
       var col = columnOf(table, p.get("sort") || "index");
       if (col >= 0) {
@@ -90,7 +111,9 @@
       filter();
     }
     table.addEventListener("sorted", function (e) { sort = e.detail; writeHash(); });
-    [q, kind, dead].forEach(function (el) { el.addEventListener("input", function () { filter(); writeHash(); }); });
+    fields.map(function (f) { return f[0]; }).concat([dead]).forEach(function (el) {
+      el.addEventListener("input", function () { filter(); writeHash(); });
+    });
     window.addEventListener("hashchange", readHash);
     readHash();
   }
