@@ -10,7 +10,9 @@ from saelab.downstream import eval_tokens, load_lm
 from saelab.lm.hooked import HookedLM
 
 
-def add_lm_data_args(parser: argparse.ArgumentParser, eval_contexts: int = 64) -> None:
+def add_lm_data_args(parser: argparse.ArgumentParser, eval_contexts: int = 64, out: str = "runs/out") -> None:
+    """The shared options; `out` is the default output folder as the help shows it ("{sae}" in it
+    stands for the SAE argument, filled in by `output_folder`)."""
     parser.add_argument("--model", default=None,
                         help="local Hugging Face model folder (default: the offline default LM, built on first use)")
     parser.add_argument("--source", default="stdlib",
@@ -23,7 +25,15 @@ def add_lm_data_args(parser: argparse.ArgumentParser, eval_contexts: int = 64) -
                         help="keep the BOS position in averages and splices (default: excluded)")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per LM forward pass")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out})")
+    parser.set_defaults(out_default=out)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out, or the command's default with {sae} replaced by the SAE folder given."""
+    if args.out is not None:
+        return args.out
+    return Path(args.out_default.format(sae=str(getattr(args, "sae", "")).rstrip("/")))
 
 
 def model_and_eval_tokens(args: argparse.Namespace, model: str | None = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.commands._lm_eval_args import add_lm_data_args, model_and_eval_tokens
+from saelab.commands._lm_eval_args import add_lm_data_args, model_and_eval_tokens, output_folder
 from saelab.data.corpus import token_contexts
 from saelab.experiments.sparse_mlp import SparseMLPConfig, format_report, run_sparse_mlp
 
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-tokens", type=int, default=_DEFAULT.batch_tokens)
     p.add_argument("--lr", type=float, default=_DEFAULT.lr)
     p.add_argument("--train-contexts", type=int, default=2048, help="contexts whose activations are trained on (held in memory)")
-    add_lm_data_args(p)
+    add_lm_data_args(p, out="runs/sparse-mlp")
     p.set_defaults(func=run)
 
 
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
                           k=list(args.k), l1=list(args.l1), lr=args.lr, steps=args.steps,
                           batch_tokens=args.batch_tokens, exclude_bos=not args.include_bos,
                           lm_batch_size=args.batch_size, seed=args.seed)
-    entries = run_sparse_mlp(lm, train, held, args.out, cfg)
+    out = output_folder(args)
+    entries = run_sparse_mlp(lm, train, held, out, cfg)
     print(format_report(entries, lm.name), end="")
-    print(f"wrote {args.out}/metrics.json, report.md, neuron_cosines.json/.png and layer*/saes/")
+    print(f"wrote {out}/metrics.json, report.md, neuron_cosines.json/.png and layer*/saes/")
     return 0
