@@ -1,6 +1,9 @@
 """Hook points checked against computations made another way: HF's own hidden states, the
 residual-stream sums, the HF modules called directly, and equivalent splices at other hooks."""
 
+import re
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,11 +205,57 @@ def test_load_errors(tmp_path, save_tiny_hf):
     broken = save_tiny_hf("gpt2", tmp_path / "broken")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    with pytest.raises(CorruptFileError, match="cannot load"):
+    with pytest.raises(CorruptFileError, match="cannot load the weights .model.safetensors."):
         HookedLM.load(broken)
     (broken / "model.safetensors").unlink()
     with pytest.raises(MissingFileError, match="weights"):
         HookedLM.load(broken)
+
+
+
+def _garbage(path):
+    path.write_bytes(b"\x00\xff\xfe garbage \x89PNG")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:40])
+
+
+# (damage done to a saved folder, error type, the file the message must name, what it must say)
+BROKEN_FOLDERS = {
+    "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), MissingFileError,
+                          "tokenizer", "no tokenizer file"),
+    "no tokenizer files": (lambda d: [p.unlink() for p in d.glob("tokenizer*")], MissingFileError,
+                           "tokenizer", "no tokenizer file"),
+    "garbage tokenizer.json": (lambda d: _garbage(d / "tokenizer.json"), CorruptFileError,
+                               "tokenizer.json", "not valid JSON"),
+    "truncated tokenizer.json": (lambda d: _truncate(d / "tokenizer.json"), CorruptFileError,
+                                 "tokenizer.json", "not valid JSON"),
+    "wrong tokenizer.json": (lambda d: (d / "tokenizer.json").write_text('{"a": 1}'),
+                             CorruptFileError, "tokenizer.json", "cannot load the tokenizer"),
+    "garbage tokenizer_config.json": (lambda d: _garbage(d / "tokenizer_config.json"),
+                                      CorruptFileError, "tokenizer_config.json", "not valid JSON"),
+    "no config.json": (lambda d: (d / "config.json").unlink(), MissingFileError, "config.json",
+                       "no config.json"),
+    "garbage config.json": (lambda d: _garbage(d / "config.json"), CorruptFileError,
+                            "config.json", "not valid JSON"),
+    "truncated config.json": (lambda d: _truncate(d / "config.json"), CorruptFileError,
+                              "config.json", "not valid JSON"),
+    "config.json without model_type": (lambda d: (d / "config.json").write_text('{"n_embd": 32}'),
+                                       CorruptFileError, "config.json", "model_type"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_FOLDERS)
+def test_broken_tokenizer_and_config_files(case, tiny_hf_model_dirs, tmp_path):
+    """Each damage gives a saelab error naming the file and what is wrong (never a raw HF
+    traceback, never a message that leaves the user guessing which file)."""
+    damage, error, file, what = BROKEN_FOLDERS[case]
+    folder = shutil.copytree(tiny_hf_model_dirs["gpt2"], tmp_path / "m")
+    damage(folder)
+    with pytest.raises(error, match=re.escape(what)) as info:
+        HookedLM.load(folder)
+    assert file in str(info.value) and str(folder) in str(info.value)
 
 
 def test_unsupported_architecture_is_config_error(tmp_path, save_tiny_hf):

@@ -26,6 +26,7 @@ the activation the model actually used (after any splice at the same point).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -52,7 +53,10 @@ _BLOCK_POINTS = (
 _MLP_WIDE = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one is needed
+_TOKENIZER_FILES = _VOCAB_FILES + ("merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class _StopForward(Exception):
@@ -84,31 +88,16 @@ class HookedLM:
              dtype: torch.dtype = torch.float32) -> "HookedLM":
         """Load from a local HF folder (config, weights, tokenizer) or a hub name.
 
-        Missing folder/files -> MissingFileError; present but unreadable -> CorruptFileError;
-        unsupported architecture -> ConfigError."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+        Missing folder/files -> MissingFileError; present but unreadable -> CorruptFileError
+        naming the file; unsupported architecture -> ConfigError."""
         src = str(name_or_path)
-        path = Path(src).expanduser()
-        local = path.exists()
-        if local:
-            _check_local_folder(path)
-            src = str(path)
+        folder = Path(src).expanduser()
+        if folder.exists():
+            _check_local_folder(folder)
+            src = str(folder)
         elif src.startswith((".", "/", "~")) or src.endswith(("/", "\\")) or src.count("/") > 1:
             raise MissingFileError(f"model folder {src} does not exist")
-        try:
-            config = AutoConfig.from_pretrained(src)
-            arch_for(getattr(config, "model_type", "?"))
-            model = AutoModelForCausalLM.from_pretrained(src, config=config)
-            tokenizer = AutoTokenizer.from_pretrained(src)
-        except SaelabError:
-            raise
-        except Exception as err:  # noqa: BLE001 - HF raises many types; report them plainly
-            if local:
-                raise CorruptFileError(f"cannot load the model in {src}: {err}") from err
-            raise MissingFileError(
-                f"{src!r} is not a local folder and could not be loaded from the Hugging Face "
-                f"hub: {err}") from err
+        model, tokenizer = _load_parts(src, folder if folder.exists() else None)
         return cls(model.to(device=device, dtype=dtype), tokenizer, name=src)
 
     # ---- shapes and names ----------------------------------------------------------------
@@ -372,12 +361,44 @@ def _hook(module: nn.Module, side: str, edit: Callable[[torch.Tensor], torch.Ten
 
 
 def _check_local_folder(path: Path) -> None:
+    """Name the missing or unparsable file before HF does (its errors rarely say which)."""
     if not path.is_dir():
         raise MissingFileError(f"{path} is a file; expected a Hugging Face model folder")
     present = {p.name for p in path.iterdir()}
     needs = [("config.json", ("config.json",)), ("weights", _WEIGHT_FILES),
-             ("tokenizer", _TOKENIZER_FILES)]
+             ("tokenizer", _VOCAB_FILES)]
     for what, files in needs:
         if not present.intersection(files):
             raise MissingFileError(f"{path} has no {what} file (looked for {', '.join(files)}); "
                                    "a model folder is what save_pretrained writes")
+    for name in sorted(present.intersection(_JSON_FILES)):
+        try:
+            json.loads((path / name).read_bytes())
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CorruptFileError(f"{path / name} is not valid JSON ({err}); the file is "
+                                   "damaged: copy or save the model again") from err
+
+
+def _load_parts(src: str, folder: Path | None):
+    """(model, tokenizer) through transformers, one part at a time, so a failure names the
+    part and, for a local folder, its files (HF raises many types; report them plainly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def part(what: str, files: tuple[str, ...], load):
+        try:
+            return load()
+        except SaelabError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if folder is None:
+                raise MissingFileError(
+                    f"{src!r} is not a local folder and its {what} could not be loaded from the "
+                    f"Hugging Face hub: {err}") from err
+            names = ", ".join(sorted(p.name for p in folder.iterdir() if p.name in files))
+            raise CorruptFileError(f"cannot load the {what} ({names}) in {src}: {err}") from err
+
+    config = part("config", ("config.json",), lambda: AutoConfig.from_pretrained(src))
+    arch_for(getattr(config, "model_type", "?"))
+    model = part("weights", _WEIGHT_FILES,
+                 lambda: AutoModelForCausalLM.from_pretrained(src, config=config))
+    return model, part("tokenizer", _TOKENIZER_FILES, lambda: AutoTokenizer.from_pretrained(src))
