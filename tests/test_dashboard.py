@@ -414,9 +414,3 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
-
-
-def test_same_contract_as_report_module():
-    from saelab.interpret import dashboard, report
-
-    assert dashboard.DETAIL_KEYS == report.DETAIL_KEYS and dashboard.SCHEMA == report.SCHEMA

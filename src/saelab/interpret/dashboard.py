@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 from saelab.atomic import write_text
 from saelab.errors import DataError
+from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 
-SCHEMA = 1
-DETAIL_KEYS = ("act_hist", "top_tokens", "examples", "quantiles", "logits", "ablation", "embedding", "tree")
 LEVELS = 20  # shading steps; static/dashboard.css defines .a1-.a20 (activation), .p/.n1-20 (delta)
 WINDOW = (24, 8)  # tokens shown before / after an example's position until "full contexts" is on
 _HERE = Path(__file__).parent
@@ -248,7 +247,7 @@ def check_report(report) -> None:
 
 
 def _has_page(feat: dict, include_dead: bool) -> bool:
-    return any(k in feat for k in DETAIL_KEYS) and (include_dead or not feat.get("dead"))
+    return has_detail(feat) and (include_dead or not feat.get("dead"))
 
 
 def _dumps(obj) -> str:
@@ -278,11 +277,6 @@ def _finite(obj):
     return obj
 
 
-def index_entry(feat: dict) -> dict:
-    """A feature's index summary: its entry without the per-feature detail."""
-    return {k: v for k, v in feat.items() if k not in DETAIL_KEYS}
-
-
 def write_dashboard(report: dict, out_dir, include_dead: bool = False, progress: bool | None = None) -> Path:
     """Write the dashboard for `report` into `out_dir`; return the path of index.html.
 
@@ -303,7 +297,7 @@ def write_dashboard(report: dict, out_dir, include_dead: bool = False, progress:
     sae = report.get("sae") or {}
     written = set()
     for feat in tqdm(features, desc="dashboard", unit="feature", disable=None if progress is None else not progress):
-        if not any(k in feat for k in DETAIL_KEYS):
+        if not has_detail(feat):
             continue
         i = feat["index"]
         written.add(write_text(out / "features" / f"{i}.json", _dumps(feat), fsync=False).name)

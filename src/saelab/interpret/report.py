@@ -9,7 +9,7 @@ schema the dashboard renders (interpret/dashboard.py): top level
 
     {"schema": 1, "sae": {...}, "n_tokens": int, "density_hist": {...}, "features": [...]}
 
-with one entry per feature; entries of features given detail also carry the DETAIL_KEYS.
+with one entry per feature; entries of features given detail also carry the DETAIL_KEYS (interpret/schema.py).
 `write_report` writes report.json (index entries only) and features/<i>.json (full entries).
 
 Examples hold the whole context (`tokens`, `acts`) with `pos` the position in it, unless
@@ -44,11 +44,9 @@ from saelab.interpret.examples import (ContextBatch, ContextSource, FeatureScan,
 from saelab.interpret.lens import LensResult, classify, feature_lens
 from saelab.interpret.loading import check_compatible, load_model, load_sae
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
+from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 from saelab.metrics import density_histogram
 
-SCHEMA = 1
-DETAIL_KEYS = ("act_hist", "top_tokens", "examples", "quantiles", "logits", "ablation",
-               "embedding", "tree")
 INDEX_LOGITS = 5
 TREE_VECTORS = ("encoder", "decoder", "both")
 
@@ -138,9 +136,9 @@ def write_report(report: dict, folder) -> Path:
     atomically. Returns the path of report.json."""
     folder = Path(folder)
     for feat in report["features"]:
-        if any(k in feat for k in DETAIL_KEYS):
+        if has_detail(feat):
             write_json(folder / "features" / f"{feat['index']}.json", feat)
-    index = [{k: v for k, v in f.items() if k not in DETAIL_KEYS} for f in report["features"]]
+    index = [index_entry(f) for f in report["features"]]
     return write_json(folder / "report.json", {**report, "features": index})
 
 
