@@ -80,7 +80,8 @@ def _feature(i: int, rng: random.Random, vocab: list[str]) -> dict:
         "embedding": {"encoder": [{"token": t, "score": rng.random()} for t in pick(SIZES["embedding"])],
                       "decoder": [{"token": t, "score": rng.random()} for t in pick(SIZES["embedding"])],
                       "scale": 5.0, "exponent": 2.0},
-        "tree": {"prompt": 'A typical definition of "<token>" would be \'', "vector": "encoder", "scale": 5.0, "root": _tree(rng, 3)},
+        "tree": {"prompt": 'A typical definition of "<token>" would be \'', "vector": "encoder", "scale": 5.0,
+                 "roots": {"encoder": _tree(rng, 3)}, "overlap": None},
     })
     return feat
 

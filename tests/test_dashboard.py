@@ -400,11 +400,15 @@ def test_command_builds_a_dashboard_per_sae_of_a_run(tmp_path, save_tiny_hf, cap
     for seed, name in enumerate(("a", "b")):
         torch_seed(seed)
         SAE(32, 24, arch="topk", k=4, hook_name="blocks.0.hook_resid_post", model_name=str(model)).save(run / "saes" / name)
-    opts = ["--source", str(text), "--contexts", "6", "--context-length", "16", "--batch-size", "4"]
+    opts = ["--source", str(text), "--contexts", "6", "--context-length", "16", "--batch-size", "4",
+            "--ablate", "1", "--ablate-quantile", "0", "--ablate-back", "0", "--embedding-exponent", "2",
+            "--window", "4", "2"]
     assert main(["dashboard", str(run), *opts]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(run / "dashboard" / n / "index.html") for n in ("a", "b")]
-    expected = build_report(run / "saes" / "b", str(model), n_contexts=6, context_length=16, corpus=str(text), batch_size=4)
+    expected = build_report(run / "saes" / "b", str(model), n_contexts=6, context_length=16, corpus=str(text), batch_size=4,
+                            n_ablate=1, n_ablate_quantile=0, ablate_max_back=None, embedding_exponent=2.0, window=(4, 2))
+    assert all(len(f["ablation"]) <= 1 and f["embedding"]["exponent"] == 2.0 for f in expected["features"] if "ablation" in f)
     assert read_dashboard_json(run / "dashboard" / "b") == json.loads(json.dumps(expected))
     live = [f["index"] for f in expected["features"] if not f["dead"]]
     assert sorted(int(p.stem) for p in (run / "dashboard" / "b" / "features").glob("*.html")) == live

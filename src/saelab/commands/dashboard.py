@@ -18,6 +18,7 @@ from pathlib import Path
 
 from saelab.errors import MissingFileError
 from saelab.interpret.dashboard import write_dashboard
+from saelab.interpret.report import ReportOptions, build_report
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -45,9 +46,41 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
     p.add_argument("--features", type=int, nargs="+", default=None,
                    help="features to give pages (default: all); every feature is in the index")
-    p.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
     p.add_argument("--include-dead", action="store_true", help="also write pages for dead features")
+    _add_view_args(p.add_argument_group("views (defaults as in ReportOptions)"))
     p.set_defaults(func=run)
+
+
+def _add_view_args(g) -> None:
+    d = ReportOptions()
+    g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
+    g.add_argument("--tree-vector", choices=("encoder", "decoder", "both"), default=d.tree_vector,
+                   help="feature vector the ghost token is made of (both: two trees and their overlap)")
+    g.add_argument("--tree-depth", type=int, default=d.tree_depth)
+    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth)
+    g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
+    g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
+    g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,
+                   help="quantile examples per feature with ablated text")
+    g.add_argument("--ablate-back", type=int, default=d.ablate_max_back,
+                   help="earlier tokens removed in turn (0: all of them; default: %(default)s)")
+    g.add_argument("--embedding-scale", type=float, default=d.embedding_scale,
+                   help="feature vector norm in mean token norms, for the nearest-token lists")
+    g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
+                   help="exponent on the cosine in the nearest-token score")
+    g.add_argument("--drop-high-norm", type=float, default=d.high_norm_z, metavar="Z",
+                   help="leave out of token lists tokens whose unembedding norm is a z-score outlier above Z")
+    g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
+                   help="keep only these many tokens around each example (default: whole contexts)")
+
+
+def view_options(args: argparse.Namespace) -> dict:
+    """ReportOptions fields from the view arguments."""
+    return dict(tree=args.tree, tree_vector=args.tree_vector, tree_depth=args.tree_depth,
+                tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, n_ablate=args.ablate,
+                n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
+                embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
+                high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None)
 
 
 def sae_folders(path: Path) -> list[Path]:
@@ -72,7 +105,6 @@ def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from saelab.data.cache_read import open_cache
-    from saelab.interpret.report import build_report
 
     folders = sae_folders(args.path)
     cache = open_cache(args.cache) if args.cache is not None else None  # checked per SAE
@@ -80,6 +112,6 @@ def run(args: argparse.Namespace) -> int:
     for folder, out in zip(folders, out_dirs(args.path, folders, args.out)):
         report = build_report(folder, args.model, features=args.features, n_contexts=n_contexts,
                               context_length=args.context_length, corpus=args.source, cache=cache,
-                              batch_size=args.batch_size, tree=args.tree)
+                              batch_size=args.batch_size, **view_options(args))
         print(write_dashboard(report, out, include_dead=args.include_dead), flush=True)
     return 0
