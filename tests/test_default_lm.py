@@ -4,13 +4,19 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import saelab.lm.default as default
 from saelab.data.corpus import load_stdlib, pack, split_documents
-from saelab.errors import ConfigError, MissingFileError
+from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.default import (TINY_CONFIG, DefaultLMConfig, build_default_lm, default_lm_path,
                                load_default_lm, unigram_loss)
 from saelab.lm.hooked import HookedLM
@@ -74,7 +80,61 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(default, "_train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_default_lm(tmp_path / "lm", MICRO, progress=False)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [".lm.lock"]  # the lock file stays (see _build_lock)
+
+
+def _start_build_and_wait(folder):
+    """A real build of MICRO into `folder` in a child process, returned once its hidden
+    `.building` folder exists (so it holds the build lock)."""
+    script = (f"from saelab.lm.default import build_default_lm\nfrom tests.test_default_lm "
+              f"import MICRO\nbuild_default_lm({str(folder)!r}, MICRO, progress=False)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not _building(folder):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build never started"
+        time.sleep(0.02)
+    return proc
+
+
+def _building(folder):
+    return sorted(folder.parent.glob(f".{folder.name}.*.building"))
+
+
+@pytest.mark.slow
+def test_next_build_removes_what_a_kill_9_left_but_not_a_live_build(tmp_path):
+    """A build killed by SIGKILL leaves its `.building` folder (nothing runs to remove it);
+    the next build of that name removes it, but only once no build of that name is alive:
+    a stopped (not dead) build's folder is left alone."""
+    folder = tmp_path / "lm"
+    proc = _start_build_and_wait(folder)
+    left = _building(folder)
+    os.kill(proc.pid, signal.SIGSTOP)  # alive, lock held, not progressing
+    try:
+        build_default_lm(folder, MICRO, progress=False)
+        assert _building(folder) == left  # in use: kept
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and _building(folder) == left
+    build_default_lm(folder, MICRO, progress=False)
+    assert _building(folder) == [] and (folder / "build_info.json").exists()
+    assert sorted(os.listdir(tmp_path)) == [".lm.lock", "lm"]
+
+
+def test_damaged_default_lm_says_delete_the_folder_to_rebuild(tmp_path, monkeypatch):
+    """A finished build (build_info.json present) whose weights were damaged or lost since is
+    not rebuilt silently; the error names the folder to delete."""
+    monkeypatch.setenv("SAELAB_HOME", str(tmp_path))
+    path = default_lm_path(config=MICRO, progress=False)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match=f"delete {re.escape(str(path))} .*rebuilt"):
+        load_default_lm(config=MICRO)
+    weights.unlink()
+    with pytest.raises(MissingFileError, match=f"delete {re.escape(str(path))} .*rebuilt"):
+        load_default_lm(config=MICRO)
 
 
 def test_default_lm_path_builds_once_then_reuses(tmp_path, monkeypatch):
