@@ -4,6 +4,9 @@ Tokenizer: the word-level test tokenizer from conftest ("wK" -> id K, BOS = EOS 
 every packed context can be written down by hand."""
 
 import json
+import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -104,6 +107,47 @@ def test_hf_dataset_from_local_files_and_disk(tmp_path):
         "doc 0", "doc 1", "doc 2"]
     with pytest.raises(DataError, match="columns"):
         load_hf_dataset(str(saved), text_field="body")
+
+
+
+OFFLINE_SCRIPT = """
+import json, socket, sys, time
+tried = []
+def refuse(*args, **kwargs):  # a guard, not a stand-in: any network use is the failure
+    tried.append(repr(args[:2]))
+    raise OSError("network use in an offline test")
+socket.socket.connect = socket.getaddrinfo = socket.create_connection = refuse
+from saelab.data.corpus import load_corpus
+from saelab.errors import SaelabError
+out = []
+for max_docs in (None, 3):  # load_dataset, then the streaming path
+    start = time.monotonic()
+    try:
+        load_corpus("hf:saelab-test-nobody/made-up-dataset-7f3a", max_docs=max_docs)
+        out.append({"error": None})
+    except SaelabError as err:
+        out.append({"error": type(err).__name__, "message": str(err),
+                    "seconds": time.monotonic() - start})
+print(json.dumps({"calls": out, "tried": tried}))
+"""
+
+
+def test_hf_dataset_offline_fails_fast_with_a_clear_error(tmp_path):
+    """With HF_DATASETS_OFFLINE / HF_HUB_OFFLINE a dataset not on disk fails at once, without
+    touching the network, as a saelab error that says how to use local files instead (not a
+    raw ConnectionError traceback). In a child process: datasets reads the variables on import."""
+    pytest.importorskip("datasets")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}  # an empty cache: nothing to find locally
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tried"] == []
+    for call in result["calls"]:
+        assert call["error"] == "MissingFileError" and call["seconds"] < 5, call
+        assert "could not fetch dataset 'saelab-test-nobody/made-up-dataset-7f3a'" in call["message"]
+        assert ".jsonl" in call["message"] and "save_to_disk" in call["message"]
 
 
 def test_split_is_stable_disjoint_and_by_document():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
+from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError, SaelabError
 
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -139,24 +140,49 @@ def load_hf_dataset(name: str, split: str = "train", text_field: str = "text",
     except ImportError as err:
         raise ConfigError("Hugging Face datasets need the `datasets` package: "
                           "pip install 'saelab[hf]'") from err
-    local = Path(name).expanduser()
-    try:
-        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(local))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-            rows: Iterable = ds.select(range(min(max_docs, len(ds)))) if max_docs else ds
-        else:
-            rows = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
-            rows = rows.take(max_docs) if max_docs is not None else rows
+    try:  # rows are read inside: a streamed dataset fetches while it is iterated
+        rows = _hf_rows(datasets, name, split, config, max_docs)
+        docs = [Document(f"{name}[{split}]#{i}", _text(row, text_field, name))
+                for i, row in enumerate(rows)]
+    except SaelabError:
+        raise
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise MissingFileError(f"cannot load dataset {name!r} split {split!r}: {err}") from err
-    docs = []
-    for i, row in enumerate(rows):
-        if not isinstance(row.get(text_field), str):
-            raise DataError(f"dataset {name!r} rows have no string field {text_field!r} "
-                            f"(columns: {sorted(row)}); set text_field")
-        docs.append(Document(f"{name}[{split}]#{i}", row[text_field]))
+    except _network_errors() as err:
+        raise MissingFileError(
+            f"could not fetch dataset {name!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{err}). Offline, use local files instead: a .txt or .jsonl file or a folder of them "
+            "as the source, hf:FOLDER for a folder written by Dataset.save_to_disk, or "
+            "HF_DATASETS_OFFLINE=1 to read a dataset already in the Hugging Face cache") from err
     return _make_corpus(f"hf:{name}", docs)
+
+
+def _hf_rows(datasets, name: str, split: str, config: str | None, max_docs: int | None):
+    local = Path(name).expanduser()
+    if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(local))
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return ds.select(range(min(max_docs, len(ds)))) if max_docs else ds
+    rows = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
+    return rows.take(max_docs) if max_docs is not None else rows
+
+
+def _text(row: dict, text_field: str, name: str) -> str:
+    if not isinstance(row.get(text_field), str):
+        raise DataError(f"dataset {name!r} rows have no string field {text_field!r} "
+                        f"(columns: {sorted(row)}); set text_field")
+    return row[text_field]
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed fetch raises: OSError covers ConnectionError and huggingface_hub's errors
+    (offline mode, HTTP status); the HTTP client's transport errors (httpx / httpx2 / requests,
+    by hub version; imported by then if used) are not OSErrors."""
+    found: list[type[BaseException]] = [OSError]
+    for module, cls in (("httpx", "TransportError"), ("httpx2", "TransportError"),
+                        ("requests", "RequestException")):
+        found += [getattr(sys.modules[module], cls)] if module in sys.modules else []
+    return tuple(found)
 
 
 def load_corpus(source: str = "stdlib", *, text_field: str = "text", split: str = "train",
