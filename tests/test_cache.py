@@ -1,6 +1,5 @@
 """Activation cache: what is written equals a direct forward pass; resume; shuffles; live mode."""
 
-import gc
 import json
 import os
 import shutil
@@ -8,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import tracemalloc
 from itertools import islice
 from pathlib import Path
 
@@ -120,23 +118,46 @@ def test_keeping_bos_keeps_position_zero(lm, tmp_path):
     torch.testing.assert_close(acts, reference(lm, ctx, H0, first=0), rtol=1e-5, atol=1e-6)
 
 
-def test_writer_memory_does_not_grow_with_tokens(lm, tmp_path):
-    """Peak traced memory (numpy shard buffers included) for 4x the tokens stays about the
-    same. What may grow is a few KiB of Python garbage per shard (JSON encoder closures)
-    awaiting a full collection, not activations: keeping them would add a shard per shard."""
-    def peak(n):
-        gc.collect()
-        tracemalloc.start()
-        cache_activations(lm, (c for c in make_contexts(n)), [H0, H1], tmp_path / f"m{n}",
-                          shard_contexts=64, progress=False)
-        size = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        return size
-    peak(8)  # warm up lazy imports and caches
-    small, large = peak(128), peak(512)  # 2 and 8 shards
-    shard_bytes = 64 * (L - 1) * (32 + 64) * 4
-    assert small > 2 * shard_bytes  # both shard buffers (filling, saving) are traced
-    assert large < small + 0.25 * shard_bytes, (small, large)
+def run_child(script: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python (one thread, the repository as working directory)."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=capture)
+
+
+def test_writer_memory_does_not_grow_with_tokens(lm_dir, tmp_path):
+    """Peak RSS (what torch's allocator uses too, unlike tracemalloc) of a fresh process does
+    not grow when it caches 4N contexts after N. A positive control in the same process keeps
+    every forward pass's activations, the leak this guards against, and must be seen."""
+    n, shard = 256, 64
+    script = f"""
+        import json, resource, sys, torch
+        torch.set_num_threads(1)
+        from saelab.data.cache import cache_activations
+        from saelab.lm.hooked import HookedLM
+        from tests.test_cache import make_contexts
+        lm, kept = HookedLM.load({str(lm_dir)!r}), []
+        hooks, clean = lm.hook_names(), lm.run_with_cache
+        def leaky(*args, **kwargs):
+            kept.append(clean(*args, **kwargs))
+            return kept[-1]
+        def peak_mib(n, leak=False):
+            lm.run_with_cache = leaky if leak else clean
+            cache_activations(lm, (c for c in make_contexts(n)), hooks,
+                              {str(tmp_path)!r} + f"/{{n}}{{leak}}", shard_contexts={shard},
+                              progress=False)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+            return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+        print(json.dumps([peak_mib({n}), peak_mib({4 * n}), peak_mib({4 * n}, leak=True),
+                          sum(lm.hook_dim(h) for h in hooks)]))
+        """
+    proc = run_child(script, capture=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    small, large, leaky, width = json.loads(proc.stdout.strip().splitlines()[-1])
+    leak_mib = 3 * n * L * width * 4 / 2**20  # 3N more contexts' activations, every hook
+    assert leak_mib > 20 and 2 * shard * L * width * 4 / 2**20 < 10  # buffers << a leak
+    assert large - small < 0.25 * leak_mib, (small, large, leak_mib)
+    assert leaky - large > 0.75 * leak_mib, (large, leaky, leak_mib)  # the measure sees leaks
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -174,7 +195,7 @@ def test_resume_after_kill_9(lm_dir, lm, tmp_path):
     """A writer killed by SIGKILL mid-run leaves a cache that is unfinished, never complete,
     and resumes to the same result."""
     path = tmp_path / "c"
-    script = textwrap.dedent(f"""
+    script = f"""
         import os, signal, torch
         torch.set_num_threads(1)
         from saelab.data.cache import cache_activations
@@ -187,10 +208,8 @@ def test_resume_after_kill_9(lm_dir, lm, tmp_path):
                 yield row
         cache_activations(HookedLM.load({str(lm_dir)!r}), rows(), [{H0!r}], {str(path)!r},
                           shard_contexts=6, progress=False)
-        """)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+        """
+    proc = run_child(script)
     assert proc.returncode == -signal.SIGKILL
     partial = open_cache(path, require_complete=False)  # checks every counted file exists
     assert not partial.complete and partial.n_contexts in (12, 18, 24)  # last write may be lost

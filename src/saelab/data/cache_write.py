@@ -158,7 +158,8 @@ def _skip_done(stream: ContextStream, manifest: dict, root: Path) -> None:
 
 
 class _ShardBuffers:
-    """One shard's activations per hook, preallocated (numpy, so tracemalloc sees them)."""
+    """One shard's activations per hook, preallocated once as numpy arrays (saved as .npy as
+    they are), with torch views for the LM to copy into."""
 
     def __init__(self, manifest: dict):
         self.dtype = manifest["dtype"]
