@@ -1,10 +1,14 @@
 """Logit lens: the folded final norm against finite differences of the real model, moments and
 kinds on known distributions, token masks."""
 
+import argparse
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from saelab.commands import logit_lens
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.lens import (classify, feature_lens, fold_final_norm, logit_weights, moments,
                                    residual_directions)
@@ -123,3 +127,29 @@ def test_vocab_helpers(lms):
     assert keep.sum() == 74 and not keep[150:].any() and keep[16] and not keep[18] and not keep[1]
     with pytest.raises(DataError, match="no token ids left"):
         vocab_mask(4, used=torch.zeros(4, dtype=torch.bool))
+
+
+def test_drop_unused_lists_only_tokens_of_the_text(tiny_hf_model_dirs, tmp_path, capsys):
+    """`logit-lens --drop-unused TEXT` on a word-level model whose text uses exactly 9 ids
+    (<bos>, w2..w9), listing k=5 each way. Without the option 10 distinct ids are listed (top
+    and bottom 5 of 64 never meet), so at least one is unused; with it, the 5 + 5 come from
+    those 9 alone, so they are all of them (the middle one listed twice)."""
+    model = tiny_hf_model_dirs["gpt_neox"]
+    torch.manual_seed(0)
+    SAE(32, 8, hook_name="blocks.1.hook_resid_post").save(tmp_path / "sae")
+    text = tmp_path / "words.txt"
+    text.write_text("w2 w3 w4 w5 w6 w7 w8 w9 " * 8)
+    used = {"<bos>"} | {f"w{i}" for i in range(2, 10)}
+
+    def listed(*extra):
+        parser = argparse.ArgumentParser()
+        logit_lens.register(parser.add_subparsers())
+        args = parser.parse_args(["logit-lens", str(tmp_path / "sae"), "--model", str(model),
+                                  "--feature", "3", "-k", "5", "--json", *extra])
+        assert args.func(args) == 0
+        out, = json.loads(capsys.readouterr().out)
+        return [t for t, _ in out["top"] + out["bottom"]]
+
+    without = listed()
+    assert len(set(without)) == 10 and set(without) - used
+    assert set(listed("--drop-unused", str(text))) == used
