@@ -137,8 +137,8 @@ def test_hf_dataset_offline_fails_fast_with_a_clear_error(tmp_path):
     touching the network, as a saelab error that says how to use local files instead (not a
     raw ConnectionError traceback). In a child process: datasets reads the variables on import."""
     pytest.importorskip("datasets")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HOME": str(tmp_path / "hf")}  # an empty cache: nothing to find locally
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
     proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
