@@ -40,3 +40,15 @@ def test_written_files_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_temp_dir_follows_umask_and_sits_beside_target(tmp_path):
+    from saelab.atomic import temp_dir
+
+    old = os.umask(0o022)
+    try:
+        tmp = temp_dir(tmp_path / "model", ".building")
+    finally:
+        os.umask(old)
+    assert tmp.parent == tmp_path and tmp.name.startswith(".model.") and tmp.name.endswith(".building")
+    assert tmp.stat().st_mode & 0o777 == 0o755

@@ -54,11 +54,15 @@ def test_drop_unused(tiny_lm, sae_dir, tmp_path, capsys):
     text = tmp_path / "small.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     used = set(tiny_lm.tokenizer.encode(text.read_text()))
-    argv = ["logit-lens", str(folder), "--feature", "2", "-k", "3", "--json", "--drop-unused", str(text)]
-    assert _run(logit_lens, argv) == 0
-    out, = json.loads(capsys.readouterr().out)
-    listed = {t for t, _ in out["top"] + out["bottom"]}
-    assert listed <= {tiny_lm.tokenizer.decode([i]) for i in used | {tiny_lm.bos_token_id}}
+    allowed = {tiny_lm.tokenizer.decode([i]) for i in used | {tiny_lm.bos_token_id}}
+    argv = ["logit-lens", str(folder), "--feature", "2", "-k", "3", "--json"]
+    listed = []
+    for extra in ([], ["--drop-unused", str(text)]):
+        assert _run(logit_lens, argv + extra) == 0
+        out, = json.loads(capsys.readouterr().out)
+        listed.append({t for t, _ in out["top"] + out["bottom"]})
+    assert not listed[0] <= allowed  # without the option, tokens the text never uses are listed
+    assert listed[1] <= allowed
 
 
 def test_tokens_command(tiny_lm, sae_dir, capsys):

@@ -35,6 +35,14 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def temp_dir(target: Path, suffix: str) -> Path:
+    """A new hidden folder beside `target` to build it in before renaming it into place, with
+    the permissions mkdir would give (mkdtemp makes 0700, which a renamed result would keep)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -20,7 +20,6 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from saelab.atomic import write_json
+from saelab.atomic import temp_dir, write_json
 from saelab.data.corpus import Document, evenly_spaced, load_stdlib, pack, split_documents
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.hooked import HookedLM
@@ -118,8 +117,7 @@ def build_default_lm(folder: str | Path, config: DefaultLMConfig | None = None,
     cfg, folder = config or DefaultLMConfig(), Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".building",
-                                    dir=folder.parent))
+        tmp = temp_dir(folder, ".building")
         try:
             info = _build_into(tmp, cfg, progress)
             write_json(tmp / BUILD_INFO, info)
