@@ -47,3 +47,18 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
     assert pruned[0]["name"] == "original" and pruned[1]["l0"] < entries[0]["l0"] / 2
     assert pruned[1]["n_killed"] > 0 and (out / "l0_vs_loss_recovered.png").exists()
     assert "pruned_l0<" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path, capsys):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--model", str(tiny_lm_path), "--out", str(out), "--steps", "20", "--contexts", "64",
+            "--context-length", "32", "--eval-contexts", "8", "--batch-size", "256", "--expansion", "2",
+            "--l1", "1", "--k", "4"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    entries = json.loads((out / "metrics.json").read_text())
+    best = max(entries, key=lambda e: e["loss_recovered"])
+    assert [e["name"] for e in entries] == ["relu_64_c1", "topk_64_k4"]
+    assert f"best loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}%" in text
+    assert f"report: {out / 'metrics.json'}" in text and (out / "l0_vs_loss_recovered.png").exists()

@@ -110,7 +110,7 @@ def test_relu_penalty_is_decoder_weighted_l1():
     out = sae.loss(x, coefficient=0.3)
     f = sae.encode(x)
     f = f.detach()
-    expected = 0.3 * sum(float(f[i, j]) * float(sae.W_dec[j].norm()) for i in range(10) for j in range(16)) / 10
+    expected = 0.3 * sum(float(f[i, j]) * float(sae.W_dec[j].detach().norm()) for i in range(10) for j in range(16)) / 10
     assert out.sparsity.item() == pytest.approx(expected, rel=1e-5)
     assert out.mse.item() == pytest.approx(((x - sae(x)) ** 2).sum(-1).mean().item(), rel=1e-6)
 
