@@ -104,7 +104,7 @@ def test_report_from_cache_equals_live_report(lm, setup, monkeypatch):
     ablation only, not for the scan nor the examples' activations (feature_acts)."""
     sae, contexts, _, kept = setup
     opts = dict(features=[0, 5, 11, 17], n_ablate=1, ablate_max_back=2, batch_size=6, progress=False)
-    live = build_report(sae, lm, contexts, **opts)
+    live = build_report(sae, lm, contexts, exclude_bos=False, **opts)
     callers, real = [], lm.run_with_cache
 
     def run_with_cache(*args, **kwargs):

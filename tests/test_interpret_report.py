@@ -35,7 +35,7 @@ def setup(tiny_lm):
 def test_schema(setup):
     lm, sae, contexts, report = setup
     assert set(report) == {"schema", "sae", "n_tokens", "density_hist", "features"}
-    assert report["schema"] == 1 and report["n_tokens"] == contexts.numel()
+    assert report["schema"] == 1 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
     assert report["sae"] == {"path": None, "arch": "topk", "d_in": lm.d_model, "d_sae": 24,
                              "hook_name": HOOK, "model_name": lm.name}
     assert sum(report["density_hist"]["counts"]) == 24
@@ -59,11 +59,12 @@ def test_numbers_match_direct_computation(setup):
     lm, sae, contexts, report = setup
     with torch.no_grad():
         f = feature_acts(sae, lm, contexts)
+    f[:, 0] = 0  # the BOS position is not scanned, and shows as 0 in examples
     vocab = [lm.tokenizer.decode([t]) for t in range(lm.d_vocab)]
     for j in (0, 3, 7):
         entry = report["features"][j]
         fj = f[..., j]
-        assert entry["density"] == pytest.approx((fj > 0).float().mean().item(), rel=1e-3)
+        assert entry["density"] == pytest.approx((fj[:, 1:] > 0).float().mean().item(), rel=1e-3)
         assert entry["max_act"] == pytest.approx(fj.max().item(), rel=1e-3)
         assert entry["dead"] == (fj.max().item() == 0)
         acts = [ex["act"] for ex in entry["examples"]]
@@ -202,6 +203,18 @@ def test_precomputed_activations_give_the_same_report(setup):
     again = build_report(sae, lm, contexts, acts=batches, features=[0, 3, 7], n_ablate=2,
                          ablate_max_back=5, progress=False)
     assert again == report
+
+
+def test_bos_position_scanned_only_when_asked_or_absent(setup):
+    lm, sae, contexts, report = setup
+    with_bos = build_report(sae, lm, contexts, features=[], exclude_bos=False, progress=False)
+    assert with_bos["n_tokens"] == contexts.numel()
+    with torch.no_grad():
+        f = feature_acts(sae, lm, contexts)
+    assert [e["density"] for e in with_bos["features"]] == [_r((f[..., j] > 0).float().mean()) for j in range(24)]
+    no_bos = contexts.clone()
+    no_bos[:, 0] = (lm.bos_token_id + 1) % lm.d_vocab  # contexts not starting with BOS: nothing to skip
+    assert build_report(sae, lm, no_bos, features=[], progress=False)["n_tokens"] == contexts.numel()
 
 
 def test_write_report(setup, tmp_path):

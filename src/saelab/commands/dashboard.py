@@ -70,6 +70,8 @@ def _add_view_args(g) -> None:
                    help="exponent on the cosine in the nearest-token score")
     g.add_argument("--drop-high-norm", type=float, default=d.high_norm_z, metavar="Z",
                    help="leave out of token lists tokens whose unembedding norm is a z-score outlier above Z")
+    g.add_argument("--include-bos", action="store_true",
+                   help="scan the BOS position too (default: left out, as in evaluation)")
     g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
                    help="keep only these many tokens around each example (default: whole contexts)")
 
@@ -80,7 +82,8 @@ def view_options(args: argparse.Namespace) -> dict:
                 tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, n_ablate=args.ablate,
                 n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
                 embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
-                high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None)
+                high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
+                exclude_bos=not args.include_bos)
 
 
 def sae_folders(path: Path) -> list[Path]:

@@ -60,6 +60,10 @@ class ReportOptions:
     context_length: int = 128  # their length (at most the model's)
     corpus: str = "stdlib"  # where those contexts come from (a data.corpus source)
     batch_size: int = 16  # contexts per forward
+    # leave position 0 out of the scan when every context starts with the model's BOS, as the
+    # evaluation does: BOS activations are outliers an SAE is usually not trained on, and would
+    # crowd every feature's top examples and distort densities
+    exclude_bos: bool = True
     scan: ScanConfig = field(default_factory=ScanConfig)
     window: tuple[int, int] | None = None  # tokens kept (before, after) an example; None: all
     n_logits: int = 10
@@ -95,6 +99,7 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     see loading.load_model) over `contexts` (n, S) token ids (None: held-out contexts of
     `corpus`). `acts`: batches with precomputed activations at the SAE's hook for those same
     contexts (rows = rows of `contexts`), used by the scan instead of running the model.
+    With `exclude_bos` (default) position 0 is not scanned when every context starts with BOS.
     `cache` (instead of contexts): an activation cache (ActivationCache or folder) of held-out
     text made by `model` with the SAE's hook; its first `n_contexts` (None: all) contexts are
     scanned, and examples' activations read, from it (a dropped BOS position is not scanned).
@@ -106,7 +111,10 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     source = _source(lm, sae, contexts, cache, opts, progress)
     contexts = source.tokens
     detail = _detail_features(opts.features, sae.cfg.d_sae)
-    batches = acts if acts is not None else source.batches(opts.batch_size)
+    if acts is not None:
+        batches = (_skip_positions(batch, source.start) for batch in acts)
+    else:
+        batches = source.batches(opts.batch_size)
     scan = scan_features(batches, sae, lm, config=opts.scan, progress=progress,
                          total=None if acts is not None else -(-len(contexts) // opts.batch_size))
     vocab = token_strings(lm.tokenizer, max(lm.d_vocab, lm.W_E.shape[0]))
@@ -158,10 +166,21 @@ def _source(lm, sae, contexts, cache, opts: ReportOptions, progress) -> ContextS
     """Where the scanned contexts and their activations come from: an activation cache, or
     the LM on `contexts` (held-out text of `corpus` when None)."""
     if cache is None:
-        return ContextSource(_contexts(lm, contexts, opts, progress))
+        tokens = _contexts(lm, contexts, opts, progress)
+        bos = lm.bos_token_id
+        starts_with_bos = bos is not None and tokens.shape[1] > 1 and bool((tokens[:, 0] == bos).all())
+        return ContextSource(tokens, start=int(opts.exclude_bos and starts_with_bos))
     if contexts is not None:
         raise ConfigError("give contexts or an activation cache, not both")
     return cache_source(cache, sae, lm, opts.n_contexts)
+
+
+def _skip_positions(batch: ContextBatch, start: int) -> ContextBatch:
+    """A caller's precomputed batch, scanned from `start` like the contexts' own source."""
+    if batch.start >= start:
+        return batch
+    acts = None if batch.acts is None else batch.acts[:, start - batch.start:]
+    return batch._replace(acts=acts, start=start)
 
 
 def _contexts(lm, contexts, opts: ReportOptions, progress) -> Tensor:
