@@ -17,7 +17,7 @@ import pytest
 
 from saelab.errors import DataError
 from saelab.interpret.dashboard import (
-    LEVELS, check_report, fmt, histogram_svg, read_dashboard_json, safe_text, tokens_html, visible_token,
+    check_report, fmt, histogram_svg, read_dashboard_json, safe_text, tokens_html, visible_token,
     write_dashboard,
 )
 

@@ -9,7 +9,7 @@ import torch
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.examples import (ContextBatch, ScanConfig, context_batches, example_acts,
                                        feature_acts, scan_features)
-from saelab.interpret.sampling import (KEY_MAX, first_per_group, fine_bin, hash_keys,
+from saelab.interpret.sampling import (first_per_group, fine_bin, hash_keys,
                                        pow2_exponent)
 from saelab.sae import SAE
 

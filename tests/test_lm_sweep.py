@@ -7,7 +7,7 @@ import torch
 
 from saelab.cli import main
 from saelab.experiments.lm_sweep import LMSweepConfig, run_lm_sweep, sweep_specs
-from saelab.lm_eval import evaluate_on_lm, reconstruction_metrics
+from saelab.lm_eval import reconstruction_metrics
 from saelab.metrics import fvu
 from saelab.sae import SAE
 

@@ -264,15 +264,6 @@ def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude
 
 
 # ---- inputs for experiments and commands ----------------------------------------------------
-def load_lm(model: str | None = None, device: str = "cpu") -> HookedLM:
-    """A local HF folder / hub name, or the offline default LM (built first if missing)."""
-    if model:
-        return HookedLM.load(model, device=device)
-    from saelab.lm.default import load_default_lm
-
-    return load_default_lm(device=device)
-
-
 def eval_tokens(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,
                 context_length: int | None = None, split: str = "heldout") -> torch.Tensor:
     """Contexts (n, context_length) of `source` (the held-out split by default) for evaluation;

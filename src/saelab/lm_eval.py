@@ -45,12 +45,3 @@ def evaluate_on_lm(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int
         for entry, extra in zip(entries, evaluate_downstream(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos)):
             entry.update(extra)
     return entries
-
-
-def resolve_lm(model: str | None, sae: SAE | None = None, device: str = "cpu") -> HookedLM:
-    """The model to evaluate on: `model` if given, else the one the SAE records, else the
-    offline default (built on first use). "default" names the offline default too."""
-    from saelab.downstream import load_lm
-
-    name = model or (sae.cfg.model_name if sae is not None else None)
-    return load_lm(None if name in (None, "default") else name, device=device)

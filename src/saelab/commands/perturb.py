@@ -25,10 +25,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sae = SAE.load(args.sae)
-    model = args.model
-    if model is None and sae.cfg.model_name and Path(sae.cfg.model_name).is_dir():
-        model = sae.cfg.model_name  # the SAE names a local model folder: use that one
-    lm, tokens = model_and_eval_tokens(args, model)
+    lm, tokens = model_and_eval_tokens(args, sae)
     cfg = PerturbConfig(cos_targets=list(args.cos), norm=args.norm, batch_size=args.batch_size,
                         exclude_bos=not args.include_bos, seed=args.seed)
     out = output_folder(args)

@@ -13,7 +13,8 @@ import torch
 from saelab.atomic import write_json
 from saelab.errors import MissingFileError
 from saelab.experiments.prune import plan_pruning, prune_features
-from saelab.lm_eval import evaluate_on_lm, reconstruction_metrics, resolve_lm
+from saelab.lm.resolve import resolve_lm
+from saelab.lm_eval import evaluate_on_lm, reconstruction_metrics
 from saelab.downstream import eval_tokens
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE

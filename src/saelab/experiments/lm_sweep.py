@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from saelab.atomic import write_json
@@ -22,7 +22,8 @@ from saelab.data.corpus import token_contexts
 from saelab.downstream import eval_tokens
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
-from saelab.lm_eval import evaluate_on_lm, resolve_lm
+from saelab.lm.resolve import resolve_lm
+from saelab.lm_eval import evaluate_on_lm
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.tables import format_rows
 from saelab.train import GroupTrainer, TrainConfig, rank_and_world

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from saelab.errors import ConfigError
 
@@ -17,20 +16,10 @@ def load_sae(sae) -> tuple:
 
 
 def load_model(model, sae):
-    """A HookedLM from a HookedLM, a model folder or hub name; None: the SAE's `model_name`
-    when it is a local folder, else the offline default LM (built on first use)."""
-    from saelab.lm.hooked import HookedLM
+    """The HookedLM the SAE is read on (see saelab.lm.resolve for the rule)."""
+    from saelab.lm.resolve import resolve_lm
 
-    if isinstance(model, HookedLM):
-        return model
-    if model is not None:
-        return HookedLM.load(model)
-    name = sae.cfg.model_name
-    if name and Path(name).expanduser().is_dir():
-        return HookedLM.load(name)
-    from saelab.lm.default import load_default_lm
-
-    return load_default_lm()
+    return resolve_lm(model, sae)
 
 
 def check_compatible(lm, sae) -> None:
