@@ -20,6 +20,7 @@ COMMANDS = [
     "perturb",
     "logit_lens",
     "tokens",
+    "compare",
 ]
 
 

@@ -42,6 +42,22 @@ _FROM_SAELENS = {
 }
 
 
+def is_sae_folder(path: Path) -> bool:
+    return (Path(path) / CFG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def sae_folders(path: str | Path) -> list[Path]:
+    """The SAE folders `path` names: itself, or the SAE folders under its saes/ (a run folder)."""
+    path = Path(path)
+    if is_sae_folder(path):
+        return [path]
+    folders = sorted(p for p in (path / "saes").glob("*") if is_sae_folder(p))
+    if not folders:
+        raise MissingFileError(f"{path} is neither an SAE folder ({CFG_FILE} + {WEIGHTS_FILE}) "
+                               f"nor a run folder with SAE folders under saes/")
+    return folders
+
+
 def save_sae(sae: SAE, path: str | Path) -> Path:
     """Write the folder (weights first, then cfg.json, each atomically)."""
     path = Path(path)

@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saelab.errors import MissingFileError
 from saelab.interpret.dashboard import write_dashboard
 from saelab.interpret.report import ReportOptions, build_report
-
-SAE_FILES = ("cfg.json", "sae_weights.safetensors")
-
+from saelab.sae_format import sae_folders
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens offline, file://)",
@@ -84,18 +81,6 @@ def view_options(args: argparse.Namespace) -> dict:
                 embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
                 high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
                 exclude_bos=not args.include_bos)
-
-
-def sae_folders(path: Path) -> list[Path]:
-    """The SAE folders `path` names: itself, or the SAE folders under its saes/ (a run)."""
-    path = Path(path)
-    if all((path / name).is_file() for name in SAE_FILES):
-        return [path]
-    folders = sorted(p for p in (path / "saes").glob("*") if all((p / n).is_file() for n in SAE_FILES))
-    if not folders:
-        raise MissingFileError(f"{path} is neither an SAE folder ({' + '.join(SAE_FILES)}) "
-                               f"nor a run folder with SAE folders under saes/")
-    return folders
 
 
 def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
