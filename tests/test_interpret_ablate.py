@@ -14,40 +14,59 @@ from saelab.sae import SAE
 HOOK = "blocks.0.hook_resid_post"
 
 
-def _setup(path):
+def _setup(path, hook=HOOK):
     lm = HookedLM.load(path)
     torch.manual_seed(0)
-    sae = SAE(lm.d_model, 10, arch="relu", hook_name=HOOK)
+    sae = SAE(lm.d_model, 10, arch="relu", hook_name=hook)
     with torch.no_grad():
         sae.W_enc.normal_()
     return lm, sae
 
 
-def _act(lm, sae, tokens, feature):
+def _act(lm, sae, tokens, feature, hook=HOOK):
     """Feature activation at the last position of `tokens`, one unpadded forward."""
-    x = lm.run_with_cache(tokens[None], [HOOK])[HOOK][0, -1]
+    x = lm.run_with_cache(tokens[None], [hook])[hook][0, -1]
     return sae.encode(x)[feature].item()
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])  # rotary and learned positions
-def test_batched_ablation_matches_one_sequence_at_a_time(tiny_hf_model_dirs, arch):
-    lm, sae = _setup(tiny_hf_model_dirs[arch])
+@pytest.mark.parametrize("max_back", [None, 4])  # without and with shared prefixes (kv cache)
+@pytest.mark.parametrize("arch,hook", [("gpt_neox", HOOK), ("gpt2", HOOK), ("llama", HOOK),
+                                       ("gpt_neox_sequential", "blocks.1.hook_attn_out"),
+                                       ("gpt2", "blocks.1.ln2.hook_normalized")])
+def test_batched_ablation_matches_one_sequence_at_a_time(tiny_hf_model_dirs, arch, hook, max_back):
+    """Rotary and learned positions, a later layer; rows of one example split across forwards."""
+    lm, sae = _setup(tiny_hf_model_dirs[arch], hook)
     g = torch.Generator().manual_seed(1)
     ctx = [torch.randint(0, 64, (16,), generator=g) for _ in range(3)]
-    reqs = [AblationRequest(ctx[0], 9, 3), AblationRequest(ctx[1], 4, 7),
-            AblationRequest(ctx[2], 15, 3), AblationRequest(ctx[0], 0, 1)]
-    out = ablate_tokens(lm, sae, reqs, max_rows=7)  # rows of one example split across forwards
+    reqs = [AblationRequest(ctx[0], 9, 3), AblationRequest(ctx[1], 4, 7), AblationRequest(ctx[2], 15, 3),
+            AblationRequest(ctx[0], 0, 1), AblationRequest(ctx[2], 9, 5)]
+    out = ablate_tokens(lm, sae, reqs, max_rows=7, max_back=max_back)
     for req, res in zip(reqs, out):
         prefix = req.tokens[:req.pos + 1]
-        assert res.base == pytest.approx(_act(lm, sae, prefix, req.feature), abs=1e-5)
+        first = 0 if max_back is None else max(0, req.pos - max_back)
+        assert res.base == pytest.approx(_act(lm, sae, prefix, req.feature, hook), abs=1e-5)
         assert res.ablated.shape == (req.pos + 1,) and math.isnan(res.ablated[req.pos])
         for t in range(req.pos):
             shortened = torch.cat([prefix[:t], prefix[t + 1:]])
-            assert res.ablated[t].item() == pytest.approx(_act(lm, sae, shortened, req.feature), abs=1e-5)
+            want = _act(lm, sae, shortened, req.feature, hook) if t >= first else math.nan
+            assert res.ablated[t].item() == pytest.approx(want, abs=1e-5, nan_ok=True)
         delta = res.delta()
-        assert delta[-1] is None and all(d is not None for d in delta[:-1])
-        assert all(d == pytest.approx(a - res.base) for d, a in zip(delta, res.ablated.tolist()[:-1]))
+        assert delta[-1] is None and [d is not None for d in delta[:-1]] == [t >= first for t in range(req.pos)]
+        assert all(d == pytest.approx(a - res.base) for d, a in zip(delta, res.ablated.tolist()[:-1]) if d is not None)
     assert out[3].delta() == [None]  # position 0: nothing earlier to remove
+
+
+def test_shared_prefixes_run_once(tiny_hf_model_dirs, monkeypatch):
+    """With max_back, each example's common first tokens go through the model once, not once
+    per ablated sequence: 6 examples at p = 15, max_back 3 feed 6 * 12 prefix tokens and
+    6 * 4 rows of 4 tail tokens, instead of 6 * 4 rows of 16."""
+    lm, sae = _setup(tiny_hf_model_dirs["gpt_neox"])
+    g = torch.Generator().manual_seed(4)
+    reqs = [AblationRequest(torch.randint(0, 64, (16,), generator=g), 15, f) for f in range(6)]
+    tokens, real = [], lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **k: tokens.append(k["input_ids"].numel()) or real(*a, **k))
+    ablate_tokens(lm, sae, reqs, max_back=3)
+    assert sum(tokens) == 6 * 12 + 6 * 4 * 4
 
 
 def test_max_back_limits_the_removed_tokens(tiny_hf_model_dirs):

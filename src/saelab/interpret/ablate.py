@@ -10,6 +10,12 @@ Batching: the model is causal, so an activation at position q depends only on to
 any tokens after q can be padding. Every row (the base prefix of length p + 1 and each ablated
 prefix of length p, right-padded) is therefore one row of a rectangular batch; rows of several
 examples share forwards, sorted by length so that padding stays small.
+
+Shared prefixes: with `max_back` only tokens first = p - max_back .. p - 1 are removed, so all
+rows of an example begin with the same tokens 0..first - 1. Those are run once per example (one
+forward for a group of examples with the same `first`) and their attention keys and values
+reused by every row, which then runs only its last max_back + 1 tokens: the cost per example
+falls from (max_back + 1) * p tokens to about p + (max_back + 1)^2.
 """
 
 from __future__ import annotations
@@ -71,34 +77,55 @@ def ablate_tokens(lm, sae, requests: Sequence[AblationRequest], *, max_back: int
     prefixes = [_check(r, sae.cfg.d_sae) for r in requests]
     firsts = [0 if max_back is None else max(0, r.pos - max_back) for r in requests]
     rows = [_rows(p, f) for p, f in zip(prefixes, firsts)]
-    read = [torch.cat([torch.tensor([r.pos]), torch.full((len(x) - 1,), r.pos - 1)])
-            for r, x in zip(requests, rows)]
-    owner = [torch.full((len(x),), i) for i, x in enumerate(rows)]
-    order = sorted(range(len(requests)), key=lambda i: requests[i].pos)
-    flat = [(x, int(q), int(o)) for i in order for x, q, o in zip(rows[i], read[i], owner[i])]
-    values = torch.empty(len(flat))
-    for start in range(0, len(flat), max_rows):
-        chunk = flat[start:start + max_rows]
-        length = max(x.numel() for x, _, _ in chunk)
-        batch = torch.stack([torch.cat([x, x[-1:].expand(length - x.numel())]) for x, _, _ in chunk])
-        acts = lm.run_with_cache(batch, [hook])[hook]
-        at = acts[torch.arange(len(chunk)), torch.tensor([q for _, q, _ in chunk])]
-        feats = torch.tensor([requests[o].feature for _, _, o in chunk])
-        f = sae.encode(at.to(sae.W_enc.device, sae.W_enc.dtype))
-        values[start:start + len(chunk)] = f[torch.arange(len(chunk)), feats.to(f.device)].float().cpu()
-    return _collect(requests, firsts, order, values)
+    reads = [torch.tensor([r.pos] + [r.pos - 1] * (len(x) - 1)) - f for r, x, f in zip(requests, rows, firsts)]
+    values = [torch.empty(len(x)) for x in rows]
+    order = sorted(range(len(requests)), key=lambda i: (firsts[i], requests[i].pos))
+    for chunk in _chunks(order, firsts, [len(x) for x in rows], max_rows):
+        first = firsts[chunk[0][0]]  # the same for the whole chunk: the rows' shared prefix
+        owners = list(dict.fromkeys(i for i, _, _ in chunk))
+        past = None
+        if first:
+            past = _prefix_cache(lm, hook, torch.stack([prefixes[i][:first] for i in owners]))
+            past.batch_select_indices(torch.cat([torch.full((hi - lo,), owners.index(i)) for i, lo, hi in chunk]))
+        tails = [rows[i][lo:hi, first:] for i, lo, hi in chunk]
+        length = max(t.shape[1] for t in tails)
+        batch = torch.cat([torch.cat([t, t[:, -1:].expand(-1, length - t.shape[1])], 1) for t in tails])
+        acts = lm.run_with_cache(batch, [hook], past=past)[hook]
+        read = torch.cat([reads[i][lo:hi] for i, lo, hi in chunk])
+        feats = torch.cat([torch.full((hi - lo,), requests[i].feature) for i, lo, hi in chunk])
+        f = sae.encode(acts[torch.arange(len(read)), read].to(sae.W_enc.device, sae.W_enc.dtype))
+        flat = f[torch.arange(len(read)), feats.to(f.device)].float().cpu()
+        for (i, lo, hi), part in zip(chunk, flat.split([hi - lo for _, lo, hi in chunk])):
+            values[i][lo:hi] = part
+    return [_result(r, f, v) for r, f, v in zip(requests, firsts, values)]
 
 
-def _collect(requests, firsts, order, values: Tensor) -> list[AblationResult]:
-    """Split the flat activations (in `order`) back into one result per request."""
-    out: list[AblationResult | None] = [None] * len(requests)
-    offset = 0
+def _chunks(order: list[int], firsts: list[int], counts: list[int], max_rows: int):
+    """Forwards as lists of (request, lo, hi) row ranges: at most max_rows rows each (a request
+    with more rows is split), all with the same `first`, so they share one prefix length."""
+    chunk, used = [], 0
     for i in order:
-        p, first = requests[i].pos, firsts[i]
-        n = 1 + p - first
-        base, abl = values[offset], values[offset + 1:offset + n]
-        ablated = torch.full((p + 1,), float("nan"))
-        ablated[first:p] = abl
-        out[i] = AblationResult(float(base), ablated)
-        offset += n
-    return out
+        lo = 0
+        while lo < counts[i]:
+            if chunk and (firsts[i] != firsts[chunk[0][0]] or used == max_rows):
+                yield chunk
+                chunk, used = [], 0
+            hi = min(counts[i], lo + max_rows - used)
+            chunk.append((i, lo, hi))
+            used, lo = used + hi - lo, hi
+    if chunk:
+        yield chunk
+
+
+def _prefix_cache(lm, hook: str, prefixes: Tensor):
+    """Attention keys and values of the prefixes (c, first), up to the hook's layer."""
+    past = lm.new_kv_cache()
+    lm.run_with_cache(prefixes, [hook], past=past)
+    return past
+
+
+def _result(req: AblationRequest, first: int, values: Tensor) -> AblationResult:
+    """values: the base activation, then one per removed token first..pos-1."""
+    ablated = torch.full((req.pos + 1,), float("nan"))
+    ablated[first:req.pos] = values[1:]
+    return AblationResult(float(values[0]), ablated)

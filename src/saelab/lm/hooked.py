@@ -146,16 +146,30 @@ class HookedLM:
     # ---- running -------------------------------------------------------------------------
     def run_with_cache(self, tokens=None, names: Sequence[str] = (), *,
                        splices: Mapping[str, Splice] | None = None, inputs_embeds=None,
-                       return_logits: bool = False, grad: bool = False):
+                       return_logits: bool = False, grad: bool = False, past=None):
         """Activations at `names` from ONE forward pass: {name: (batch, seq, d)}.
 
         Without `return_logits` the pass stops as soon as the last requested activation is
-        recorded (later layers are never run). With it, returns (logits, cache)."""
+        recorded (later layers are never run). With it, returns (logits, cache).
+
+        `past` (from `new_kv_cache`): the attention keys and values of earlier tokens. A pass
+        adds its own tokens' to it, and a pass given a filled one continues those sequences
+        (positions count on from its length): a shared prefix is then computed once. A pass
+        that stops early fills only the layers it ran, which is all a later pass stopping at
+        the same hook reads."""
         names = list(dict.fromkeys(names))
         self._check_names(names)
         logits, cache = self._run(tokens, inputs_embeds, names, splices or {},
-                                  stop_early=not return_logits, grad=grad)
+                                  stop_early=not return_logits, grad=grad, past=past)
         return (logits, cache) if return_logits else cache
+
+    @staticmethod
+    def new_kv_cache():
+        """An empty key/value cache for `run_with_cache(past=...)`; `.batch_repeat_interleave(n)`
+        repeats each of its sequences n times in place (n continuations of one prefix)."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def forward(self, tokens=None, splices: Mapping[str, Splice] | None = None, *,
                 inputs_embeds=None, grad: bool = False) -> torch.Tensor:
@@ -271,7 +285,7 @@ class HookedLM:
                             f"{self.context_length}")
         return t.long()
 
-    def _run(self, tokens, inputs_embeds, capture, splices, stop_early, grad):
+    def _run(self, tokens, inputs_embeds, capture, splices, stop_early, grad, past=None):
         self._check_names(list(splices))
         if (tokens is None) == (inputs_embeds is None):
             raise ConfigError("give exactly one of tokens and inputs_embeds")
@@ -287,7 +301,8 @@ class HookedLM:
                                          else None, len(capture) if stop_early else -1, grad)
             with torch.set_grad_enabled(grad):
                 try:
-                    logits = self.model(**kwargs, use_cache=False).logits
+                    cached = {"use_cache": False} if past is None else {"use_cache": True, "past_key_values": past}
+                    logits = self.model(**kwargs, **cached).logits
                 except _StopForward:
                     logits = None
         finally:
