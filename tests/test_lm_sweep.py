@@ -54,7 +54,7 @@ def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path,
     out = tmp_path / "qs"
     argv = ["quickstart", "--model", str(tiny_lm_path), "--out", str(out), "--steps", "20", "--contexts", "64",
             "--context-length", "32", "--eval-contexts", "8", "--batch-size", "256", "--expansion", "2",
-            "--l1", "1", "--k", "4"]
+            "--l1", "1", "--k", "4", "--device", "cpu"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     entries = json.loads((out / "metrics.json").read_text())
@@ -62,3 +62,13 @@ def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path,
     assert [e["name"] for e in entries] == ["relu_64_c1", "topk_64_k4"]
     assert f"best loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}%" in text
     assert f"report: {out / 'metrics.json'}" in text and (out / "l0_vs_loss_recovered.png").exists()
+    assert json.loads((out / "sweep.json").read_text())["device"] == "cpu"
+
+
+def test_rank_device(monkeypatch):
+    from saelab.experiments.lm_sweep import rank_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cuda") == "cuda:1" and rank_device("cuda:0") == "cuda:0" and rank_device("cpu") == "cpu"

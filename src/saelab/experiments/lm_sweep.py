@@ -47,6 +47,7 @@ class LMSweepConfig:
     normalize_activations: bool = True
     cache_dtype: str = "float32"
     seed: int = 0
+    device: str = "cpu"  # where the LM runs and the SAEs train ("cuda", "cuda:1", "mps", ...)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -61,7 +62,8 @@ def middle_hook(lm: HookedLM) -> str:
 
 def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = None) -> list[dict]:
     run_dir = Path(run_dir)
-    lm = lm or resolve_lm(cfg.model)
+    device = rank_device(cfg.device)
+    lm = lm or resolve_lm(cfg.model, device=device)
     hook = cfg.hook or middle_hook(lm)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     for name in hooks:
@@ -87,7 +89,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         lm.hook_dim(hook),
         run_dir,
         TrainConfig(total_steps=cfg.steps, checkpoint_every=max(1, cfg.steps // 5), log_every=10,
-                    normalize_activations=cfg.normalize_activations, seed=cfg.seed),
+                    normalize_activations=cfg.normalize_activations, seed=cfg.seed, device=device),
         d_out=lm.hook_dim(cfg.hook_out) if cfg.hook_out else None,
         hook_name=hook,
         hook_name_out=cfg.hook_out,
@@ -98,7 +100,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     held_out = eval_tokens(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
-    local = evaluate_on_lm(lm, trainer.final_saes(), held_out)
+    local = evaluate_on_lm(lm, [sae.to(device) for sae in trainer.final_saes()], held_out)
     for entry, label, spec in zip(local, trainer.labels, trainer.specs):
         entry.update(name=label, spec=spec.to_dict(), train_tokens=cfg.steps * cfg.batch_size)
     merged = trainer.gather(dict(zip(trainer.labels, local)))
@@ -115,6 +117,15 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
     (run_dir / "table.txt").write_text(format_rows(entries, TABLE_COLUMNS) + "\n")
     return entries
+
+
+def rank_device(device: str) -> str:
+    """Plain "cuda" under torchrun means this rank's own GPU (LOCAL_RANK), not all on GPU 0."""
+    import os
+
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def sweep_specs(expansions: list[float], l1: list[float], ks: list[int], arch_k: str = "topk", lr: float = 1e-3,
