@@ -34,7 +34,7 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
         assert 0 < e["fvu"] < 1 and 0.0 < e["loss_recovered"] <= 1.05 and e["kl"] >= 0
     topk = entries[1]
     assert topk["l0"] <= 8 + 1e-6
-    for name in ("metrics.json", "log.jsonl", "l0_vs_loss_recovered.png", "sweep.json", "table.txt"):
+    for name in ("metrics.json", "log.jsonl", "l0_vs_loss_recovered.png", "feature_density.png", "sweep.json", "table.txt"):
         assert (tmp_path / "run" / name).exists(), name
     # the saved SAE evaluates the same when loaded again
     sae = SAE.load(tmp_path / "run" / "saes" / "topk_128_k8")

@@ -1,6 +1,6 @@
-import matplotlib.pyplot as plt
+import math
 
-from saelab.plots import l0_vs_loss_recovered_figure, plot_l0_vs_loss_recovered
+from saelab.plots import density_histograms_figure, l0_vs_loss_recovered_figure, plot_l0_vs_loss_recovered, save_figure
 
 
 def _visible_tick_labels(fig):
@@ -14,14 +14,26 @@ def test_l0_axis_is_labelled_within_one_decade():
     # the quickstart's L0s (16..67) lie inside one decade: the axis must still carry numbers
     fig = l0_vs_loss_recovered_figure({"topk": [(16, 0.97, "k16"), (32, 0.98, "k32")], "relu": [(43, 0.95), (67, 0.96)]})
     labels = _visible_tick_labels(fig)
-    plt.close(fig)
     assert {"20", "50"} <= set(labels)
 
 
 def test_points_are_annotated_and_png_written(tmp_path):
     fig = l0_vs_loss_recovered_figure({"topk": [(16, 0.97, "k16"), (32, 0.98, "k32")]})
     texts = [t.get_text() for t in fig.axes[0].texts]
-    plt.close(fig)
     assert texts == ["k16", "k32"]
     path = plot_l0_vs_loss_recovered({"a": [(5, 0.5), (500, 0.9)]}, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_density_histograms_show_each_saes_counts(tmp_path):
+    edges = [-10 + 0.5 * i for i in range(21)]
+    entries = [{"name": f"s{n}", "density_hist_edges": edges, "density_hist_counts": [n + i for i in range(20)],
+                "dead": n, "dense": 2 * n, "dense_threshold": 0.1} for n in range(5)]
+    fig = density_histograms_figure(entries)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 5 and len(fig.axes) == 8  # 4 columns, 2 rows, 3 empty panels hidden
+    for ax, e in zip(panels, entries):
+        assert [p.get_height() for p in ax.patches] == e["density_hist_counts"]
+        assert ax.get_title() == f"{e['name']}  dead {e['dead']}  dense {e['dense']}"
+        assert ax.lines[0].get_xdata()[0] == math.log10(0.1)
+    assert save_figure(fig, tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
-"""Figures written into run folders (matplotlib, Agg backend: no display needed)."""
+"""Figures written into run folders. matplotlib's `Figure` objects, never pyplot: no display,
+no global figure state, nothing to close."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ Point = tuple  # (l0, loss_recovered) or (l0, loss_recovered, label)
 def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = ""):
     """One marker series per name: L0 (log x) against % loss recovered. A point's optional third
     element (e.g. "k32", "L1 2") is written beside it, so a reader can tell the SAEs apart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker as ticker
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig = Figure(figsize=(6, 4.2), dpi=120)
+    ax = fig.add_subplot()
     for (name, points), marker in zip(series.items(), "osD^v<>"):
         points = sorted(p for p in points if p[0] is not None and p[1] is not None)
         if not points:
@@ -43,12 +42,38 @@ def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = "")
     return fig
 
 
+def density_histograms_figure(entries: list[dict]):
+    """One panel per SAE: the log10 feature-density histogram from its metrics entry
+    (`density_hist_counts` / `density_hist_edges`), the dense threshold marked: the spike of
+    high-frequency features the seeds prune shows here. Dead features sit in the leftmost bin."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(entries))
+    rows = math.ceil(len(entries) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, e in zip(axes.flat, entries):
+        edges, counts = e["density_hist_edges"], e["density_hist_counts"]
+        ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge", color="#4c78a8")
+        ax.axvline(math.log10(e.get("dense_threshold", 0.1)), color="#c44", lw=1, ls="--")
+        ax.set_title(f"{e.get('name', '')}  dead {e.get('dead', 0)}  dense {e.get('dense', 0)}", fontsize=8)
+        ax.set_xlabel("log10 feature density", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(entries):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: float | None = None) -> Path:
+    """Write a figure as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
 def plot_l0_vs_loss_recovered(series: dict[str, list[Point]], path: str | Path, title: str = "") -> Path:
     """Write `l0_vs_loss_recovered_figure` as a PNG, atomically."""
-    import matplotlib.pyplot as plt
-
-    fig = l0_vs_loss_recovered_figure(series, title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(l0_vs_loss_recovered_figure(series, title), path)

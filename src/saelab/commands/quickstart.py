@@ -29,6 +29,7 @@ def run(args) -> int:
     best = max(entries, key=lambda e: e.get("loss_recovered", float("-inf")))
     print(f"\nbest loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}% at L0 {best['l0']:.1f}")
     print(f"finished in {time.perf_counter() - start:.0f} s")
-    print(f"report: {out / 'metrics.json'}  plot: {out / 'l0_vs_loss_recovered.png'}  log: {out / 'log.jsonl'}")
+    print(f"report: {out / 'metrics.json'}  plots: {out / 'l0_vs_loss_recovered.png'}, {out / 'feature_density.png'}"
+          f"  log: {out / 'log.jsonl'}")
     print(f"next: saelab dashboard {out / 'saes' / best['name']}")
     return 0

@@ -24,7 +24,7 @@ from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import resolve_lm
 from saelab.lm_eval import evaluate_on_lm
-from saelab.plots import plot_l0_vs_loss_recovered
+from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
 from saelab.tables import format_rows
 from saelab.train import GroupTrainer, TrainConfig, rank_and_world
 from saelab.train_spec import TrainSpec
@@ -115,6 +115,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         series.setdefault(f"{entry['spec']['arch']} x{entry['d_sae'] // lm.hook_dim(hook)}", []).append(
             (entry["l0"], entry["loss_recovered"], TrainSpec.from_dict(entry["spec"]).knob()))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
+    save_figure(density_histograms_figure(entries), run_dir / "feature_density.png")
     (run_dir / "table.txt").write_text(format_rows(entries, TABLE_COLUMNS) + "\n")
     return entries
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from saelab.atomic import atomic_path, write_json, write_text
+from saelab.atomic import write_json, write_text
 from saelab.downstream import compare_splices, sae_hooks, sae_splices
 from saelab.errors import ConfigError, DataError
 from saelab.lm.hooked import HookedLM
+from saelab.plots import save_figure
 from saelab.sae import SAE
 
 NORMS = ("sae", "input")
@@ -164,10 +165,7 @@ def plot_kl_vs_cos(result: dict, path: str | Path, title: str = "") -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def run_perturb(lm: HookedLM, sae: SAE, tokens, out_dir: str | Path,

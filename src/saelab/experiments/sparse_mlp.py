@@ -26,11 +26,12 @@ from typing import Sequence
 
 import torch
 
-from saelab.atomic import atomic_path, write_json, write_text
+from saelab.atomic import write_json, write_text
 from saelab.downstream import evaluate_downstream, token_batches
 from saelab.errors import ConfigError, DataError
 from saelab.lm.arch import MLPWeights
 from saelab.lm.hooked import HookedLM
+from saelab.plots import save_figure
 from saelab.metrics import feature_density, max_cosine
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
@@ -221,10 +222,7 @@ def plot_cosine_histograms(hists: dict[str, dict], path: str | Path) -> Path:
             ax.set_xlabel("best cosine with an original neuron")
             ax.set_ylabel("sparse neurons")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def format_report(entries: list[dict], model: str = "") -> str:
