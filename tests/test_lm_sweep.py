@@ -72,3 +72,18 @@ def test_rank_device(monkeypatch):
     assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert rank_device("cuda") == "cuda:1" and rank_device("cuda:0") == "cuda:0" and rank_device("cpu") == "cpu"
+
+
+@pytest.mark.slow
+def test_live_sweep_needs_no_cache_and_trains_alike(tiny_lm, tiny_lm_path, tmp_path):
+    """--live: the same batches as the cache gives (tests/test_cache.py checks them equal), so
+    the same SAEs up to float noise of different LM batch sizes, and nothing on disk."""
+    specs = sweep_specs([2], [], [4], lr=3e-3, steps=30)
+    common = dict(specs=specs, model=str(tiny_lm_path), context_length=16, train_contexts=96, eval_contexts=8,
+                  batch_size=128, steps=30)
+    cached = run_lm_sweep(LMSweepConfig(**common), tmp_path / "cached", lm=tiny_lm)
+    live = run_lm_sweep(LMSweepConfig(**common, live=True), tmp_path / "live", lm=tiny_lm)
+    assert (tmp_path / "cached" / "cache").is_dir() and not (tmp_path / "live" / "cache").exists()
+    for a, b in zip(cached, live):
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-3) and b["l0"] == pytest.approx(a["l0"], rel=1e-3)
+    assert "data_s" in json.loads((tmp_path / "live" / "sweep.json").read_text())["timings"]

@@ -25,6 +25,9 @@ def add_sweep_args(p, *, steps: int, contexts: int, l1, ks, expansions) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--live", action="store_true",
+                   help="no activation cache on disk: batches come straight from the LM through a mixing buffer "
+                        "(the same batches as from a cache; the LM runs again on a resumed run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the LM runs and the SAEs train: cpu, cuda, cuda:1, mps (default: cpu)")
 
@@ -35,7 +38,7 @@ def config_from_args(args) -> LMSweepConfig:
         specs=specs, model=args.model, hook=args.hook, hook_out=args.hook_out, source=args.source,
         context_length=args.context_length, train_contexts=args.contexts, eval_contexts=args.eval_contexts,
         batch_size=args.batch_size, steps=args.steps, cache_dtype=args.cache_dtype, seed=args.seed,
-        device=args.device,
+        device=args.device, live=args.live,
     )
 
 

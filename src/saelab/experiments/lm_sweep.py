@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from saelab.atomic import write_json
-from saelab.data.cache import cache_activations, open_cache
+from saelab.atomic import write_json, write_text
+from saelab.data.cache import cache_activations, live_batches, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.downstream import eval_tokens
 from saelab.errors import ConfigError
@@ -48,6 +48,7 @@ class LMSweepConfig:
     cache_dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"  # where the LM runs and the SAEs train ("cuda", "cuda:1", "mps", ...)
+    live: bool = False  # batches straight from the LM (a mixing buffer, no disk cache)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -73,17 +74,8 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         raise ConfigError("the model has no tokenizer; saelab needs one to read text")
     timings = {}
     start = time.perf_counter()
-    rank, world = rank_and_world()
-    if rank == 0:  # one rank writes the cache; the others read it once it is complete
-        contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
-        cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
-    timings["cache_s"] = time.perf_counter() - start
-    batches = cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
+    batches = _training_batches(cfg, lm, hook, hooks, length, run_dir)
+    timings["data_s" if cfg.live else "cache_s"] = time.perf_counter() - start
     trainer = GroupTrainer(
         cfg.specs,
         lm.hook_dim(hook),
@@ -106,7 +98,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     merged = trainer.gather(dict(zip(trainer.labels, local)))
     entries = [merged[label] for label in trainer.all_labels]
     timings["eval_s"] = time.perf_counter() - start
-    if rank != 0:
+    if trainer.rank != 0:
         return entries
     write_json(run_dir / "metrics.json", entries)
     write_json(run_dir / "sweep.json", {**cfg.to_dict(), "hook": hook, "model_name": lm.name, "timings": timings})
@@ -116,8 +108,27 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
             (entry["l0"], entry["loss_recovered"], TrainSpec.from_dict(entry["spec"]).knob()))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
     save_figure(density_histograms_figure(entries), run_dir / "feature_density.png")
-    (run_dir / "table.txt").write_text(format_rows(entries, TABLE_COLUMNS) + "\n")
+    write_text(run_dir / "table.txt", format_rows(entries, TABLE_COLUMNS) + "\n")
     return entries
+
+
+def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, hooks: list[str], length: int, run_dir: Path):
+    """Shuffled training batches: from an activation cache in the run folder (written once,
+    by rank 0 under torchrun), or with `live` straight from the LM (no disk; the same batches)."""
+    rank, world = rank_and_world()
+    contexts = None
+    if cfg.live or rank == 0:
+        contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
+    if cfg.live:
+        return live_batches(lm, contexts, hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
+    if rank == 0:  # one rank writes the cache; the others read it once it is complete
+        cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
+    return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 
 
 def rank_device(device: str) -> str:
