@@ -102,3 +102,26 @@ def test_dashboard_from_a_cache(tiny_lm, sae_dir, tmp_path, capsys):
     other = cache_activations(tiny_lm, contexts, "blocks.0.hook_resid_post", tmp_path / "other", progress=False)
     with pytest.raises(DataError, match="has no activations for.*blocks.1.hook_resid_post.*it holds"):
         _run(dashboard, ["dashboard", str(folder), "--cache", str(other.path)])
+
+
+def test_cache_command_writes_held_out_activations(tiny_lm, tiny_lm_path, tmp_path, capsys):
+    """`saelab cache`: held-out contexts of the source, their activations at every hook as one
+    forward gives them (BOS dropped), and a second run reuses the finished cache."""
+    from saelab.cli import main
+    from saelab.data.cache_read import open_cache
+    from saelab.data.corpus import token_contexts
+
+    text = tmp_path / "corpus.jsonl"
+    text.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n"}) + "\n" for i in range(400)))
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    argv = ["cache", "--model", str(tiny_lm_path), "--source", str(text), "--hooks", *hooks,
+            "--contexts", "6", "--context-length", "16", "--out", str(tmp_path / "c")]
+    assert main(argv) == 0 and main(argv) == 0
+    assert capsys.readouterr().out.count(f"{tmp_path / 'c'}: 6 contexts, 90 tokens") == 2
+    cache = open_cache(tmp_path / "c", model=tiny_lm, hooks=hooks)
+    want = token_contexts(str(text), tiny_lm.tokenizer, 16, split="heldout", max_contexts=6)
+    assert torch.equal(cache.context_tokens(range(6)), want)
+    direct = tiny_lm.run_with_cache(want, hooks)
+    for hook in hooks:
+        torch.testing.assert_close(cache.context_activations(range(6), hook), direct[hook][:, 1:])
+    assert cache.manifest["meta"] == {"source": str(text), "split": "heldout"}

@@ -21,6 +21,7 @@ COMMANDS = [
     "logit_lens",
     "tokens",
     "compare",
+    "cache",
 ]
 
 

@@ -8,7 +8,7 @@ open it from disk, no server or network needed.
 Examples come from held-out text run through the model (--source), or from an activation cache
 (--cache): then the scan and the examples' activations are read from the cache, not recomputed
 (the model still runs for ablated text and trees). Give a cache of HELD-OUT text made by the
-SAE's model with its hook, e.g. one written by the cache writer on held-out contexts; a training
+SAE's model with its hook, e.g. one `saelab cache --hooks HOOK --out DIR` writes; a training
 run's own cache holds its train split, so a run folder never uses it by default."""
 
 from __future__ import annotations
