@@ -205,3 +205,19 @@ def test_live_scan_equals_precomputed(tiny_hf_model_dirs):
 
 def _batches_of(contexts, acts):
     yield ContextBatch(contexts, torch.arange(len(contexts)), acts)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
+def test_active_features_equal_the_dense_encoding(arch):
+    """The sparse path (topk's values and indices) lists exactly the nonzero entries of encode."""
+    from saelab.interpret.examples import active_features, nonzero_acts
+
+    torch.manual_seed(0)
+    sae = SAE(16, 40, arch=arch, k=5 if arch == "topk" else None).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)  # some negative pre-activations: topk keeps relu'd zeros out
+        x = torch.randn(3, 7, 16)
+        got, want = active_features(sae, x), nonzero_acts(sae.encode(x).reshape(21, 40))
+    order = torch.argsort(got.tok_i * 40 + got.feat)
+    assert torch.equal(got.tok_i[order], want.tok_i) and torch.equal(got.feat[order], want.feat)
+    assert torch.equal(got.value[order], want.value) and len(want.value) > 0

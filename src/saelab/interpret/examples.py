@@ -149,9 +149,13 @@ class FeatureScan:
         """f (B, S, d_sae) feature activations of contexts `tokens` (B, S) at `rows` (B,);
         f[:, 0] is context position `start`."""
         B, S, _ = f.shape
-        flat = f.reshape(B * S, -1)
-        tok_i, feat = torch.nonzero(flat, as_tuple=True)  # the only pass over dense f
-        value = flat[tok_i, feat]
+        self.update_active(nonzero_acts(f.reshape(B * S, -1)), tokens, rows, start)
+
+    def update_active(self, active: "ActiveFeatures", tokens: Tensor, rows: Tensor, start: int = 0) -> None:
+        """The same from the active entries only: token i of the batch (row-major over tokens
+        (B, S)) has feature `feat` at `value`; what a sparse encoder (topk) gives directly."""
+        B, S = tokens.shape
+        tok_i, feat, value = active
         if bool((value < 0).any()):  # no architecture gives negatives; "active" means > 0
             tok_i, feat, value = (t[value > 0] for t in (tok_i, feat, value))
         if not bool(torch.isfinite(value).all()):
@@ -240,11 +244,23 @@ def context_batches(contexts: Tensor, batch_size: int = 16) -> Iterator[ContextB
         yield ContextBatch(contexts[start:start + batch_size], rows)
 
 
-def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
-                 start: int = 0) -> Tensor:
-    """SAE feature activations (B, S - start, d_sae) of context positions start..: of `acts`
-    if given (those positions only), else of the LM's activations at the SAE's hook for the
-    whole contexts `tokens` (the LM sees every position; the pass stops at that hook)."""
+class ActiveFeatures(NamedTuple):
+    tok_i: Tensor  # (n,) token index in the batch, row-major
+    feat: Tensor  # (n,) feature index
+    value: Tensor  # (n,) activation
+
+
+def nonzero_acts(f: Tensor) -> ActiveFeatures:
+    """The active entries of dense feature activations f (N, d_sae): the only pass over f."""
+    tok_i, feat = torch.nonzero(f, as_tuple=True)
+    return ActiveFeatures(tok_i, feat, f[tok_i, feat])
+
+
+def hook_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
+              start: int = 0) -> Tensor:
+    """Activations at the SAE's hook (B, S - start, d_in) of context positions start..: `acts`
+    if given (those positions only), else the LM's for the whole contexts `tokens` (the LM
+    sees every position; the pass stops at that hook); checked finite, on the SAE's device."""
     if acts is None:
         if lm is None:
             raise ConfigError("no activations given and no LM to compute them from")
@@ -252,8 +268,27 @@ def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None
         acts = lm.run_with_cache(tokens, [hook])[hook][:, start:]
     if not bool(torch.isfinite(acts).all()):
         raise DataError("activations contain NaN or Inf")
-    param = sae.W_enc
-    return sae.encode(acts.to(param.device, param.dtype))
+    return acts.to(sae.W_enc.device, sae.W_enc.dtype)
+
+
+def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
+                 start: int = 0) -> Tensor:
+    """SAE feature activations (B, S - start, d_sae) of the `hook_acts`."""
+    return sae.encode(hook_acts(sae, lm, tokens, acts, start))
+
+
+def active_features(sae, x: Tensor) -> ActiveFeatures:
+    """The active entries of sae.encode(x) for x (..., d_in), rows flattened: straight from the
+    (values, indices) of a sparse encoder such as topk, with no dense (N, d_sae) matrix built
+    and searched; through the dense activations otherwise."""
+    x = x.reshape(-1, x.shape[-1])
+    sparse = sae.activation.sparse
+    if sparse is None:
+        return nonzero_acts(sae.encode(x))
+    values, indices = sparse(sae.pre_acts(x))
+    tok_i = torch.arange(x.shape[0], device=x.device).repeat_interleave(values.shape[1])
+    keep = values.flatten() > 0
+    return ActiveFeatures(tok_i[keep], indices.flatten()[keep], values.flatten()[keep])
 
 
 @torch.no_grad()
@@ -278,12 +313,12 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
         if rows.shape != (len(tokens),):
             raise DataError(f"a batch of {len(tokens)} contexts needs {len(tokens)} rows, got {tuple(rows.shape)}")
         next_row = int(rows.max()) + 1
-        f = feature_acts(sae, lm, tokens, batch.acts, batch.start)
+        x = hook_acts(sae, lm, tokens, batch.acts, batch.start)
         scanned = tokens[:, batch.start:]
-        if f.shape[:2] != scanned.shape:
-            raise DataError(f"activations {tuple(f.shape[:2])} do not match tokens {tuple(scanned.shape)}"
+        if x.shape[:2] != scanned.shape:
+            raise DataError(f"activations {tuple(x.shape[:2])} do not match tokens {tuple(scanned.shape)}"
                             f" (positions {batch.start}.. of contexts {tuple(tokens.shape)})")
-        scan.update(f, scanned.long(), rows.to(device), batch.start)
+        scan.update_active(active_features(sae, x), scanned.long(), rows.to(device), batch.start)
     return scan
 
 
