@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                    help="SAE folders, or run folders (every SAE in their saes/)")
     p.add_argument("--threshold", type=float, default=CompareConfig().threshold,
                    help="cosine above which a feature counts as found (default: %(default)s)")
-    p.add_argument("--vectors", choices=VECTORS, default="decoder", help="feature directions to compare")
+    p.add_argument("--vectors", choices=VECTORS, default=CompareConfig().vectors, help="feature directions to compare")
     p.add_argument("--out", type=Path, default=None, help="compare.json path (default: beside the first path)")
     p.set_defaults(func=run)
 

@@ -17,8 +17,9 @@ import argparse
 from pathlib import Path
 
 from saelab.interpret.dashboard import write_dashboard
-from saelab.interpret.report import ReportOptions, build_report
+from saelab.interpret.report import TREE_VECTORS, ReportOptions, build_report
 from saelab.sae_format import sae_folders
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens offline, file://)",
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
 def _add_view_args(g) -> None:
     d = ReportOptions()
     g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
-    g.add_argument("--tree-vector", choices=("encoder", "decoder", "both"), default=d.tree_vector,
+    g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
                    help="feature vector the ghost token is made of (both: two trees and their overlap)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth)
     g.add_argument("--tree-breadth", type=int, default=d.tree_breadth)

@@ -12,6 +12,7 @@ SAEs (see saelab.train), and rank 0 writes the results.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,6 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, hooks: list[s
 
 def rank_device(device: str) -> str:
     """Plain "cuda" under torchrun means this rank's own GPU (LOCAL_RANK), not all on GPU 0."""
-    import os
-
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device

@@ -31,8 +31,8 @@ from saelab.downstream import evaluate_downstream, token_batches
 from saelab.errors import ConfigError, DataError
 from saelab.lm.arch import MLPWeights
 from saelab.lm.hooked import HookedLM
-from saelab.plots import save_figure
 from saelab.metrics import feature_density, max_cosine
+from saelab.plots import save_figure
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train_spec import TrainSpec

@@ -82,11 +82,11 @@ def ablate_tokens(lm, sae, requests: Sequence[AblationRequest], *, max_back: int
     order = sorted(range(len(requests)), key=lambda i: (firsts[i], requests[i].pos))
     for chunk in _chunks(order, firsts, [len(x) for x in rows], max_rows):
         first = firsts[chunk[0][0]]  # the same for the whole chunk: the rows' shared prefix
-        owners = list(dict.fromkeys(i for i, _, _ in chunk))
         past = None
-        if first:
+        if first:  # each request's prefix once, then one copy of its keys/values per row
+            owners = {i: n for n, i in enumerate(dict.fromkeys(i for i, _, _ in chunk))}
             past = _prefix_cache(lm, hook, torch.stack([prefixes[i][:first] for i in owners]))
-            past.batch_select_indices(torch.cat([torch.full((hi - lo,), owners.index(i)) for i, lo, hi in chunk]))
+            past.batch_select_indices(torch.cat([torch.full((hi - lo,), owners[i]) for i, lo, hi in chunk]))
         tails = [rows[i][lo:hi, first:] for i, lo, hi in chunk]
         length = max(t.shape[1] for t in tails)
         batch = torch.cat([torch.cat([t, t[:, -1:].expand(-1, length - t.shape[1])], 1) for t in tails])

@@ -165,8 +165,9 @@ class HookedLM:
 
     @staticmethod
     def new_kv_cache():
-        """An empty key/value cache for `run_with_cache(past=...)`; `.batch_repeat_interleave(n)`
-        repeats each of its sequences n times in place (n continuations of one prefix)."""
+        """An empty key/value cache for `run_with_cache(past=...)`; once filled,
+        `.batch_select_indices(idx)` picks (and may repeat) its sequences in place, so several
+        continuations can share one prefix."""
         from transformers import DynamicCache
 
         return DynamicCache()
