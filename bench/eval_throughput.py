@@ -1,4 +1,4 @@
-"""Throughput of the loss-recovered evaluation (saelab.downstream.evaluate_downstream).
+"""Throughput of the loss-recovered evaluation (saelab.evals.downstream.evaluate_downstream).
 
 One evaluation = the mean pass (activation means) + per batch: a clean pass, a zero- and a
 mean-ablation pass per replaced hook, and one pass per SAE. Uses the offline default LM when it
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from saelab.downstream import evaluate_downstream  # noqa: E402
+from saelab.evals.downstream import evaluate_downstream  # noqa: E402
 from saelab.errors import MissingFileError  # noqa: E402
 from saelab.lm.hooked import HookedLM  # noqa: E402
 from saelab.sae import SAE  # noqa: E402
@@ -48,7 +48,7 @@ def _model(device: str) -> tuple[HookedLM, str]:
 def _tokens(lm: HookedLM, n: int, real: bool) -> torch.Tensor:
     """Held-out stdlib contexts for the trained default LM; random ids for a random model."""
     if real:
-        from saelab.downstream import eval_tokens
+        from saelab.evals.downstream import eval_tokens
 
         return eval_tokens(lm, "stdlib", n)
     length = min(128, lm.context_length)

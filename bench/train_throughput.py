@@ -14,8 +14,8 @@ import time
 import torch
 
 from saelab.sae import SAE
-from saelab.sae_trainer import SAETrainer
-from saelab.train_spec import TrainSpec
+from saelab.train.trainer import SAETrainer
+from saelab.train.spec import TrainSpec
 
 
 def best_time(fn, repeats: int) -> float:

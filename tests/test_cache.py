@@ -348,7 +348,7 @@ def test_a_training_run_resumes_on_cache_batches(pair_cache, tmp_path):
     """GroupTrainer interrupted mid-run and resumed on cache.batches ends with the same SAE."""
     from saelab.sae import SAE
     from saelab.train import GroupTrainer, TrainConfig
-    from saelab.train_spec import TrainSpec
+    from saelab.train.spec import TrainSpec
 
     cache, _ = pair_cache
     spec = lambda: [TrainSpec(arch="topk", d_sae=64, k=4, lr=3e-3, warmup_steps=2)]  # noqa: E731

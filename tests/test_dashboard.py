@@ -367,7 +367,7 @@ def test_bad_positions_and_short_values_do_not_break_rendering():
 
 def test_command_finds_sae_folders_of_a_run(tmp_path):
     from saelab.commands.dashboard import out_dirs
-    from saelab.sae_format import sae_folders
+    from saelab.sae.format import sae_folders
     from saelab.errors import MissingFileError
     from saelab.sae import SAE
 

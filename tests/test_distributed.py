@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from saelab.data.toy import ToyDataSource
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
-from saelab.train_spec import TrainSpec
+from saelab.train.spec import TrainSpec
 
 TOY = dict(d=16, n_features=48, mean_active=3, batch_size=256, seed=3)
 CFG = TrainConfig(total_steps=20, checkpoint_every=10, log_every=5, normalize_activations=True, seed=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.downstream import (
+from saelab.evals.downstream import (
     ablation_splice, compare_splices, evaluate_downstream, hook_means, keep_bos, kl_divergence,
     loss_recovered, next_token_ce, sae_hooks, sae_splices, splice_loss,
 )

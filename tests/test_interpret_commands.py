@@ -108,7 +108,7 @@ def test_cache_command_writes_held_out_activations(tiny_lm, tiny_lm_path, tmp_pa
     """`saelab cache`: held-out contexts of the source, their activations at every hook as one
     forward gives them (BOS dropped), and a second run reuses the finished cache."""
     from saelab.cli import main
-    from saelab.data.cache_read import open_cache
+    from saelab.data.cache.read import open_cache
     from saelab.data.corpus import token_contexts
 
     text = tmp_path / "corpus.jsonl"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import metrics as M
+from saelab.evals import metrics as M
 from saelab.errors import DataError
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from saelab.errors import ConfigError
 from saelab.experiments.prune import plan_pruning, prune_features
-from saelab.metrics import SparsityStats
+from saelab.evals.metrics import SparsityStats
 from saelab.sae import SAE
 
 

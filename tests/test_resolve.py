@@ -6,7 +6,7 @@ import sys
 
 from saelab.errors import MissingFileError
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import model_name_for, resolve_lm
+from saelab.lm.resolve import model_name_for, load_lm
 from saelab.sae import SAE
 
 
@@ -24,19 +24,19 @@ def test_names(tmp_path):
 
 
 def test_folders(tiny_lm_path, tiny_lm):
-    assert resolve_lm(tiny_lm) is tiny_lm
-    assert resolve_lm(str(tiny_lm_path)).name == str(tiny_lm_path)
-    lm = resolve_lm(None, _sae(str(tiny_lm_path)))  # the SAE's own model, not the default LM
+    assert load_lm(tiny_lm) is tiny_lm
+    assert load_lm(str(tiny_lm_path)).name == str(tiny_lm_path)
+    lm = load_lm(None, _sae(str(tiny_lm_path)))  # the SAE's own model, not the default LM
     assert isinstance(lm, HookedLM) and lm.name == str(tiny_lm_path)
 
 
 def test_an_sae_naming_a_hub_model_loads_that_model_or_fails_clearly():
     """Offline (set before Hugging Face is imported, hence the child process), an SAE trained
     on a hub model must not silently fall back to the default LM."""
-    code = ("from saelab.lm.resolve import resolve_lm\n"
+    code = ("from saelab.lm.resolve import load_lm\n"
             "from saelab.sae import SAE\n"
             "sae = SAE(32, 8, hook_name='blocks.0.hook_resid_post', model_name='nobody-here/no-model')\n"
-            "try:\n    resolve_lm(None, sae)\n"
+            "try:\n    load_lm(None, sae)\n"
             "except Exception as err:\n    print(type(err).__name__, err)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout

@@ -61,7 +61,7 @@ SAELENS_TENSORS = {
 
 
 def _gap(reason: str) -> pytest.MarkDecorator:
-    """A known incompatibility in saelab.sae_format, reported to the lead; strict, so a fix shows."""
+    """A known incompatibility in saelab.sae.format, reported to the lead; strict, so a fix shows."""
     return pytest.mark.xfail(strict=True, reason=reason)
 
 

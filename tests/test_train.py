@@ -11,7 +11,7 @@ from saelab.data.toy import ToyDataSource
 from saelab.errors import ConfigError, DataError
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
-from saelab.train_spec import TrainSpec
+from saelab.train.spec import TrainSpec
 
 TOY = dict(d=16, n_features=48, mean_active=3, batch_size=256, seed=3)
 

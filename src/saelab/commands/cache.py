@@ -9,7 +9,7 @@ from pathlib import Path
 
 from saelab.data.cache import cache_activations
 from saelab.data.corpus import token_contexts
-from saelab.lm.resolve import resolve_lm
+from saelab.lm.resolve import load_lm
 
 
 def register(subparsers) -> None:
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = resolve_lm(args.model, device=args.device)
+    lm = load_lm(args.model, device=args.device)
     length = min(args.context_length, lm.context_length)
     contexts = token_contexts(args.source, lm.tokenizer, length, split=args.split, max_contexts=args.contexts)
     cache = cache_activations(lm, contexts, args.hooks, args.out, dtype=args.dtype, batch_size=args.batch_size,

@@ -10,7 +10,7 @@ from pathlib import Path
 from saelab.atomic import write_json
 from saelab.experiments.compare import VECTORS, CompareConfig, compare_dictionaries, format_matrix
 from saelab.sae import SAE
-from saelab.sae_format import sae_folders
+from saelab.sae.format import sae_folders
 
 
 def register(subparsers) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from saelab.interpret.dashboard import write_dashboard
 from saelab.interpret.report import TREE_VECTORS, ReportOptions, build_report
-from saelab.sae_format import sae_folders
+from saelab.sae.format import sae_folders
 
 
 def register(subparsers) -> None:
@@ -93,7 +93,7 @@ def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saelab.data.cache_read import open_cache
+    from saelab.data.cache.read import open_cache
 
     folders = sae_folders(args.path)
     cache = open_cache(args.cache) if args.cache is not None else None  # checked per SAE

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from saelab.commands.train import add_sweep_args, config_from_args
-from saelab.experiments.lm_sweep import TABLE_COLUMNS, run_lm_sweep
+from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
 from saelab.tables import format_rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from saelab.data.toy import ToyDataConfig
-from saelab.experiments.toy_sweep import ToySweepConfig, format_table, run_toy_sweep
+from saelab.pipelines.toy import ToySweepConfig, format_table, run_toy_sweep
 
 
 def register(sub) -> None:

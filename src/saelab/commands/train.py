@@ -3,7 +3,7 @@ model, in one pass over the data; evaluates every SAE and writes a run folder.""
 
 from __future__ import annotations
 
-from saelab.experiments.lm_sweep import TABLE_COLUMNS, LMSweepConfig, run_lm_sweep, sweep_specs
+from saelab.pipelines.train_lm import TABLE_COLUMNS, LMSweepConfig, run_lm_sweep, sweep_specs
 from saelab.tables import format_rows
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from saelab.errors import ConfigError
-from saelab.metrics import max_cosine
+from saelab.evals.metrics import max_cosine
 from saelab.sae import SAE
 
 VECTORS = ("decoder", "encoder")

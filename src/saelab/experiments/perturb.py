@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.downstream import compare_splices, sae_hooks, sae_splices
+from saelab.evals.downstream import compare_splices, sae_hooks, sae_splices
 from saelab.errors import ConfigError, DataError
 from saelab.lm.hooked import HookedLM
 from saelab.plots import save_figure

@@ -27,15 +27,15 @@ from typing import Sequence
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.downstream import evaluate_downstream, token_batches
+from saelab.evals.downstream import evaluate_downstream, token_batches
 from saelab.errors import ConfigError, DataError
 from saelab.lm.arch import MLPWeights
 from saelab.lm.hooked import HookedLM
-from saelab.metrics import feature_density, max_cosine
+from saelab.evals.metrics import feature_density, max_cosine
 from saelab.plots import save_figure
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
-from saelab.train_spec import TrainSpec
+from saelab.train.spec import TrainSpec
 
 HIST_EDGES = torch.linspace(-1.0, 1.0, 41, dtype=torch.float64)
 

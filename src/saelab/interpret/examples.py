@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from saelab.data.cache_read import ActivationCache, open_cache
+from saelab.data.cache.read import ActivationCache, open_cache
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
 

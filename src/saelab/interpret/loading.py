@@ -17,9 +17,9 @@ def load_sae(sae) -> tuple:
 
 def load_model(model, sae):
     """The HookedLM the SAE is read on (see saelab.lm.resolve for the rule)."""
-    from saelab.lm.resolve import resolve_lm
+    from saelab.lm.resolve import load_lm
 
-    return resolve_lm(model, sae)
+    return load_lm(model, sae)
 
 
 def check_compatible(lm, sae) -> None:

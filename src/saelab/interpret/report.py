@@ -45,7 +45,7 @@ from saelab.interpret.lens import LensResult, classify, feature_lens
 from saelab.interpret.loading import check_compatible, load_model, load_sae
 from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
-from saelab.metrics import density_histogram
+from saelab.evals.metrics import density_histogram
 
 INDEX_LOGITS = 5
 TREE_VECTORS = ("encoder", "decoder", "both")

@@ -17,7 +17,7 @@ DEFAULT_FOLDER_PREFIX = "default-lm-"
 
 
 def model_name_for(model: str | None = None, sae=None) -> str | None:
-    """The name `resolve_lm` loads; None stands for the offline default LM."""
+    """The name `load_lm` loads; None stands for the offline default LM."""
     name = model or (sae.cfg.model_name if sae is not None else None) or None
     if name == DEFAULT:
         return None
@@ -26,7 +26,7 @@ def model_name_for(model: str | None = None, sae=None) -> str | None:
     return name
 
 
-def resolve_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
+def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
     if isinstance(model, HookedLM):
         return model
     name = model_name_for(model, sae)

@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from saelab.atomic import save_tensors, write_json, write_text
 from saelab.errors import ConfigError, CorruptFileError, DataError
-from saelab.evaluate import evaluate_saes
-from saelab.sae import SAE
-from saelab.sae_trainer import SAETrainer
-from saelab.train_spec import TrainSpec
+from saelab.evals.reconstruction import evaluate_saes
+from saelab.sae.model import SAE
+from saelab.train.trainer import SAETrainer
+from saelab.train.spec import TrainSpec
 
 CHECKPOINT = "checkpoint.safetensors"
 

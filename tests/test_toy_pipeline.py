@@ -4,7 +4,7 @@ import torch
 
 from saelab.cli import main
 from saelab.data.toy import ToyDataSource
-from saelab.experiments.toy_sweep import ground_truth_recovery
+from saelab.pipelines.toy import ground_truth_recovery
 from saelab.sae import SAE
 
 

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from saelab.atomic import save_tensors, write_json
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
-from saelab.sae import SAE, SAEConfig
+from saelab.sae.config import SAEConfig
+from saelab.sae.model import SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from saelab.metrics import MetricsAccumulator
+from saelab.evals.metrics import MetricsAccumulator
 from saelab.sae import SAE
 
 

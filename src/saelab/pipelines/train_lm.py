@@ -6,7 +6,7 @@ evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text
 metrics.json, a table and the L0 / loss-recovered plot into the run folder.
 
 Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
-SAEs (see saelab.train), and rank 0 writes the results.
+SAEs (see saelab.train.group), and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 from saelab.atomic import write_json, write_text
 from saelab.data.cache import cache_activations, live_batches, open_cache
 from saelab.data.corpus import token_contexts
-from saelab.downstream import eval_tokens
+from saelab.evals.downstream import eval_tokens
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import resolve_lm
-from saelab.lm_eval import evaluate_on_lm
+from saelab.lm.resolve import load_lm
+from saelab.evals.lm_eval import evaluate_on_lm
 from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
 from saelab.tables import format_rows
 from saelab.train import GroupTrainer, TrainConfig, rank_and_world
-from saelab.train_spec import TrainSpec
+from saelab.train.spec import TrainSpec
 
 TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", "loss_recovered_mean", "kl")
 
@@ -65,7 +65,7 @@ def middle_hook(lm: HookedLM) -> str:
 def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = None) -> list[dict]:
     run_dir = Path(run_dir)
     device = rank_device(cfg.device)
-    lm = lm or resolve_lm(cfg.model, device=device)
+    lm = lm or load_lm(cfg.model, device=device)
     hook = cfg.hook or middle_hook(lm)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     for name in hooks:

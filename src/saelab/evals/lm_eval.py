@@ -2,8 +2,8 @@
 what splicing them in does to the model's predictions — one metrics.json entry per SAE.
 
 Activations are read live with one early-stopping forward pass per batch for all hooks the
-SAEs need; downstream metrics come from `saelab.downstream` (shared clean/ablation passes).
-Metric definitions live in `saelab.metrics` and `saelab.downstream`, nowhere else."""
+SAEs need; downstream metrics come from `saelab.evals.downstream` (shared clean/ablation passes).
+Metric definitions live in `saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from saelab.downstream import evaluate_downstream, sae_hooks, token_batches
+from saelab.evals.downstream import evaluate_downstream, sae_hooks, token_batches
 from saelab.lm.hooked import HookedLM
-from saelab.metrics import MetricsAccumulator
+from saelab.evals.metrics import MetricsAccumulator
 from saelab.sae import SAE
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from saelab.errors import ConfigError
-from saelab.sae import SAEConfig
+from saelab.sae.config import SAEConfig
 
 
 @dataclass

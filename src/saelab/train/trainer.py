@@ -1,7 +1,7 @@
 """Training of one SAE inside a group: its optimiser, schedules, dead features and resampling.
 
 Like dictionary_learning's trainers, each SAE of a sweep is one object with `update(step, x, y)`;
-the group driver (`saelab.train`) feeds the same batch to all of them. All state that matters
+the group driver (`saelab.train.group`) feeds the same batch to all of them. All state that matters
 for an exact resume is in `state_tensors()`.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab import metrics
-from saelab.sae import SAE
-from saelab.train_spec import TrainSpec
+from saelab.evals import metrics
+from saelab.sae.model import SAE
+from saelab.train.spec import TrainSpec
 
 
 class SAETrainer:

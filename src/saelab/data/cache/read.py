@@ -12,8 +12,8 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from saelab.data import cache_format as fmt
-from saelab.data.cache_shuffle import ShuffledBatches, window_contexts_for
+from saelab.data.cache import format as fmt
+from saelab.data.cache.shuffle import ShuffledBatches, window_contexts_for
 from saelab.errors import CorruptFileError, DataError, MissingFileError
 
 
@@ -27,7 +27,7 @@ class CacheChunk(NamedTuple):
 
 
 class ActivationCache:
-    """An activation cache on disk (see cache_format for the layout). Use `open_cache`."""
+    """An activation cache on disk (see saelab.data.cache.format for the layout). Use `open_cache`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -174,7 +174,7 @@ class ActivationCache:
                 epochs: int | None = None, buffer_mb: float = 256) -> ShuffledBatches:
         """Shuffled float32 batches x (B, d) at `hook`, or (x, y) pairs with y at `target`
         (same tokens, for transcoders). Memory: one window of about `buffer_mb` MiB. Resume a
-        training run with `iter_from(step)`; see cache_shuffle for the exact order."""
+        training run with `iter_from(step)`; see saelab.data.cache.shuffle for the exact order."""
         hooks = [hook] if target is None else [hook, target]
         self.check_hooks(hooks)
         if self.n_contexts == 0:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from saelab.cli import main
-from saelab.experiments.lm_sweep import LMSweepConfig, run_lm_sweep, sweep_specs
-from saelab.lm_eval import reconstruction_metrics
-from saelab.metrics import fvu
+from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep, sweep_specs
+from saelab.evals.lm_eval import reconstruction_metrics
+from saelab.evals.metrics import fvu
 from saelab.sae import SAE
 
 
@@ -66,7 +66,7 @@ def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path,
 
 
 def test_rank_device(monkeypatch):
-    from saelab.experiments.lm_sweep import rank_device
+    from saelab.pipelines.train_lm import rank_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"

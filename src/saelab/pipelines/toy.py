@@ -15,10 +15,10 @@ import torch
 
 from saelab.atomic import write_json
 from saelab.data.toy import ToyDataConfig, ToyDataSource
-from saelab.metrics import max_cosine, mmcs
+from saelab.evals.metrics import max_cosine, mmcs
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
-from saelab.train_spec import TrainSpec
+from saelab.train.spec import TrainSpec
 
 
 @dataclass

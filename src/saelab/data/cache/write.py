@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from saelab.atomic import write_json
-from saelab.data import cache_format as fmt
+from saelab.data.cache import format as fmt
 from saelab.errors import ConfigError, DataError
 
 SHARD_BYTES = 32 * 2**20  # default shard size, all hooks together (two shards are in memory)
@@ -209,7 +209,7 @@ def cache_activations(lm, contexts, hooks: str | Sequence[str], out_dir: str | P
     about 32 MiB of activations per shard). meta: free-form JSON recorded in the manifest
     (e.g. the corpus and split). Returns the finished cache, opened (`ActivationCache`).
     Calling again on the same folder resumes an interrupted run."""
-    from saelab.data.cache_read import open_cache
+    from saelab.data.cache.read import open_cache
 
     hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
     if not hooks:

@@ -7,14 +7,14 @@
     for chunk in cache.sequential("blocks.0.hook_resid_post"): ...          # with token ids
     live = live_batches(lm, contexts, "blocks.0.hook_resid_post", 4096)     # no disk
 
-Writing (cache_write), the layout and fingerprints (cache_format), reading (cache_read) and the
-shuffle shared by disk and live batches (cache_shuffle) live in their own modules.
+Writing (`write`), the layout and fingerprints (`format`), reading (`read`) and the
+shuffle shared by disk and live batches (`shuffle`) live in their own modules.
 """
 
-from saelab.data.cache_format import dtype_name, model_fingerprint, tokenizer_fingerprint
-from saelab.data.cache_read import ActivationCache, CacheChunk, open_cache
-from saelab.data.cache_shuffle import LiveLoader, ShuffledBatches, live_batches
-from saelab.data.cache_write import cache_activations
+from saelab.data.cache.format import dtype_name, model_fingerprint, tokenizer_fingerprint
+from saelab.data.cache.read import ActivationCache, CacheChunk, open_cache
+from saelab.data.cache.shuffle import LiveLoader, ShuffledBatches, live_batches
+from saelab.data.cache.write import cache_activations
 
 __all__ = ["ActivationCache", "CacheChunk", "LiveLoader", "ShuffledBatches", "cache_activations",
            "dtype_name", "live_batches", "model_fingerprint", "open_cache", "tokenizer_fingerprint"]
