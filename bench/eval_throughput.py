@@ -48,9 +48,9 @@ def _model(device: str) -> tuple[HookedLM, str]:
 def _tokens(lm: HookedLM, n: int, real: bool) -> torch.Tensor:
     """Held-out stdlib contexts for the trained default LM; random ids for a random model."""
     if real:
-        from saelab.evals.downstream import eval_tokens
+        from saelab.lm.resolve import heldout_contexts
 
-        return eval_tokens(lm, "stdlib", n)
+        return heldout_contexts(lm, "stdlib", n)
     length = min(128, lm.context_length)
     toks = torch.randint(1, min(lm.d_vocab, lm.W_E.shape[0]), (n, length), generator=torch.Generator().manual_seed(0))
     toks[:, 0] = lm.bos_token_id or 0

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from saelab.evals.downstream import (
     ablation_splice, compare_splices, evaluate_downstream, hook_means, keep_bos, kl_divergence,
-    loss_recovered, next_token_ce, sae_hooks, sae_splices, splice_loss,
+    loss_recovered, next_token_ce, sae_splices, splice_loss,
 )
 from saelab.errors import ConfigError, DataError
 from saelab.lm.hooked import HookedLM
+from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
 ARCHS = ("gpt_neox", "gpt2", "llama")
@@ -205,11 +206,11 @@ def test_hook_means_match_cache(lm, tokens):
 
 # ---- bad input ------------------------------------------------------------------------------
 def test_errors_name_what_is_wrong(lm, tokens):
-    with pytest.raises(ConfigError, match=r"d_in=5.*blocks\.0\.hook_resid_post.*dimension 32"):
+    with pytest.raises(ConfigError, match=r"d_in is 5 but blocks\.0\.hook_resid_post .* is 32 wide"):
         evaluate_downstream(lm, [SAE(5, 8, hook_name="blocks.0.hook_resid_post")], tokens)
     backwards = SAE(32, 8, d_out=32, hook_name="blocks.1.hook_mlp_out", hook_name_out="blocks.0.hook_mlp_out")
     with pytest.raises(ConfigError, match="after the input hook"):
-        sae_hooks(lm, backwards)
+        check_sae_fits(lm, backwards)
     with pytest.raises(ConfigError, match="hook_name"):
         sae_splices(lm, SAE(32, 8))
     with pytest.raises(ConfigError, match="unknown ablation"):

@@ -244,3 +244,27 @@ def test_load_errors(tmp_path):
 def test_config_dict_roundtrip():
     cfg = SAEConfig(d_in=4, d_sae=8, arch="topk", k=2, metadata={"a": 1})
     assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_sparse_code_round_trips_to_the_dense_path(arch):
+    """encode_sparse holds exactly the nonzero entries of encode; decode_sparse equals forward."""
+    torch.manual_seed(0)
+    sae = SAE(d_in=12, d_sae=48, arch=arch, k=5 if arch in ("topk", "batchtopk") else None)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 7, 12)
+    if arch == "batchtopk":
+        sae.train(); sae.encode(x); sae.eval()  # sets its inference threshold
+    dense = sae.encode(x).reshape(21, 48)
+    code = sae.encode_sparse(x)
+    rebuilt = torch.zeros_like(dense).scatter_add_(1, code.indices, code.values)
+    assert torch.equal(rebuilt, dense)
+    assert code.values.shape[1] == (5 if arch == "topk" else int((dense > 0).sum(-1).max()))
+    torch.testing.assert_close(sae.decode_sparse(code), sae(x).reshape(21, 12), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_sparse_refuses_mismatched_shapes():
+    sae = SAE(d_in=4, d_sae=8, arch="relu")
+    with pytest.raises(DataError, match="one \\(N, k\\) shape"):
+        sae.decode_sparse((torch.ones(2, 3), torch.zeros(2, 2, dtype=torch.long)))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saelab.evals.downstream import eval_tokens
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import load_lm
+from saelab.lm.resolve import heldout_contexts, load_lm
 
 
 def add_lm_data_args(parser: argparse.ArgumentParser, eval_contexts: int = 64, out: str = "runs/out") -> None:
@@ -41,5 +40,5 @@ def model_and_eval_tokens(args: argparse.Namespace, sae=None):
     """(HookedLM, held-out contexts) from the shared options: --model, else the SAE's own model
     (saelab.lm.resolve)."""
     lm: HookedLM = load_lm(args.model, sae)
-    tokens = eval_tokens(lm, args.source, args.eval_contexts, args.context_length, split="heldout")
+    tokens = heldout_contexts(lm, args.source, args.eval_contexts, args.context_length, split="heldout")
     return lm, tokens

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from saelab.interpret.lens import PARTITION_KURTOSIS, PREDICTION_KURTOSIS, SKEW_THRESHOLD, feature_lens
-from saelab.interpret.loading import check_compatible, load_model, load_sae
+from saelab.interpret.loading import load_model, load_sae
+from saelab.lm.resolve import check_sae_fits
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
 
 
@@ -55,7 +56,7 @@ def token_mask(lm, args, n: int, W):
 def run(args: argparse.Namespace) -> int:
     sae, _ = load_sae(args.sae)
     lm = load_model(args.model, sae)
-    check_compatible(lm, sae)
+    check_sae_fits(lm, sae)
     mask = token_mask(lm, args, lm.d_vocab, lm.W_U)
     res = feature_lens(sae, lm, args.feature, k=args.k, mask=mask, fold_norm=not args.no_fold_norm)
     vocab = token_strings(lm.tokenizer, lm.d_vocab)

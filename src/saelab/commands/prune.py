@@ -13,9 +13,8 @@ import torch
 from saelab.atomic import write_json
 from saelab.errors import MissingFileError
 from saelab.experiments.prune import plan_pruning, prune_features
-from saelab.lm.resolve import load_lm
+from saelab.lm.resolve import heldout_contexts, load_lm
 from saelab.evals.lm_eval import evaluate_on_lm, reconstruction_metrics
-from saelab.evals.downstream import eval_tokens
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE
 from saelab.tables import format_rows
@@ -39,7 +38,7 @@ def register(sub) -> None:
 def run(args) -> int:
     sae = SAE.load(args.sae).eval()
     lm = load_lm(args.model, sae)
-    tokens = eval_tokens(lm, args.source, n_contexts=args.contexts)
+    tokens = heldout_contexts(lm, args.source, n_contexts=args.contexts)
     density = reconstruction_metrics(lm, [sae], tokens, include_density=True)[0]["density"]
     plans = [plan_pruning(torch.tensor(density), t) for t in args.target_l0]
     variants = [sae] + [prune_features(sae, plan.killed) for plan in plans]

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, DataError
 from saelab.lm.hooked import HookedLM, Splice
+from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
 Splices = Mapping[str, Splice]
@@ -135,32 +136,13 @@ def splice_loss(lm: HookedLM, tokens, hook: str, fn: Splice, *, batch_size: int 
 
 
 # ---- SAE splices and ablations --------------------------------------------------------------
-def sae_hooks(lm: HookedLM, sae: SAE, hook: str | None = None) -> tuple[str, str]:
-    """(input hook, replaced hook) of an SAE, checked against the model: names exist, the
-    input comes no later than the output, and d_in / d_out match the hooks' dimensions."""
-    hook_in = hook or sae.cfg.hook_name
-    if not hook_in:
-        raise ConfigError("the SAE has no cfg.hook_name; pass the hook it was trained on")
-    hook_out = sae.cfg.hook_name_out or hook_in
-    dims = {name: lm.hook_dim(name) for name in (hook_in, hook_out)}  # unknown name -> ConfigError
-    names = lm.hook_names()
-    if names.index(hook_out) < names.index(hook_in):
-        raise ConfigError(f"transcoder reads {hook_in} but replaces {hook_out}, which the model "
-                          "computes earlier; the output hook must come after the input hook")
-    for what, name, dim in (("d_in", hook_in, sae.cfg.d_in), ("d_out", hook_out, sae.cfg.d_out)):
-        if dims[name] != dim:
-            raise ConfigError(f"SAE {what}={dim} does not match hook {name}, whose activations "
-                              f"have dimension {dims[name]}")
-    return hook_in, hook_out
-
-
 def sae_splices(lm: HookedLM, sae: SAE, combine: Combine | None = None,
                 hook: str | None = None) -> dict[str, Splice]:
     """Splices that replace the SAE's output hook by combine(act, x_hat) (default: x_hat).
 
     x_hat = sae(input activation), computed on the SAE's device and dtype and moved back. For a
     transcoder the input is recorded at hook_name earlier in the same pass."""
-    hook_in, hook_out = sae_hooks(lm, sae, hook)
+    hook_in, hook_out = check_sae_fits(lm, sae, hook)
     combine = combine or (lambda act, x_hat: x_hat)
     sae.eval()  # inference semantics (batchtopk: its threshold, not the batch's top k*N)
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
@@ -232,7 +214,7 @@ def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size
     batches = token_batches(tokens, batch_size)
     for kind in ablations:
         ablation_splice(kind, torch.zeros(1))  # validates the name
-    hooks = [sae_hooks(lm, sae) for sae in saes]
+    hooks = [check_sae_fits(lm, sae) for sae in saes]
     targets = list(dict.fromkeys(out for _, out in hooks))
     means = dict(means or {})
     if "mean" in ablations and any(t not in means for t in targets):
@@ -260,19 +242,3 @@ def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude
         entry[key] = loss_recovered(clean, spliced["ce"], ab["ce"])
     entry.update(downstream_tokens=spliced["n_tokens"], exclude_bos=exclude_bos, splice_hook=target)
     return entry
-
-
-
-# ---- inputs for experiments and commands ----------------------------------------------------
-def eval_tokens(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,
-                context_length: int | None = None, split: str = "heldout") -> torch.Tensor:
-    """Contexts (n, context_length) of `source` (the held-out split by default) for evaluation;
-    context_length defaults to min(128, the model's)."""
-    from saelab.data.corpus import token_contexts
-
-    if lm.tokenizer is None:
-        raise ConfigError("the model has no tokenizer; pass token ids directly")
-    length = context_length or min(128, lm.context_length)
-    if not 2 <= length <= lm.context_length:
-        raise ConfigError(f"context_length must be in 2..{lm.context_length}, got {length}")
-    return token_contexts(source, lm.tokenizer, length, split=split, max_contexts=n_contexts)

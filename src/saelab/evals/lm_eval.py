@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from saelab.evals.downstream import evaluate_downstream, sae_hooks, token_batches
+from saelab.evals.downstream import evaluate_downstream, token_batches
+from saelab.lm.resolve import check_sae_fits
 from saelab.lm.hooked import HookedLM
 from saelab.evals.metrics import MetricsAccumulator
 from saelab.sae import SAE
@@ -23,7 +24,7 @@ def reconstruction_metrics(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_s
                            include_density: bool = False) -> list[dict]:
     """mse, fvu, cos, l0, l1, density histogram, dead/dense per SAE, over every (non-BOS)
     position; with `include_density`, each feature's density as a list under "density"."""
-    hooks = [sae_hooks(lm, sae) for sae in saes]
+    hooks = [check_sae_fits(lm, sae) for sae in saes]
     names = list(dict.fromkeys(h for pair in hooks for h in pair))
     accs = [MetricsAccumulator(dense_threshold=dense_threshold) for _ in saes]
     for batch in token_batches(tokens, batch_size):

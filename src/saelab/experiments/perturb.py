@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.evals.downstream import compare_splices, sae_hooks, sae_splices
+from saelab.evals.downstream import compare_splices, sae_splices
+from saelab.lm.resolve import check_sae_fits
 from saelab.errors import ConfigError, DataError
 from saelab.lm.hooked import HookedLM
 from saelab.plots import save_figure
@@ -117,7 +118,7 @@ def perturbation_table(lm: HookedLM, sae: SAE, tokens, cfg: PerturbConfig | None
     """{"ce_clean", "hook", "n_tokens", "rows": [{variant, cos_target, cos, norm_ratio, ce,
     kl, ce_delta}]} over `tokens`, all variants sharing one clean pass per batch."""
     cfg = cfg or PerturbConfig()
-    _, hook_out = sae_hooks(lm, sae)
+    _, hook_out = check_sae_fits(lm, sae)
     variants, meters, fields = {}, {}, {}
     for name, (row, combine) in _combines(cfg).items():
         meter = _Meter(cfg.exclude_bos)

@@ -42,7 +42,8 @@ from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec
 from saelab.interpret.examples import (ContextBatch, ContextSource, FeatureScan, ScanConfig,
                                        cache_source, example_acts, scan_features)
 from saelab.interpret.lens import LensResult, classify, feature_lens
-from saelab.interpret.loading import check_compatible, load_model, load_sae
+from saelab.interpret.loading import load_model, load_sae
+from saelab.lm.resolve import check_sae_fits
 from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
 from saelab.evals.metrics import density_histogram
@@ -107,7 +108,7 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     opts = _options(options, overrides)
     sae, sae_path = load_sae(sae)
     lm = load_model(model, sae)
-    check_compatible(lm, sae)
+    check_sae_fits(lm, sae)
     source = _source(lm, sae, contexts, cache, opts, progress)
     contexts = source.tokens
     detail = _detail_features(opts.features, sae.cfg.d_sae)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from saelab.data.corpus import token_contexts
+from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 
 DEFAULT = "default"
@@ -35,3 +39,38 @@ def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
 
         return load_default_lm(device=device)
     return HookedLM.load(name, device=device)
+
+
+def heldout_contexts(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,
+                     context_length: int | None = None, *, split: str = "heldout",
+                     progress: bool | None = None) -> torch.Tensor:
+    """Contexts (n, context_length) of `source`'s held-out split (by default) for evaluation
+    and reports; context_length defaults to min(128, the model's)."""
+    if lm.tokenizer is None:
+        raise ConfigError("the model has no tokenizer; pass token ids directly")
+    length = context_length or min(128, lm.context_length)
+    if not 2 <= length <= lm.context_length:
+        raise ConfigError(f"context_length must be in 2..{lm.context_length}, got {length}")
+    return token_contexts(source, lm.tokenizer, length, split=split, max_contexts=n_contexts, progress=progress)
+
+
+def check_sae_fits(lm: HookedLM, sae, hook: str | None = None) -> tuple[str, str]:
+    """(input hook, replaced hook) of an SAE on this model, after checking that the names exist
+    (an unknown one is an error listing the valid ones), that a transcoder's output comes no
+    earlier than its input, and that d_in / d_out match the hooks' widths. `hook` overrides
+    the SAE's own cfg.hook_name."""
+    hook_in = hook or sae.cfg.hook_name
+    if not hook_in:
+        raise ConfigError("the SAE's config has no hook_name, so it is unknown which activations "
+                          "it reads; set cfg.hook_name (e.g. blocks.0.hook_resid_post) or pass the hook")
+    hook_out = sae.cfg.hook_name_out or hook_in
+    dims = {name: lm.hook_dim(name) for name in (hook_in, hook_out)}  # unknown name -> ConfigError
+    names = lm.hook_names()
+    if names.index(hook_out) < names.index(hook_in):
+        raise ConfigError(f"transcoder reads {hook_in} but replaces {hook_out}, which the model "
+                          "computes earlier; the output hook must come after the input hook")
+    for what, name, dim in (("d_in", hook_in, sae.cfg.d_in), ("d_out", hook_out, sae.cfg.d_out)):
+        if dims[name] != dim:
+            raise ConfigError(f"the SAE's {what} is {dim} but {name} of {lm.name or 'the model'} is "
+                              f"{dims[name]} wide: this SAE was not trained on this model")
+    return hook_in, hook_out

@@ -20,10 +20,9 @@ from pathlib import Path
 from saelab.atomic import write_json, write_text
 from saelab.data.cache import cache_activations, live_batches, open_cache
 from saelab.data.corpus import token_contexts
-from saelab.evals.downstream import eval_tokens
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import load_lm
+from saelab.lm.resolve import heldout_contexts, load_lm
 from saelab.evals.lm_eval import evaluate_on_lm
 from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
 from saelab.tables import format_rows
@@ -92,7 +91,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     trainer.fit(batches)
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    held_out = eval_tokens(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
+    held_out = heldout_contexts(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
     local = evaluate_on_lm(lm, [sae.to(device) for sae in trainer.final_saes()], held_out)
     for entry, label, spec in zip(local, trainer.labels, trainer.specs):
         entry.update(name=label, spec=spec.to_dict(), train_tokens=cfg.steps * cfg.batch_size)

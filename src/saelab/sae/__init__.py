@@ -3,6 +3,6 @@ the SAELens-compatible folder format. `from saelab.sae import SAE` is the usual 
 
 from saelab.sae.config import SAEConfig
 from saelab.sae.format import is_sae_folder, load_sae, sae_folders, save_sae
-from saelab.sae.model import SAE, ForwardOutput, geometric_median
+from saelab.sae.model import SAE, ForwardOutput, SparseCode, geometric_median
 
-__all__ = ["SAE", "SAEConfig", "ForwardOutput", "geometric_median", "is_sae_folder", "load_sae", "sae_folders", "save_sae"]
+__all__ = ["SAE", "SAEConfig", "ForwardOutput", "SparseCode", "geometric_median", "is_sae_folder", "load_sae", "sae_folders", "save_sae"]

@@ -41,6 +41,14 @@ class ForwardOutput(NamedTuple):
     l0: Tensor | None  # scalar: mean active features per token (None unless measured, see `loss`)
 
 
+class SparseCode(NamedTuple):
+    """Feature activations as (values, indices), k slots per token; the code of
+    `SAE.encode_sparse`, read by `SAE.decode_sparse`. A slot whose value is 0 is unused."""
+
+    values: Tensor  # (N, k) activations (>= 0)
+    indices: Tensor  # (N, k) long: the feature each value belongs to
+
+
 class SAE(nn.Module):
     """A sparse autoencoder or transcoder. See the module docstring for the formula."""
 
@@ -117,6 +125,30 @@ class SAE(nn.Module):
         self._check_input(f, self.cfg.d_sae, "feature activations")
         return f @ self.W_dec + self.b_dec
 
+    def encode_sparse(self, x: Tensor) -> SparseCode:
+        """The active features of x (..., d_in), rows flattened to N: (values, indices) (N, k).
+
+        Architectures with a fixed k per token (topk) give exactly their k slots and never build
+        the dense (N, d_sae) matrix; the others give as many slots as the busiest token needs,
+        zero-padded, so `decode_sparse(encode_sparse(x)) == forward(x)` for every architecture."""
+        x = x.reshape(-1, x.shape[-1])
+        z = self.pre_acts(x)
+        if self.activation.sparse is not None:
+            return SparseCode(*self.activation.sparse(z))
+        f = self.activation(z)
+        width = max(1, int((f > 0).sum(-1).max())) if f.numel() else 1
+        top = torch.topk(f, min(width, self.cfg.d_sae), dim=-1, sorted=False)
+        return SparseCode(top.values, top.indices)
+
+    def decode_sparse(self, code: SparseCode) -> Tensor:
+        """Reconstruction from (values, indices) (N, k): sum_j values_j W_dec[indices_j] + b_dec,
+        (N, d_out), by embedding_bag (no dense (N, d_sae) product)."""
+        values, indices = code
+        if values.shape != indices.shape or values.dim() != 2:
+            raise DataError(f"a sparse code needs values and indices of one (N, k) shape, got "
+                            f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
@@ -144,7 +176,7 @@ class SAE(nn.Module):
         sparsity = z.new_zeros(())
         if act.sparse is not None:
             values, indices = act.sparse(z)
-            x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+            x_hat = self.decode_sparse(SparseCode(values, indices))
             active = values.detach() > 0
             fired = torch.bincount(indices[active], minlength=self.cfg.d_sae) > 0
             l0 = active.sum() / x.shape[0]
