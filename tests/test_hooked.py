@@ -273,3 +273,24 @@ def test_load_dtype(tiny_hf_model_dirs, tokens):
     assert lm16.W_E.dtype == torch.bfloat16
     act = lm16.run_with_cache(tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
     assert act.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name, layer, point", [
+    ("blocks.0.hook_resid_post", 0, "hook_resid_post"),
+    ("blocks.12.mlp.hook_post", 12, "mlp.hook_post"),
+    ("blocks.3.ln2.hook_normalized", 3, "ln2.hook_normalized"),
+    ("hook_embed", None, "hook_embed"),
+    ("ln_final.hook_normalized", None, "ln_final.hook_normalized"),
+])
+def test_parse_hook_splits_layer_and_point(name, layer, point):
+    from saelab.lm.hook_names import parse_hook
+
+    assert parse_hook(name) == (layer, point)
+
+
+@pytest.mark.parametrize("name", ["blocks.x.hook_resid_post", "blocks.1.hook_resid", "resid_post", "blocks.1"])
+def test_parse_hook_names_the_valid_forms(name):
+    from saelab.lm.hook_names import parse_hook
+
+    with pytest.raises(ConfigError, match="valid forms are blocks.L.<point>"):
+        parse_hook(name)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
+from saelab.lm.hook_names import parse_hook
 
 PREDICTION_KURTOSIS = 6.0
 SKEW_THRESHOLD = 0.5
@@ -45,7 +46,7 @@ def residual_directions(sae, lm) -> Tensor:
     W = sae.W_dec.detach()
     out_hook = sae.cfg.hook_name_out or sae.cfg.hook_name or ""
     if out_hook.endswith("mlp.hook_post") and W.shape[1] == lm.d_mlp:
-        return W @ lm.mlp_weights(int(out_hook.split(".")[1])).W_out.detach().to(W.dtype)
+        return W @ lm.mlp_weights(parse_hook(out_hook).layer).W_out.detach().to(W.dtype)
     if W.shape[1] == lm.d_model and not out_hook.endswith(("mlp.hook_pre", "mlp.hook_pre_linear")):
         return W
     raise ConfigError(f"the decoder writes to {out_hook or 'an unnamed hook'} ({W.shape[1]} "

@@ -36,21 +36,11 @@ from torch import nn
 
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError, SaelabError
 from saelab.lm.arch import Arch, MLPWeights, arch_for, in_out_weight, is_parallel
+from saelab.lm.hook_names import BLOCK_POINTS, MLP_WIDE, parse_hook
 
 Splice = Callable[[torch.Tensor], torch.Tensor]
 
-_BLOCK_POINTS = (
-    "hook_resid_pre",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "ln2.hook_normalized",
-    "mlp.hook_pre",
-    "mlp.hook_pre_linear",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-_MLP_WIDE = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
+
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one is needed
@@ -135,13 +125,13 @@ class HookedLM:
         """Every valid hook name, in the order the forward pass reaches them."""
         names = ["hook_embed"] + (["hook_pos_embed"] if self.arch.pos_embed else [])
         for layer in range(self.n_layers):
-            names += [f"blocks.{layer}.{p}" for p in _BLOCK_POINTS if self._has_point(p)]
+            names += [f"blocks.{layer}.{p}" for p in BLOCK_POINTS if self._has_point(p)]
         return names + ["ln_final.hook_normalized"]
 
     def hook_dim(self, name: str) -> int:
         """Last dimension of the activation at `name`: d_mlp for MLP hidden points, else d_model."""
         self._check_names([name])
-        return self.d_mlp if name.endswith(_MLP_WIDE) else self.d_model
+        return self.d_mlp if name.endswith(MLP_WIDE) else self.d_model
 
     # ---- running -------------------------------------------------------------------------
     def run_with_cache(self, tokens=None, names: Sequence[str] = (), *,
@@ -265,7 +255,7 @@ class HookedLM:
                     f"{name} does not exist in {self.model.config.model_type} with a parallel "
                     "residual (attention and MLP both read hook_resid_pre); use hook_resid_pre, "
                     "hook_attn_out, hook_mlp_out or hook_resid_post")
-            points = ", ".join(p for p in _BLOCK_POINTS if self._has_point(p))
+            points = ", ".join(p for p in BLOCK_POINTS if self._has_point(p))
             extra = ", hook_pos_embed" if self.arch.pos_embed else ""
             raise ConfigError(
                 f"unknown hook name {name!r}; valid: hook_embed{extra}, ln_final.hook_normalized, "
@@ -332,7 +322,7 @@ class HookedLM:
     def _install_mid_splice(self, name: str, splice: Splice) -> list:
         """resid_mid is not a module boundary (the residual add happens inline), so a splice
         there edits the attention output instead: attn_out' = f(resid_pre + attn_out) - resid_pre."""
-        block = self.blocks[int(name.split(".")[1])]
+        block = self.blocks[parse_hook(name).layer]
         pre: list[torch.Tensor] = []
 
         def remember(act):

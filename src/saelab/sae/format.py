@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from saelab.atomic import save_tensors, write_json
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
+from saelab.lm.hook_names import parse_hook
 from saelab.sae.config import SAEConfig
 from saelab.sae.model import SAE
 
@@ -117,8 +118,11 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
 
 
 def _layer_of(hook_name: str | None) -> int:
-    parts = (hook_name or "").split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else 0
+    """SAELens 5's hook_layer: the block a hook belongs to (0 for model-level or unknown hooks)."""
+    try:
+        return parse_hook(hook_name).layer or 0 if hook_name else 0
+    except ConfigError:
+        return 0
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
