@@ -26,6 +26,7 @@ the activation the model actually used (after any splice at the same point).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -71,6 +72,10 @@ class HookedLM:
         self.parallel_residual = is_parallel(self.arch, model.config)
         self.blocks: nn.ModuleList = _get(model, self.arch.blocks)
         self._sites = self._build_sites()
+        # transformers renamed forward's key/value cache argument past_key_values -> cache
+        # (the old name warns and goes in 5.40): pass whichever this model's forward takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -292,7 +297,7 @@ class HookedLM:
                                          else None, len(capture) if stop_early else -1, grad)
             with torch.set_grad_enabled(grad):
                 try:
-                    cached = {"use_cache": False} if past is None else {"use_cache": True, "past_key_values": past}
+                    cached = {"use_cache": False} if past is None else {"use_cache": True, self._cache_kwarg: past}
                     logits = self.model(**kwargs, **cached).logits
                 except _StopForward:
                     logits = None
