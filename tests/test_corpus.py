@@ -225,3 +225,36 @@ def test_evenly_spaced():
     assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9]
     assert evenly_spaced(5, 5).tolist() == [0, 1, 2, 3, 4]
     assert evenly_spaced(7, 1).tolist() == [0]
+
+
+def test_chat_markers_are_never_document_boundaries():
+    """An instruct tokenizer whose bos/eos are chat-turn markers (SmolLM2-Instruct's are
+    <|im_start|> / <|im_end|>) packs with its <|endoftext|> instead; a plain one keeps bos/eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saelab.data.corpus import Document, pack
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 3, "a": 4, "b": 5}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    chat = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>")
+    docs = [Document("1", "a a"), Document("2", "b b b")]
+    assert pack(docs, chat, 4).tolist() == [[0, 4, 4, 0], [0, 5, 5, 5]]
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<unk>", unk_token="<unk>")
+    assert pack(docs, plain, 4).tolist() == [[0, 4, 4, 3], [0, 5, 5, 5]]
+    asked = pack(docs, chat, 4, bos_token_id=1, sep_token_id=2)  # markers only when passed explicitly
+    assert asked.tolist() == [[1, 4, 4, 2], [1, 5, 5, 5]]
+
+
+def test_stdlib_docs_is_english_from_docstrings_and_topics():
+    from saelab.data.corpus import load_corpus, split_documents
+
+    corpus = load_corpus("stdlib-docs")
+    ids = {d.id for d in corpus.documents}
+    assert any(i.startswith("docs:") for i in ids) and any(i.startswith("topics:") for i in ids)
+    text = next(d.text for d in corpus.documents if d.id == "docs:json/__init__.py")
+    assert text.startswith("JSON (JavaScript Object Notation)") and "from .decoder import" not in text  # docstrings, not code
+    assert corpus.n_chars > 1_000_000
+    train, held = split_documents(corpus.documents)
+    assert 0 < len(held) < len(train)

@@ -3,6 +3,9 @@
 A source spec is one string:
     "stdlib"            the built-in corpus: the Python standard library's own .py source
                         (every Python install carries it, so nothing is downloaded)
+    "stdlib-docs"       built-in English: the standard library's docstrings (one document per
+                        module) and the reference topics of `pydoc_data.topics` (one per topic),
+                        text a pretrained model understands better than code
     "hf:NAME"           a Hugging Face dataset: a hub name, a local folder of data files, or a
                         folder written by `Dataset.save_to_disk`
     a path              a .txt file (one document), a .jsonl file (one document per line, text
@@ -11,10 +14,13 @@ A source spec is one string:
 Packing: documents are tokenized, joined into one stream with the end-of-text token between
 them, and cut into contexts of `context_length` tokens, each starting with BOS when the model
 expects one (Pythia, GPT-2 and Llama checkpoints were trained that way; SAELens does the same).
+An instruct model's chat-turn markers (`<|im_start|>`, `<|im_end|>`, ...) are never used as BOS
+or separator unless passed explicitly: its `<|endoftext|>` document separator is used instead.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import sys
@@ -84,6 +90,27 @@ def load_stdlib(max_bytes: int | None = None, root: str | Path | None = None) ->
     docs = [Document(p.relative_to(root).as_posix(),
                      p.read_text(encoding="utf-8", errors="replace")) for p in files]
     return _make_corpus("stdlib", docs)
+
+
+def load_stdlib_docs(root: str | Path | None = None) -> Corpus:
+    """Built-in English: each stdlib module's docstrings (module, classes, functions, in source
+    order) as one document, and each `pydoc_data.topics` reference topic as one document."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in stdlib_files(root):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue  # a file this Python cannot parse (e.g. lib2to3 test data) has no docs to give
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        parts = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+        docs.append(Document(f"docs:{path.relative_to(root).as_posix()}", "\n\n".join(p for p in parts if p)))
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split pydoc_data out; the docstrings still serve
+        topics = {}
+    docs += [Document(f"topics:{name}", text) for name, text in sorted(topics.items())]
+    return _make_corpus("stdlib-docs", docs)
 
 
 def load_text_files(path: str | Path, text_field: str = "text") -> Corpus:
@@ -190,6 +217,8 @@ def load_corpus(source: str = "stdlib", *, text_field: str = "text", split: str 
     """Dispatch on the source spec (see module docstring)."""
     if source == "stdlib":
         return load_stdlib(max_bytes=max_bytes)
+    if source == "stdlib-docs":
+        return load_stdlib_docs()
     if source.startswith("hf:"):
         return load_hf_dataset(source[3:], split=split, text_field=text_field, max_docs=max_docs)
     corpus = load_text_files(source, text_field=text_field)
@@ -272,11 +301,23 @@ def pack(docs: Sequence[Document], tokenizer, context_length: int, *,
     return out
 
 
+# chat-turn markers of instruct models: a document boundary must not look like a chat turn
+CHAT_MARKERS = frozenset({"<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>",
+                          "<|end_header_id|>", "<start_of_turn>", "<end_of_turn>"})
+END_OF_TEXT = "<|endoftext|>"
+
+
 def _special(tokenizer, first: str, second: str) -> int | None:
+    """The tokenizer's `first` special token (bos/eos), else its `second`, skipping chat-turn
+    markers; else its `<|endoftext|>` if it has one (instruct models whose bos/eos are chat
+    markers, e.g. SmolLM2-Instruct, keep their pretraining separator there)."""
     for kind in (first, second):
         tid = getattr(tokenizer, f"{kind}_token_id", None)
-        if tid is not None:
+        if tid is not None and getattr(tokenizer, f"{kind}_token", None) not in CHAT_MARKERS:
             return tid
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if END_OF_TEXT in vocab:
+        return vocab[END_OF_TEXT]
     return None
 
 
