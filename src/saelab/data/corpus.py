@@ -270,8 +270,8 @@ def pack(docs: Sequence[Document], tokenizer, context_length: int, *,
     Stream = doc tokens + [sep] + doc tokens + [sep] ...; each context is [bos] + the next
     context_length - 1 stream tokens (or context_length stream tokens without BOS). The
     last partial context is dropped. bos/sep default to the tokenizer's bos/eos."""
-    bos = bos_token_id if bos_token_id is not None else _special(tokenizer, "bos", "eos")
-    sep = sep_token_id if sep_token_id is not None else _special(tokenizer, "eos", "bos")
+    bos = bos_token_id if bos_token_id is not None else special_token_id(tokenizer, "bos", "eos")
+    sep = sep_token_id if sep_token_id is not None else special_token_id(tokenizer, "eos", "bos")
     if prepend_bos and bos is None:
         raise ConfigError("the tokenizer has no BOS or EOS token; pass bos_token_id or "
                           "prepend_bos=False")
@@ -307,7 +307,7 @@ CHAT_MARKERS = frozenset({"<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_h
 END_OF_TEXT = "<|endoftext|>"
 
 
-def _special(tokenizer, first: str, second: str) -> int | None:
+def special_token_id(tokenizer, first: str, second: str) -> int | None:
     """The tokenizer's `first` special token (bos/eos), else its `second`, skipping chat-turn
     markers; else its `<|endoftext|>` if it has one (instruct models whose bos/eos are chat
     markers, e.g. SmolLM2-Instruct, keep their pretraining separator there)."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saelab.data.corpus import special_token_id
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError, SaelabError
 from saelab.lm.arch import Arch, MLPWeights, arch_for, in_out_weight, is_parallel
 from saelab.lm.hook_names import BLOCK_POINTS, MLP_WIDE, parse_hook
@@ -119,7 +120,9 @@ class HookedLM:
 
     @property
     def bos_token_id(self) -> int | None:
-        tok_bos = getattr(self.tokenizer, "bos_token_id", None)
+        """The token contexts start with: the one `saelab.data.corpus` packs with (the
+        tokenizer's BOS, never a chat-turn marker), else the model config's."""
+        tok_bos = special_token_id(self.tokenizer, "bos", "eos") if self.tokenizer is not None else None
         return tok_bos if tok_bos is not None else self.model.config.bos_token_id
 
     @property
