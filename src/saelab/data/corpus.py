@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError, SaelabError
+from saelab.progress import progress_bar
 
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -281,8 +281,7 @@ def pack(docs: Sequence[Document], tokenizer, context_length: int, *,
     pieces: list[np.ndarray] = []
     have, needed = 0, None if max_contexts is None else max_contexts * body
     tail = np.array([] if sep is None else [sep], dtype=np.int64)
-    with tqdm(total=len(docs), desc="tokenizing", unit="doc",
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(total=len(docs), desc="tokenizing", unit="doc", enabled=progress) as bar:
         for start in range(0, len(docs), 64):
             batch = docs[start:start + 64]
             for ids in _encode(tokenizer, [d.text for d in batch]):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from saelab.atomic import write_json
 from saelab.data.corpus import Document, evenly_spaced, load_stdlib, pack, split_documents
@@ -32,6 +31,7 @@ from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.build import build_folder
 from saelab.lm.hooked import HookedLM
 from saelab.paths import models_dir
+from saelab.progress import progress_bar
 
 BOS = "<|endoftext|>"
 PAD = "<|padding|>"
@@ -202,8 +202,7 @@ def _train(model, contexts: torch.Tensor, cfg: DefaultLMConfig, progress: bool |
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.empty(0, dtype=torch.long)
     recent: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="training default LM", unit="step",
-               disable=None if progress is None else not progress)
+    bar = progress_bar(range(cfg.steps), desc="training default LM", unit="step", enabled=progress)
     for step in bar:
         if len(order) < cfg.batch_size:
             order = torch.cat([order, torch.randperm(len(contexts), generator=gen)])

@@ -19,11 +19,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from saelab.atomic import write_json
 from saelab.data.cache import format as fmt
 from saelab.errors import ConfigError, DataError
+from saelab.progress import progress_bar
 
 SHARD_BYTES = 32 * 2**20  # default shard size, all hooks together (two shards are in memory)
 
@@ -236,9 +236,9 @@ def _write_remaining(lm, stream: ContextStream, manifest: dict, root: Path, batc
     one writer commits shards in order; its errors surface here."""
     bufs: list[_ShardBuffers] = []
     pending: list[Future | None] = [None, None]
-    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(
+    with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(
             total=stream.total, initial=manifest["contexts_done"], unit="ctx",
-            desc="caching activations", disable=None if progress is None else not progress) as bar:
+            desc="caching activations", enabled=progress) as bar:
         k = 0
         while (ctx := stream.take(manifest["shard_contexts"])) is not None:
             slot = k % 2
