@@ -30,15 +30,23 @@ def model_name_for(model: str | None = None, sae=None) -> str | None:
     return name
 
 
-def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
+def load_lm(model=None, sae=None, device: str = "cpu", dtype: str | torch.dtype = "float32") -> HookedLM:
+    """The HookedLM by the rule above, on `device`, its parameters cast to `dtype` (a torch
+    dtype or its name: "float32", "bfloat16", "float16"). A HookedLM given is returned as is."""
     if isinstance(model, HookedLM):
         return model
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
     name = model_name_for(model, sae)
     if name is None:
         from saelab.lm.default import load_default_lm
 
-        return load_default_lm(device=device)
-    return HookedLM.load(name, device=device)
+        lm = load_default_lm(device=device)
+        lm.model.to(dtype=dtype)
+        return lm
+    return HookedLM.load(name, device=device, dtype=dtype)
 
 
 def heldout_contexts(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,

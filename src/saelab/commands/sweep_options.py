@@ -1,0 +1,141 @@
+"""The options of an SAE sweep on a language model, shared by `saelab train` and `saelab
+quickstart` (each with its own defaults), and how they become an LMSweepConfig.
+
+Every TrainSpec field is an option (generated from the dataclass, so a new field is one too),
+and `--config FILE` gives a whole run as JSON. Precedence, lowest first: the defaults, the
+file, the options typed on the command line (`options.defaults_apart` tells typed from not).
+Not a command: cli.py does not list it, and it imports no command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from saelab.commands import options
+from saelab.errors import ConfigError, MissingFileError
+from saelab.lm.hooked import HookedLM
+from saelab.lm.resolve import load_lm
+from saelab.pipelines.train_lm import LMSweepConfig, rank_device
+from saelab.train.spec import TrainSpec
+from saelab.train.sweep import SweepGrid, applies, check_applies, sweep_specs
+
+# option dest -> LMSweepConfig field, where the shared option's name says more than the field's
+RENAMES = {"batch_tokens": "batch_size", "dtype": "lm_dtype"}
+
+PRECEDENCE = """\
+Settings, lowest precedence first: the defaults shown; --config FILE; the options typed on the
+command line. FILE is JSON with LMSweepConfig's keys, all optional, e.g.
+
+  {"steps": 2000, "train_contexts": 16384,
+   "specs": [{"arch": "jumprelu", "coefficient": 0.01, "expansion": 16},
+             {"arch": "topk", "k": 32, "expansion": 16, "init": "data", "aux_k": 256}]}
+
+"specs" (TrainSpec fields) are trained exactly as given; without it the grid of --arch,
+--coefficient, --k and --expansion / --d-sae is. Grid options typed on the command line replace
+the file's specs with their grid; the other per-SAE options typed (--lr, --init, ...) are set
+on every spec they apply to. --print-config prints the resulting file and exits."""
+
+
+def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, **pipeline) -> None:
+    """Every option of a sweep; `out` (the run folder), `grid` and `pipeline` (LMSweepConfig
+    fields) are this command's defaults, the latter over LMSweepConfig's own."""
+    d = {**_pipeline_defaults(), **pipeline}
+    options.add_model_options(p)
+    g = p.add_argument_group("where and what to train on")
+    g.add_argument("--hook", default=d["hook"],
+                   help="TransformerLens hook name (default: resid_post of the middle layer)")
+    g.add_argument("--hook-out", default=d["hook_out"],
+                   help="target hook of a transcoder / sparse MLP, e.g. blocks.0.hook_mlp_out (default: none)")
+    options.add_source(g, d["source"])
+    options.add_context_length(g, d["context_length"])
+    options.add_train_contexts(g, d["train_contexts"])
+    options.add_eval_contexts(g, d["eval_contexts"])
+    options.add_cache_dtype(g, d["cache_dtype"])
+    g.add_argument("--live", action="store_true",
+                   help="no activation cache on disk: batches come straight from the LM through a mixing buffer "
+                        "(the same batches as from a cache; the LM runs again on a resumed run)")
+    g = p.add_argument_group("the sweep's grid (SAEs trained together, in one pass)")
+    options.add_arch(g, grid.arch)
+    options.add_widths(g, grid.expansion, grid.d_sae)
+    options.add_coefficients(g, grid.coefficient)
+    options.add_ks(g, grid.k)
+    g = p.add_argument_group("training (every SAE)")
+    options.add_steps(g, d["steps"])
+    options.add_batch_tokens(g, d["batch_size"])
+    g.add_argument("--no-normalize-activations", dest="normalize_activations", action="store_false",
+                   default=d["normalize_activations"],
+                   help="train on raw activations (default: scaled to mean norm sqrt(d_in), folded back on save)")
+    options.add_seed(g, d["seed"])
+    options.add_spec_options(p.add_argument_group(
+        "per-SAE settings (TrainSpec fields; each applies to every SAE of the sweep it means something for)"))
+    g = p.add_argument_group("run")
+    options.add_out(g, out)
+    g.add_argument("--config", type=Path, metavar="FILE", help="JSON file of the run's settings (see below)")
+    g.add_argument("--print-config", action="store_true", help="print the settings as a --config file and exit")
+    options.defaults_apart(p)
+    p.set_defaults(sweep_grid=grid)
+
+
+def config_from_args(args: argparse.Namespace) -> LMSweepConfig:
+    """The run's LMSweepConfig: defaults < --config file < options typed."""
+    typed = options.given(args)
+    file = read_config_file(typed["config"]) if "config" in typed else {}
+    pipeline_names = {f.name for f in dataclasses.fields(LMSweepConfig)} - {"specs"}
+    spec_names = {f.name for f in dataclasses.fields(TrainSpec)} - set(options.SPEC_AXES) - {"name"}
+    typed_pipeline = {RENAMES.get(k, k): v for k, v in typed.items() if RENAMES.get(k, k) in pipeline_names}
+    defaults = {RENAMES.get(k, k): v for k, v in args.option_defaults.items() if RENAMES.get(k, k) in pipeline_names}
+    pipeline = {**defaults, **{k: v for k, v in file.items() if k != "specs"}, **typed_pipeline}
+    fields = {k: v for k, v in typed.items() if k in spec_names}
+    axes = {k: v for k, v in typed.items() if k in options.SPEC_AXES}
+    if axes or "specs" not in file:
+        if "d_sae" in axes and "expansion" not in axes:
+            axes["expansion"] = []  # --d-sae alone: those widths, not the default expansions too
+        grid = dataclasses.replace(args.sweep_grid, **axes)
+        check_applies([name for name in ("coefficient", "k") if name in axes], grid.arch)
+        specs = sweep_specs(grid, pipeline["steps"], **fields)
+    else:
+        check_applies(fields, [spec.arch for spec in file["specs"]])
+        specs = [dataclasses.replace(spec, **{k: v for k, v in fields.items() if applies(k, spec.arch)})
+                 for spec in file["specs"]]
+    options.check_device(pipeline["device"])
+    if pipeline["lm_dtype"] not in options.LM_DTYPES:
+        raise ConfigError(f"lm_dtype must be one of {options.LM_DTYPES}, got {pipeline['lm_dtype']!r}")
+    return LMSweepConfig(specs=specs, **pipeline)
+
+
+def read_config_file(path: Path) -> dict:
+    """A --config file's settings (LMSweepConfig keys; "specs" as TrainSpecs), checked."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"--config {path}: no such file")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path} is not valid JSON: {err}") from None
+    known = [f.name for f in dataclasses.fields(LMSweepConfig)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a JSON object with keys among {known}")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid: {known}")
+    if "specs" in data:
+        specs = data["specs"]
+        if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
+            raise ConfigError(f"--config {path}: specs must be a non-empty list of TrainSpec objects")
+        data["specs"] = [TrainSpec.from_dict(s) for s in specs]
+    return data
+
+
+def print_config(cfg: LMSweepConfig) -> None:
+    print(json.dumps(cfg.to_dict(), indent=1))
+
+
+def sweep_lm(cfg: LMSweepConfig) -> HookedLM:
+    """The sweep's LM on this rank's device at cfg.lm_dtype (run_lm_sweep loads it at float32)."""
+    return load_lm(cfg.model, device=rank_device(cfg.device), dtype=cfg.lm_dtype)
+
+
+def _pipeline_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(LMSweepConfig) if f.default is not dataclasses.MISSING}
