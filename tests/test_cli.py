@@ -122,6 +122,24 @@ def test_print_config_prints_and_trains_nothing(capsys, monkeypatch):
     assert [s["arch"] for s in printed["specs"]] == ["batchtopk"] * 4 and printed["steps"] == 400
 
 
+@pytest.mark.slow
+def test_train_runs_what_only_the_generated_options_and_a_config_file_reach(tiny_lm_path, tmp_path):
+    """jumprelu, data-sample init, geometric-median b_dec, aux-k, an LM in bfloat16: one command."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({
+        "model": str(tiny_lm_path), "context_length": 16, "train_contexts": 48, "eval_contexts": 4,
+        "batch_size": 128, "steps": 12,
+        "specs": [{"arch": "jumprelu", "coefficient": 0.01, "d_sae": 48, "init": "data", "b_dec_init": "geometric_median"},
+                  {"arch": "batchtopk", "k": 4, "d_sae": 48, "aux_k": 8}]}))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(path), "--out", str(run), "--lr", "3e-3", "--dtype", "bfloat16"]) == 0
+    jump, btk = (SAE.load(run / "saes" / name) for name in ("jumprelu_48_c0.01", "batchtopk_48_k4"))
+    assert (jump.cfg.arch, btk.cfg.arch, btk.cfg.k) == ("jumprelu", "batchtopk", 4)
+    trained = [sae.cfg.metadata["train"] for sae in (jump, btk)]
+    assert [t["lr"] for t in trained] == [3e-3, 3e-3] and [t["aux_k"] for t in trained] == [None, 8]
+    assert (trained[0]["init"], trained[0]["b_dec_init"]) == ("data", "geometric_median")
+
+
 # ---- bad input: one line, exit code 2, no traceback -------------------------------------------
 def _refuse(*args, **kwargs):
     raise AssertionError("a bad input reached the model")
@@ -141,7 +159,7 @@ BAD = [
     (["train", "--decoder-norm", "l2"], "invalid choice: 'l2'"),
     (["train", "--k", "0"], "must be a positive integer"),
     (["train", "--expansion", "x"], "invalid float value: 'x'"),
-    (["train", "--arch", "topk", "--k"], "topk is swept over k, and the grid gives no values"),
+    (["train", "--arch", "topk", "--k"], "argument --k: expected at least one argument"),
     (["train", "--config", "no/such.json"], "--config no/such.json: no such file"),
     (["train", "--dtype", "float8"], "invalid choice: 'float8'"),
     (["sparse-mlp", "--arch", "relu", "--k", "4"], "k applies only to"),
@@ -159,12 +177,14 @@ BAD = [
     (["train", "--config", "{bad}"], "is not valid JSON"),
     (["train", "--config", "{unknown}"], "unknown key(s) ['stepz']; valid: ['specs', 'model'"),
     (["train", "--config", "{badspec}"], "unknown TrainSpec field(s) ['kk']"),
+    (["train", "--config", "{wrongtype}"], "specs[0]: lr must be number, got '0.1'"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
-    files = {"{bad}": "{steps: 3", "{unknown}": '{"stepz": 3}', "{badspec}": '{"specs": [{"arch": "topk", "kk": 3}]}'}
+    files = {"{bad}": "{steps: 3", "{unknown}": '{"stepz": 3}', "{badspec}": '{"specs": [{"arch": "topk", "kk": 3}]}',
+             "{wrongtype}": '{"specs": [{"arch": "relu", "lr": "0.1"}]}'}
     for key, text in files.items():
         (tmp_path / key.strip("{}")).write_text(text)
     argv = [str(tmp_path / a.strip("{}")) if a in files else a for a in argv]

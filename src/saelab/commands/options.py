@@ -185,13 +185,13 @@ def add_arch(g, default, many: bool = True) -> None:
 
 
 def add_coefficients(g, default) -> None:
-    g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="*", default=default,
+    g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="+", default=default,
                    metavar="C", help="sparsity coefficients of architectures without k (relu's L1, jumprelu's "
                                      f"L0, ...); several make a sweep (default: {shown(default)})")
 
 
 def add_ks(g, default) -> None:
-    g.add_argument("--k", type=positive_int, nargs="*", default=default,
+    g.add_argument("--k", type=positive_int, nargs="+", default=default,
                    help=f"active features per token of k architectures ({', '.join(k_archs())}); several make "
                         f"a sweep (default: {shown(default)})")
 
@@ -226,7 +226,7 @@ def add_spec_options(g, names=None, defaults: dict | None = None) -> None:
     for name in names:
         f = fields[name]
         default = defaults.get(name, argparse.SUPPRESS)
-        shown = defaults.get(name, f.default)
+        shown = defaults.get(name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
         if name in SWEEP_DEFAULTS_HELP and name not in defaults:
             shown = f"{SWEEP_DEFAULTS_HELP[name]} in a sweep; TrainSpec's: {f.default}"
         about = f.metadata.get("help") or f"TrainSpec.{name}"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 
 from saelab.commands import options
@@ -120,12 +122,43 @@ def read_config_file(path: Path) -> dict:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid: {known}")
+    _check_types(LMSweepConfig, {k: v for k, v in data.items() if k != "specs"}, f"--config {path}")
     if "specs" in data:
         specs = data["specs"]
         if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
             raise ConfigError(f"--config {path}: specs must be a non-empty list of TrainSpec objects")
+        for i, spec in enumerate(specs):
+            _check_types(TrainSpec, spec, f"--config {path}: specs[{i}]")
         data["specs"] = [TrainSpec.from_dict(s) for s in specs]
     return data
+
+
+def _check_types(cls, data: dict, where: str) -> None:
+    """A ConfigError for a value whose JSON type does not fit its field's annotation (unknown
+    keys are left to the caller)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        allowed = _json_types(hints[key]) if key in hints else None
+        if allowed and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+            names = sorted({"null" if t is type(None) else "number" if float in allowed and t in (int, float)
+                            else t.__name__ for t in allowed})
+            raise ConfigError(f"{where}: {key} must be {' or '.join(names)}, got {value!r}")
+
+
+def _json_types(hint) -> tuple | None:
+    """The JSON value types an annotation takes (float takes ints too); None: not checked."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    out = ()
+    for arg in typing.get_args(hint) if union else (hint,):
+        if arg is type(None) or arg in (int, str, bool):
+            out += (arg,)
+        elif arg is float:
+            out += (int, float)
+        elif typing.get_origin(arg) is list:
+            out += (list,)
+        else:
+            return None
+    return out
 
 
 def print_config(cfg: LMSweepConfig) -> None:
