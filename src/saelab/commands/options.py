@@ -69,9 +69,10 @@ def positive_int(text: str) -> int:
 
 
 def shown(value) -> str:
+    """A default as --help shows it: lists space-separated, as they are typed."""
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value) or "none"
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 # ---- the language model and its text --------------------------------------------------------

@@ -85,27 +85,36 @@ def config_from_args(args: argparse.Namespace) -> LMSweepConfig:
     """The run's LMSweepConfig: defaults < --config file < options typed."""
     typed = options.given(args)
     file = read_config_file(typed["config"]) if "config" in typed else {}
-    pipeline_names = {f.name for f in dataclasses.fields(LMSweepConfig)} - {"specs"}
-    spec_names = {f.name for f in dataclasses.fields(TrainSpec)} - set(options.SPEC_AXES) - {"name"}
-    typed_pipeline = {RENAMES.get(k, k): v for k, v in typed.items() if RENAMES.get(k, k) in pipeline_names}
-    defaults = {RENAMES.get(k, k): v for k, v in args.option_defaults.items() if RENAMES.get(k, k) in pipeline_names}
-    pipeline = {**defaults, **{k: v for k, v in file.items() if k != "specs"}, **typed_pipeline}
-    fields = {k: v for k, v in typed.items() if k in spec_names}
+    pipeline = _pipeline_settings(args.option_defaults, file, typed)
+    return LMSweepConfig(specs=_specs(args.sweep_grid, file.get("specs"), typed, pipeline["steps"]), **pipeline)
+
+
+def _pipeline_settings(defaults: dict, file: dict, typed: dict) -> dict:
+    """LMSweepConfig's fields but specs, each from the highest of the three that has it."""
+    names = {f.name for f in dataclasses.fields(LMSweepConfig)} - {"specs"}
+    pick = lambda source: {RENAMES.get(k, k): v for k, v in source.items() if RENAMES.get(k, k) in names}
+    out = {**pick(defaults), **{k: v for k, v in file.items() if k != "specs"}, **pick(typed)}
+    options.check_device(out["device"])
+    if out["lm_dtype"] not in options.LM_DTYPES:
+        raise ConfigError(f"lm_dtype must be one of {options.LM_DTYPES}, got {out['lm_dtype']!r}")
+    return out
+
+
+def _specs(grid: SweepGrid, file_specs: list[TrainSpec] | None, typed: dict, steps: int) -> list[TrainSpec]:
+    """The file's specs, unless grid options were typed or it has none: then the grid's; with
+    the per-SAE settings typed set on every spec they apply to."""
+    names = {f.name for f in dataclasses.fields(TrainSpec)} - set(options.SPEC_AXES) - {"name"}
+    fields = {k: v for k, v in typed.items() if k in names}
     axes = {k: v for k, v in typed.items() if k in options.SPEC_AXES}
-    if axes or "specs" not in file:
-        if "d_sae" in axes and "expansion" not in axes:
-            axes["expansion"] = []  # --d-sae alone: those widths, not the default expansions too
-        grid = dataclasses.replace(args.sweep_grid, **axes)
-        check_applies([name for name in ("coefficient", "k") if name in axes], grid.arch)
-        specs = sweep_specs(grid, pipeline["steps"], **fields)
-    else:
-        check_applies(fields, [spec.arch for spec in file["specs"]])
-        specs = [dataclasses.replace(spec, **{k: v for k, v in fields.items() if applies(k, spec.arch)})
-                 for spec in file["specs"]]
-    options.check_device(pipeline["device"])
-    if pipeline["lm_dtype"] not in options.LM_DTYPES:
-        raise ConfigError(f"lm_dtype must be one of {options.LM_DTYPES}, got {pipeline['lm_dtype']!r}")
-    return LMSweepConfig(specs=specs, **pipeline)
+    if file_specs and not axes:
+        check_applies(fields, [spec.arch for spec in file_specs])
+        return [dataclasses.replace(spec, **{k: v for k, v in fields.items() if applies(k, spec.arch)})
+                for spec in file_specs]
+    if "d_sae" in axes and "expansion" not in axes:
+        axes["expansion"] = []  # --d-sae alone: those widths, not the default expansions too
+    grid = dataclasses.replace(grid, **axes)
+    check_applies([name for name in ("coefficient", "k") if name in axes], grid.arch)
+    return sweep_specs(grid, steps, **fields)
 
 
 def read_config_file(path: Path) -> dict:
