@@ -164,6 +164,7 @@ BAD = [
     (["train", "--dtype", "float8"], "invalid choice: 'float8'"),
     (["sparse-mlp", "--arch", "relu", "--k", "4"], "k applies only to"),
     (["sparse-mlp", "--arch", "mystery"], "invalid choice: 'mystery'"),
+    (["sparse-mlp", "--d-sae", "64", "--expansion", "4"], "--d-sae or as --expansion, not both"),
     (["toy", "--arch-k", "relu"], "invalid choice: 'relu' (choose from 'topk', 'batchtopk'"),
     (["dashboard", "x", "--device", "cuda:banana"], "unknown device 'cuda:banana'"),
     (["dashboard", "x", "--contexts", "5"], "unrecognized arguments: --contexts 5"),

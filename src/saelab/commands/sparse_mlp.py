@@ -12,6 +12,7 @@ import argparse
 
 from saelab.commands import options
 from saelab.data.corpus import token_contexts
+from saelab.errors import ConfigError
 from saelab.experiments.sparse_mlp import SparseMLPConfig, format_report, run_sparse_mlp
 from saelab.train.sweep import check_applies
 
@@ -48,6 +49,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     typed, args = options.given(args), options.filled(args)
     check_applies([name for name in ("coefficient", "k") if name in typed], [args.arch])
+    if "d_sae" in typed and "expansion" in typed:
+        raise ConfigError("give the width as --d-sae or as --expansion, not both")
     lm, held = options.lm_and_eval_contexts(args)
     train = token_contexts(args.source, lm.tokenizer, held.shape[1], split="train", max_contexts=args.train_contexts)
     cfg = SparseMLPConfig(layers=args.layers, arch=args.arch, d_sae=args.d_sae, expansion=args.expansion,
