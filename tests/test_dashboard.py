@@ -401,7 +401,7 @@ def test_command_builds_a_dashboard_per_sae_of_a_run(tmp_path, save_tiny_hf, cap
     for seed, name in enumerate(("a", "b")):
         torch_seed(seed)
         SAE(32, 24, arch="topk", k=4, hook_name="blocks.0.hook_resid_post", model_name=str(model)).save(run / "saes" / name)
-    opts = ["--source", str(text), "--contexts", "6", "--context-length", "16", "--batch-size", "4",
+    opts = ["--source", str(text), "--scan-contexts", "6", "--context-length", "16", "--lm-batch-size", "4",
             "--ablate", "1", "--ablate-quantile", "0", "--ablate-back", "0", "--embedding-exponent", "2",
             "--window", "4", "2"]
     assert main(["dashboard", str(run), *opts]) == 0

@@ -83,13 +83,13 @@ def test_tokens_command(tiny_lm, sae_dir, capsys):
 
 def test_dashboard_from_a_cache(tiny_lm, sae_dir, tmp_path, capsys):
     """`--cache`: the dashboard's report is build_report's from that cache (all of its contexts
-    by default, the first --contexts when given); a cache without the SAE's hook is an error."""
+    by default, the first --scan-contexts when given); a cache without the SAE's hook is an error."""
     folder, sae = sae_dir
     contexts = torch.randint(0, tiny_lm.d_vocab, (7, 16), generator=torch.Generator().manual_seed(1))
     contexts[:, 0] = tiny_lm.bos_token_id
     cache = cache_activations(tiny_lm, contexts, [sae.cfg.hook_name], tmp_path / "cache", progress=False)
     out = tmp_path / "dash"
-    argv = ["dashboard", str(folder), "--cache", str(cache.path), "--features", "1", "4", "--batch-size", "3",
+    argv = ["dashboard", str(folder), "--cache", str(cache.path), "--features", "1", "4", "--lm-batch-size", "3",
             "--out", str(out)]
     assert _run(dashboard, argv) == 0
     assert capsys.readouterr().out.split() == [str(out / "index.html")]
@@ -97,7 +97,7 @@ def test_dashboard_from_a_cache(tiny_lm, sae_dir, tmp_path, capsys):
                         progress=False)
     got = read_dashboard_json(out)
     assert got == json.loads(json.dumps(want)) and got["n_tokens"] == 7 * 15
-    assert _run(dashboard, argv + ["--contexts", "2", "--out", str(tmp_path / "two")]) == 0
+    assert _run(dashboard, argv + ["--scan-contexts", "2", "--out", str(tmp_path / "two")]) == 0
     assert read_dashboard_json(tmp_path / "two")["n_tokens"] == 2 * 15
     other = cache_activations(tiny_lm, contexts, "blocks.0.hook_resid_post", tmp_path / "other", progress=False)
     with pytest.raises(DataError, match="has no activations for.*blocks.1.hook_resid_post.*it holds"):
@@ -115,7 +115,7 @@ def test_cache_command_writes_held_out_activations(tiny_lm, tiny_lm_path, tmp_pa
     text.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n"}) + "\n" for i in range(400)))
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     argv = ["cache", "--model", str(tiny_lm_path), "--source", str(text), "--hooks", *hooks,
-            "--contexts", "6", "--context-length", "16", "--out", str(tmp_path / "c")]
+            "--cache-contexts", "6", "--context-length", "16", "--out", str(tmp_path / "c")]
     assert main(argv) == 0 and main(argv) == 0
     assert capsys.readouterr().out.count(f"{tmp_path / 'c'}: 6 contexts, 90 tokens") == 2
     cache = open_cache(tmp_path / "c", model=tiny_lm, hooks=hooks)

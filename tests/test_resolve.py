@@ -41,3 +41,20 @@ def test_an_sae_naming_a_hub_model_loads_that_model_or_fails_clearly():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith(MissingFileError.__name__) and "nobody-here/no-model" in out and "not a local folder" in out
+
+
+def test_dtype_casts_a_folder_model_and_the_default_lm(tiny_lm_path, monkeypatch):
+    """`dtype` reaches both branches: HookedLM.load for a folder, a cast for the default LM."""
+    import pytest
+    import torch
+
+    from saelab.errors import ConfigError
+    from saelab.lm import default
+
+    assert load_lm(str(tiny_lm_path), dtype="bfloat16").W_E.dtype == torch.bfloat16
+    monkeypatch.setattr(default, "load_default_lm", lambda device="cpu": HookedLM.load(tiny_lm_path, device=device))
+    lm = load_lm(None, dtype="float16")
+    assert lm.W_E.dtype == torch.float16 and lm.W_U.dtype == torch.float16
+    assert load_lm(None).W_E.dtype == torch.float32
+    with pytest.raises(ConfigError, match="unknown dtype 'float8'"):
+        load_lm(str(tiny_lm_path), dtype="float8")

@@ -23,7 +23,7 @@ def test_toy_command_recovers_features(tmp_path, capsys):
     """A small version of `saelab toy`: topk at the true L0 recovers most ground-truth features."""
     out = tmp_path / "toy"
     code = main(["toy", "--out", str(out), "--d", "16", "--n-features", "32", "--mean-active", "3", "--width", "32",
-                 "--l1", "0.3", "--k", "3", "--steps", "400", "--batch-size", "256"])
+                 "--l1", "0.3", "--k", "3", "--steps", "400", "--batch-tokens", "256"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "MMCS" in printed and "topk_32_k3" in printed

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab.cli import main
-from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep, sweep_specs
+from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
+from saelab.train.sweep import SweepGrid, sweep_specs
 from saelab.evals.lm_eval import reconstruction_metrics
 from saelab.evals.metrics import fvu
 from saelab.sae import SAE
@@ -25,7 +26,7 @@ def test_reconstruction_metrics_match_direct_computation(tiny_lm):
 
 @pytest.mark.slow
 def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
-    specs = sweep_specs([4], [1.0], [8], lr=3e-3, steps=60)
+    specs = sweep_specs(SweepGrid(expansion=[4], coefficient=[1.0], k=[8]), steps=60, lr=3e-3)
     cfg = LMSweepConfig(specs=specs, model=str(tiny_lm_path), context_length=32, train_contexts=256,
                         eval_contexts=16, batch_size=512, steps=60)
     entries = run_lm_sweep(cfg, tmp_path / "run", lm=tiny_lm)
@@ -42,7 +43,7 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
     # prune it to half its L0 and re-measure through the CLI
     out = tmp_path / "pruned"
     assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0]["l0"] / 2),
-                 "--contexts", "16", "--out", str(out), "--compare", str(tmp_path / "run")]) == 0
+                 "--eval-contexts", "16", "--out", str(out), "--compare", str(tmp_path / "run")]) == 0
     pruned = json.loads((out / "metrics.json").read_text())
     assert pruned[0]["name"] == "original" and pruned[1]["l0"] < entries[0]["l0"] / 2
     assert pruned[1]["n_killed"] > 0 and (out / "l0_vs_loss_recovered.png").exists()
@@ -52,8 +53,8 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
 @pytest.mark.slow
 def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path, capsys):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--model", str(tiny_lm_path), "--out", str(out), "--steps", "20", "--contexts", "64",
-            "--context-length", "32", "--eval-contexts", "8", "--batch-size", "256", "--expansion", "2",
+    argv = ["quickstart", "--model", str(tiny_lm_path), "--out", str(out), "--steps", "20", "--train-contexts", "64",
+            "--context-length", "32", "--eval-contexts", "8", "--batch-tokens", "256", "--expansion", "2",
             "--l1", "1", "--k", "4", "--device", "cpu"]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -78,7 +79,7 @@ def test_rank_device(monkeypatch):
 def test_live_sweep_needs_no_cache_and_trains_alike(tiny_lm, tiny_lm_path, tmp_path):
     """--live: the same batches as the cache gives (tests/test_cache.py checks them equal), so
     the same SAEs up to float noise of different LM batch sizes, and nothing on disk."""
-    specs = sweep_specs([2], [], [4], lr=3e-3, steps=30)
+    specs = sweep_specs(SweepGrid(arch=["topk"], expansion=[2], k=[4]), steps=30, lr=3e-3)
     common = dict(specs=specs, model=str(tiny_lm_path), context_length=16, train_contexts=96, eval_contexts=8,
                   batch_size=128, steps=30)
     cached = run_lm_sweep(LMSweepConfig(**common), tmp_path / "cached", lm=tiny_lm)

@@ -1,39 +1,33 @@
-"""The `saelab` command. Each subcommand lives in `saelab.commands.<name>` and exposes
+"""The `saelab` command. Each subcommand is a module of `saelab.commands` exposing
 `register(subparsers)`, which adds its parser and sets `func`; adding a command is adding a
-module and its name below, never editing another command."""
+module and its line in COMMANDS, never editing another command. Options several commands
+share are defined once, in `saelab.commands.options`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from saelab.commands import (cache, compare, dashboard, logit_lens, models, perturb, prune, quickstart, sparse_mlp,
+                             tokens, toy, train)
 from saelab.errors import SaelabError
 
-COMMANDS = [
-    "dashboard",
-    "quickstart",
-    "train",
-    "toy",
-    "prune",
-    "sparse_mlp",
-    "perturb",
-    "logit_lens",
-    "tokens",
-    "compare",
-    "cache",
-    "models",
-]
+COMMANDS = [dashboard, quickstart, train, toy, prune, sparse_mlp, perturb, logit_lens, tokens, compare, cache, models]
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (exit code 2), like saelab's own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="saelab",
-        description="Train, measure and interpret sparse autoencoders on language-model activations.",
-    )
+    parser = Parser(prog="saelab",
+                    description="Train, measure and interpret sparse autoencoders on language-model activations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"saelab.commands.{name}").register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

@@ -1,6 +1,9 @@
 """`saelab compare RUN_OR_SAE [...]`: how much of each SAE's dictionary the others find (MMCS
 between decoders, and the share of features matched above a cosine threshold), as matrices;
-e.g. the widths of a sweep, to see which features every width learns. Writes compare.json."""
+e.g. the widths of a sweep, to see which features every width learns.
+
+Writes compare.json (--out; default: in the first folder given): the settings, the SAEs'
+folders and every ordered pair's MMCS and shared fraction; prints both matrices."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from saelab.atomic import write_json
+from saelab.commands import options
 from saelab.experiments.compare import VECTORS, CompareConfig, compare_dictionaries, format_matrix
 from saelab.sae import SAE
 from saelab.sae.format import sae_folders
@@ -21,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=CompareConfig().threshold,
                    help="cosine above which a feature counts as found (default: %(default)s)")
     p.add_argument("--vectors", choices=VECTORS, default=CompareConfig().vectors, help="feature directions to compare")
-    p.add_argument("--out", type=Path, default=None, help="compare.json path (default: beside the first path)")
+    options.add_out(p, "<first RUN_OR_SAE>/compare.json")
     p.set_defaults(func=run)
 
 

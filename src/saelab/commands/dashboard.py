@@ -16,41 +16,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saelab.commands import options
+from saelab.data.cache.read import open_cache
 from saelab.interpret.dashboard import write_dashboard
 from saelab.interpret.report import TREE_VECTORS, ReportOptions, build_report
+from saelab.lm.resolve import load_lm, model_name_for
+from saelab.sae import SAE
 from saelab.sae.format import sae_folders
 
 
 def register(subparsers) -> None:
+    d = ReportOptions()
     p = subparsers.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens offline, file://)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, metavar="RUN_OR_SAE",
                    help="an SAE folder (cfg.json + sae_weights.safetensors) or a run folder (every SAE in saes/)")
-    p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (default: the SAE's model_name when it is a folder, "
-                        "else the offline default LM)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: <SAE folder>/dashboard; for a run, <run>/dashboard/<SAE name>)")
-    p.add_argument("--source", default="stdlib",
-                   help="text the examples come from: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder "
-                        "(held-out split; default: stdlib)")
-    p.add_argument("--cache", type=Path, default=None, metavar="PATH",
-                   help="activation cache of held-out text to scan instead of --source (made by the SAE's model, "
-                        "with its hook; not a training run's cache, which holds the train split)")
-    p.add_argument("--contexts", type=int, default=None,
-                   help="held-out contexts to scan (default: 512; with --cache, all of the cache's)")
-    p.add_argument("--context-length", type=int, default=128,
-                   help="tokens per context (default: 128, at most the model's; with --cache, the cache's)")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
+    options.add_out(p, "<SAE folder>/dashboard; for a run, <run>/dashboard/<SAE name>")
     p.add_argument("--features", type=int, nargs="+", default=None,
                    help="features to give pages (default: all); every feature is in the index")
     p.add_argument("--include-dead", action="store_true", help="also write pages for dead features")
-    _add_view_args(p.add_argument_group("views (defaults as in ReportOptions)"))
+    options.add_model_options(p)
+    g = options.text_group(p)
+    options.add_source(g, d.corpus)
+    g.add_argument("--cache", type=Path, default=None, metavar="PATH",
+                   help="activation cache of held-out text to scan instead of --source (made by the SAE's model, "
+                        "with its hook; not a training run's cache, which holds the train split)")
+    g.add_argument("--scan-contexts", type=options.positive_int, default=None,
+                   help=f"held-out contexts to scan for examples (default: {d.n_contexts}; with --cache, all of "
+                        "the cache's)")
+    options.add_context_length(g, d.context_length)
+    options.add_lm_batch_size(g, d.batch_size)
+    options.add_include_bos(g)
+    _add_view_args(p.add_argument_group("views (defaults as in ReportOptions)"), d)
     p.set_defaults(func=run)
 
 
-def _add_view_args(g) -> None:
-    d = ReportOptions()
+def _add_view_args(g, d: ReportOptions) -> None:
     g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
     g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
                    help="feature vector the ghost token is made of (both: two trees and their overlap)")
@@ -66,10 +67,7 @@ def _add_view_args(g) -> None:
                    help="feature vector norm in mean token norms, for the nearest-token lists")
     g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
                    help="exponent on the cosine in the nearest-token score")
-    g.add_argument("--drop-high-norm", type=float, default=d.high_norm_z, metavar="Z",
-                   help="leave out of token lists tokens whose unembedding norm is a z-score outlier above Z")
-    g.add_argument("--include-bos", action="store_true",
-                   help="scan the BOS position too (default: left out, as in evaluation)")
+    options.add_drop_high_norm(g, d.high_norm_z)
     g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
                    help="keep only these many tokens around each example (default: whole contexts)")
 
@@ -93,14 +91,18 @@ def out_dirs(path: Path, folders: list[Path], out: Path | None) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saelab.data.cache.read import open_cache
-
     folders = sae_folders(args.path)
     cache = open_cache(args.cache) if args.cache is not None else None  # checked per SAE
-    n_contexts = args.contexts if args.contexts is not None or cache is not None else 512
+    n_contexts = args.scan_contexts if args.scan_contexts is not None or cache is not None else ReportOptions.n_contexts
+    lms = {}  # one load per model: a run's SAEs share theirs
     for folder, out in zip(folders, out_dirs(args.path, folders, args.out)):
-        report = build_report(folder, args.model, features=args.features, n_contexts=n_contexts,
+        sae = SAE.load(folder).eval()
+        name = model_name_for(args.model, sae)
+        if name not in lms:
+            lms[name] = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+        report = build_report(sae.to(lms[name].device), lms[name], features=args.features, n_contexts=n_contexts,
                               context_length=args.context_length, corpus=args.source, cache=cache,
-                              batch_size=args.batch_size, **view_options(args))
+                              batch_size=args.lm_batch_size, **view_options(args))
+        report["sae"]["path"] = str(folder)  # build_report records a path only when it loads the SAE itself
         print(write_dashboard(report, out, include_dead=args.include_dead), flush=True)
     return 0

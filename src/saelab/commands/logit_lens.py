@@ -1,7 +1,9 @@
 """`saelab logit-lens SAE --feature I [I ...]`: the tokens each feature's decoder direction
 pushes up and down the most (through the final norm's linear part and the unembedding), and the
 skew / kurtosis of its logit weights with the kind they suggest (prediction, suppression,
-partition, other). Thresholds and the norm folding are documented in saelab.interpret.lens."""
+partition, other). Thresholds and the norm folding are documented in saelab.interpret.lens.
+
+Prints a table per feature (or JSON with --json); writes no files."""
 
 from __future__ import annotations
 
@@ -9,55 +11,31 @@ import argparse
 import json
 from pathlib import Path
 
+from saelab.commands import options
 from saelab.interpret.lens import PARTITION_KURTOSIS, PREDICTION_KURTOSIS, SKEW_THRESHOLD, feature_lens
-from saelab.interpret.loading import load_model, load_sae
-from saelab.lm.resolve import check_sae_fits
-from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
+from saelab.interpret.vocab import token_mask, token_strings
+from saelab.lm.resolve import check_sae_fits, load_lm
+from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("logit-lens", help="top / bottom tokens and kind of SAE features (logit lens)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sae", type=Path, metavar="SAE", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    add_model_args(p)
+    options.add_feature_list_options(p)
     p.add_argument("-k", type=int, default=10, help="tokens listed each way (default: %(default)s)")
     p.add_argument("--no-fold-norm", action="store_true",
                    help="plain W_dec @ W_U, without the final norm's centering and gain")
+    options.add_model_options(p)
     p.set_defaults(func=run)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options shared with `saelab tokens`."""
-    p.add_argument("--model", default=None,
-                   help="Hugging Face model folder or name (default: the SAE's model_name when it is a "
-                        "folder, else the offline default LM)")
-    p.add_argument("--feature", type=int, nargs="+", required=True, help="feature index(es)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--drop-high-norm", type=float, default=None, metavar="Z",
-                   help="leave out tokens whose unembedding (logit-lens) or embedding (tokens) norm "
-                        "has a robust z-score above Z")
-    p.add_argument("--drop-unused", default=None, metavar="SOURCE",
-                   help="leave out tokens that never occur in this text (e.g. stdlib; first 4096 contexts)")
-
-
-def token_mask(lm, args, n: int, W):
-    """Ids that may be listed, of the first n: inside the tokenizer, used in --drop-unused's
-    text, not a --drop-high-norm outlier of W (d, n)."""
-    used = None
-    if args.drop_unused:
-        from saelab.data.corpus import token_contexts
-
-        contexts = token_contexts(args.drop_unused, lm.tokenizer, min(128, lm.context_length),
-                                  split="all", max_contexts=4096)
-        used = used_token_ids(contexts, n)
-    return vocab_mask(n, tokenizer_size=len(lm.tokenizer), used=used, W=W, high_norm_z=args.drop_high_norm)
-
-
 def run(args: argparse.Namespace) -> int:
-    sae, _ = load_sae(args.sae)
-    lm = load_model(args.model, sae)
+    sae = SAE.load(args.sae).eval()
+    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+    sae.to(lm.device)
     check_sae_fits(lm, sae)
-    mask = token_mask(lm, args, lm.d_vocab, lm.W_U)
+    mask = token_mask(lm, lm.d_vocab, lm.W_U, drop_unused=args.drop_unused, high_norm_z=args.drop_high_norm)
     res = feature_lens(sae, lm, args.feature, k=args.k, mask=mask, fold_norm=not args.no_fold_norm)
     vocab = token_strings(lm.tokenizer, lm.d_vocab)
     out = []

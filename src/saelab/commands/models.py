@@ -1,7 +1,7 @@
-"""`saelab models`: the language models this machine can run offline — the default LM, named
-models from installed packages (e.g. smollm2-135m) and converted GGUF folders — with their size
-on disk and whether they are ready, built on first use, or how to install them. Any of the
-names shown is a valid `--model` for every command."""
+"""`saelab models`: prints the language models this machine can run offline — the default LM,
+named models from installed packages (e.g. smollm2-135m) and converted GGUF folders — with their
+size on disk and whether each is ready, built on first use, or how to install it. Writes
+nothing. Any name shown is a valid `--model` for every command."""
 
 from __future__ import annotations
 

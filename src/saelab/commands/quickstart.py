@@ -1,30 +1,41 @@
 """`saelab quickstart`: the whole pipeline on the offline default, in about ten minutes on a
 laptop CPU — build the default LM if needed, cache activations at the middle layer's residual
 stream, train relu SAEs at several L1 and topk SAEs at several k, at 4x and 8x width, in one
-pass; evaluate each (MSE, FVU, L0, dead, dense, % CE loss recovered, KL); print the table and
-write the run folder with metrics.json, the training log and the L0 / loss-recovered plot."""
+pass; evaluate each (MSE, FVU, L0, dead, dense, % CE loss recovered, KL); print the table.
+
+Writes the run folder (--out; resumes if interrupted) like `saelab train`: saes/<label>/,
+metrics.json, log.jsonl, table.txt, l0_vs_loss_recovered.png and feature_density.png. Every
+option of `saelab train` works here too, with smaller defaults."""
 
 from __future__ import annotations
 
+import argparse
 import time
-from pathlib import Path
 
-from saelab.commands.train import add_sweep_args, config_from_args
+from saelab.commands import options
+from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config, sweep_lm
 from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
 from saelab.tables import format_rows
+from saelab.train.sweep import SweepGrid
+
+GRID = SweepGrid(arch=["relu", "topk"], expansion=[4, 8], coefficient=[2.0, 5.0], k=[16, 32])
 
 
 def register(sub) -> None:
-    p = sub.add_parser("quickstart", help="the whole pipeline on the offline default (about 10 minutes)", description=__doc__)
-    p.add_argument("--out", default="runs/quickstart", help="run folder (resumes if interrupted)")
-    add_sweep_args(p, steps=400, contexts=4096, l1=[2.0, 5.0], ks=[16, 32], expansions=[4, 8])
+    p = sub.add_parser("quickstart", help="the whole pipeline on the offline default (about 10 minutes)",
+                       description=__doc__, epilog=PRECEDENCE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_options(p, out="runs/quickstart", grid=GRID, steps=400, train_contexts=4096)
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    entries = run_lm_sweep(config_from_args(args), args.out)
-    out = Path(args.out)
+    cfg = config_from_args(args)
+    if options.given(args).get("print_config"):
+        print_config(cfg)
+        return 0
+    out = options.output_folder(args)
+    entries = run_lm_sweep(cfg, out, lm=sweep_lm(cfg))
     print(format_rows(entries, TABLE_COLUMNS))
     best = max(entries, key=lambda e: e.get("loss_recovered", float("-inf")))
     print(f"\nbest loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}% at L0 {best['l0']:.1f}")

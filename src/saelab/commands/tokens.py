@@ -3,7 +3,9 @@ tokens nearest its encoder and decoder vectors, and with --tree the model's own 
 "ghost token" placed at the vector (`A typical definition of <ghost> is "`), expanded as a tree
 of likely continuations with cumulative probabilities. The vector is scale * (mean token
 embedding norm) * unit(feature vector); the list score is sign(c) |c|^exponent / distance with
-c the cosine (see saelab.interpret.embedding)."""
+c the cosine (see saelab.interpret.embedding).
+
+Prints the lists (and trees) per feature, or JSON with --json; writes no files."""
 
 from __future__ import annotations
 
@@ -11,18 +13,18 @@ import argparse
 import json
 from pathlib import Path
 
-from saelab.commands.logit_lens import add_model_args, token_mask
+from saelab.commands import options
 from saelab.interpret.embedding import DEFAULT_PROMPT, definition_tree, feature_vectors, nearest_tokens
-from saelab.interpret.loading import load_model, load_sae
-from saelab.lm.resolve import check_sae_fits
-from saelab.interpret.vocab import token_strings
+from saelab.interpret.vocab import token_mask, token_strings
+from saelab.lm.resolve import check_sae_fits, load_lm
+from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tokens", help="tokens near a feature's vectors in embedding space; definition tree",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sae", type=Path, metavar="SAE", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    add_model_args(p)
+    options.add_feature_list_options(p)
     p.add_argument("--vector", choices=("encoder", "decoder", "both"), default="both",
                    help="which feature vector (default: %(default)s; the tree uses encoder for both)")
     p.add_argument("--scale", type=float, default=1.0, help="distance from the origin in mean token norms")
@@ -32,15 +34,17 @@ def register(subparsers) -> None:
     p.add_argument("--depth", type=int, default=3, help="tree depth in tokens (default: %(default)s)")
     p.add_argument("--breadth", type=int, default=3, help="children per node (default: %(default)s)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="tree prompt with <ghost> once (default: %(default)s)")
+    options.add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    sae, _ = load_sae(args.sae)
-    lm = load_model(args.model, sae)
+    sae = SAE.load(args.sae).eval()
+    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+    sae.to(lm.device)
     check_sae_fits(lm, sae)
     vocab = token_strings(lm.tokenizer, lm.W_E.shape[0])
-    mask = token_mask(lm, args, lm.W_E.shape[0], lm.W_E.T)
+    mask = token_mask(lm, lm.W_E.shape[0], lm.W_E.T, drop_unused=args.drop_unused, high_norm_z=args.drop_high_norm)
     which = ("encoder", "decoder") if args.vector == "both" else (args.vector,)
     out = []
     for j in args.feature:

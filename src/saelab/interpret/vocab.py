@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.data.corpus import token_contexts
 from saelab.errors import DataError
 
 MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normal data
@@ -59,3 +60,16 @@ def vocab_mask(n: int, *, tokenizer_size: int | None = None, used: Tensor | None
     if not bool(keep.any()):
         raise DataError("no token ids left after dropping unused and high-norm tokens")
     return keep
+
+
+def token_mask(lm, n: int, W: Tensor, *, drop_unused: str | None = None,
+               high_norm_z: float | None = None) -> Tensor:
+    """(n,) bool: ids of `lm` that may be listed, of the first n: inside the tokenizer, used in
+    the text of `drop_unused` (a corpus source; its first 4096 contexts) if given, and not a
+    high-norm outlier of W (d, n) if `high_norm_z` is given."""
+    used = None
+    if drop_unused:
+        contexts = token_contexts(drop_unused, lm.tokenizer, min(128, lm.context_length),
+                                  split="all", max_contexts=4096)
+        used = used_token_ids(contexts, n)
+    return vocab_mask(n, tokenizer_size=len(lm.tokenizer), used=used, W=W, high_norm_z=high_norm_z)

@@ -32,24 +32,32 @@ def model_name_for(model: str | None = None, sae=None) -> str | None:
     return name
 
 
-def load_lm(model=None, sae=None, device: str = "cpu") -> HookedLM:
-    """The HookedLM a command runs (see the module docstring for the rule). Besides HF folders
-    and hub ids, `model` may be a `.gguf` file or a named model (`saelab.lm.gguf.NAMED_MODELS`,
-    e.g. "smollm2-135m"), converted once into the user cache; the LM's `name` is then the
-    name given, so SAEs trained on it record a name every command resolves again."""
+def load_lm(model=None, sae=None, device: str = "cpu", dtype: str | torch.dtype = "float32") -> HookedLM:
+    """The HookedLM by the rule above, on `device`, its parameters cast to `dtype` (a torch
+    dtype or its name: "float32", "bfloat16", "float16"). A HookedLM given is returned as is.
+    Besides HF folders and hub ids, `model` may be a `.gguf` file or a named model
+    (`saelab.lm.gguf.NAMED_MODELS`, e.g. "smollm2-135m"), converted once into the user cache;
+    the LM's `name` is then the name given, so SAEs trained on it record a name every command
+    resolves again."""
     if isinstance(model, HookedLM):
         return model
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
     name = model_name_for(model, sae)
     if name is None:
         from saelab.lm.default import load_default_lm
 
-        return load_default_lm(device=device)
+        lm = load_default_lm(device=device)
+        lm.model.to(dtype=dtype)
+        return lm
     if name in NAMED_MODELS or name.endswith(".gguf"):
         folder = gguf_folder(named_model_file(name) if name in NAMED_MODELS else name)
-        lm = HookedLM.load(folder, device=device)
+        lm = HookedLM.load(folder, device=device, dtype=dtype)
         lm.name = name if name in NAMED_MODELS else str(Path(name).expanduser().resolve())
         return lm
-    return HookedLM.load(name, device=device)
+    return HookedLM.load(name, device=device, dtype=dtype)
 
 
 def heldout_contexts(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,

@@ -48,6 +48,7 @@ class LMSweepConfig:
     cache_dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"  # where the LM runs and the SAEs train ("cuda", "cuda:1", "mps", ...)
+    lm_dtype: str = "float32"  # the LM's parameter dtype ("bfloat16", "float16"); the SAEs train in float32
     live: bool = False  # batches straight from the LM (a mixing buffer, no disk cache)
 
     def to_dict(self) -> dict:
@@ -136,16 +137,4 @@ def rank_device(device: str) -> str:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device
-
-
-def sweep_specs(expansions: list[float], l1: list[float], ks: list[int], arch_k: str = "topk", lr: float = 1e-3,
-                decoder_norm: str = "weighted", steps: int = 500) -> list[TrainSpec]:
-    """The relu-at-each-L1 plus topk-at-each-k grid, at each width (expansion x d_in)."""
-    specs = []
-    for e in expansions:
-        specs += [TrainSpec(arch="relu", expansion=e, coefficient=c, lr=lr, decoder_norm=decoder_norm,
-                            coefficient_warmup_steps=steps // 10, warmup_steps=steps // 20) for c in l1]
-        specs += [TrainSpec(arch=arch_k, expansion=e, k=k, lr=lr, warmup_steps=steps // 20, dead_tokens=200_000) for k in ks]
-    return specs
-
 

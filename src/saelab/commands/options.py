@@ -1,0 +1,282 @@
+"""Options shared by the commands, each defined once here: one name, one meaning, one help text.
+
+A command passes the default it wants (read from the config dataclass the value feeds, so
+the help and the library agree); help texts write defaults out literally rather than with
+`%(default)s`, because commands that read a --config file hide their defaults from argparse
+(`defaults_apart`) to tell what was typed from what was not.
+
+Not a command: cli.py does not list it, and it imports no command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from saelab.errors import ConfigError
+from saelab.lm.hooked import HookedLM
+from saelab.lm.resolve import heldout_contexts, load_lm
+from saelab.sae.activations import ACTIVATIONS
+from saelab.sae.config import DECODER_NORMS
+from saelab.train.spec import TrainSpec
+from saelab.train.sweep import SWEEP_DEFAULTS_HELP
+
+LM_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+EVAL_CONTEXTS = 64  # held-out contexts an evaluation reads unless told (as heldout_contexts' default)
+SPEC_AXES = ("arch", "expansion", "d_sae", "coefficient", "k")  # swept: many values each
+SPEC_CHOICES = {"decoder_norm": DECODER_NORMS}  # TrainSpec itself checks init and b_dec_init
+
+
+# ---- value checks (argparse `type=`: a bad value is a one-line usage error) ----------------
+def check_device(text: str) -> str:
+    """`text` if torch can place tensors there on this machine, else a ConfigError saying why."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"unsupported device {text!r}; valid: cpu, cuda, cuda:N, mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {text!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {text!r}: MPS is not available on this machine")
+    return text
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def shown(value) -> str:
+    """A default as --help shows it: lists space-separated, as they are typed."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return "none" if value is None else str(value)
+
+
+# ---- the language model and its text --------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype: which LM runs, where, at what precision."""
+    g = p.add_argument_group("language model")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model folder, hub id, or 'default' (the offline default LM) "
+                        "(default: for an SAE, the model it records; else the offline default LM, built on first use)")
+    g.add_argument("--device", type=_device, default="cpu",
+                   help="where the LM runs (and, for training, the SAEs): cpu, cuda, cuda:N, mps (default: cpu)")
+    g.add_argument("--dtype", choices=LM_DTYPES, default="float32",
+                   help="the LM's parameter dtype (default: float32)")
+
+
+def text_group(p: argparse.ArgumentParser):
+    return p.add_argument_group("text")
+
+
+def add_source(g, default: str = "stdlib") -> None:
+    g.add_argument("--source", default=default,
+                   help=f"text: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
+
+
+def add_context_length(g, default: int | None) -> None:
+    shown = "min(128, the model's)" if default is None else f"{default}, at most the model's"
+    g.add_argument("--context-length", type=positive_int, default=default,
+                   help=f"tokens per context (default: {shown})")
+
+
+def add_eval_contexts(g, default: int) -> None:
+    g.add_argument("--eval-contexts", type=positive_int, default=default,
+                   help=f"held-out contexts to evaluate on (default: {default})")
+
+
+def add_train_contexts(g, default: int) -> None:
+    g.add_argument("--train-contexts", type=positive_int, default=default,
+                   help=f"training contexts (their activations are what the SAEs train on) (default: {default})")
+
+
+def add_include_bos(g) -> None:
+    g.add_argument("--include-bos", action="store_true",
+                   help="keep the BOS position (position 0) in what is cached, scanned, trained on, "
+                        "averaged and spliced (default: left out, as in evaluation)")
+
+
+def add_lm_batch_size(g, default: int) -> None:
+    g.add_argument("--lm-batch-size", type=positive_int, default=default,
+                   help=f"contexts per LM forward pass (default: {default})")
+
+
+def add_cache_dtype(g, default: str = "float32") -> None:
+    g.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=default,
+                   help=f"dtype the activation cache stores (default: {default})")
+
+
+def add_seed(p, default: int = 0) -> None:
+    p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
+
+
+def add_out(p, default: str | None, required: bool = False) -> None:
+    """`default` as the help shows it; "{sae}" in it stands for the SAE argument (see output_folder)."""
+    p.add_argument("--out", type=Path, default=None, required=required,
+                   help="where the output goes" + ("" if required else f" (default: {default})"))
+    p.set_defaults(out_default=default)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out, or the command's default with {sae} replaced by the SAE folder given."""
+    if args.out is not None:
+        return Path(args.out)
+    return Path(args.out_default.format(sae=str(getattr(args, "sae", "")).rstrip("/")))
+
+
+def lm_and_eval_contexts(args: argparse.Namespace, sae=None) -> tuple[HookedLM, object]:
+    """(HookedLM, held-out contexts) from the shared options: --model (else the SAE's own
+    model) on --device at --dtype, and --eval-contexts of --source's held-out split."""
+    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+    return lm, heldout_contexts(lm, args.source, args.eval_contexts, args.context_length)
+
+
+# ---- lists of tokens (logit lens, embedding space) -----------------------------------------
+def add_drop_high_norm(g, default: float | None) -> None:
+    g.add_argument("--drop-high-norm", type=float, default=default, metavar="Z",
+                   help="leave out of token lists the tokens whose unembedding norm (embedding norm, for "
+                        f"embedding-space lists) has a robust z-score above Z (default: {default})")
+
+
+def add_feature_list_options(p: argparse.ArgumentParser) -> None:
+    """--feature, --json and which tokens may be listed: `saelab logit-lens` and `saelab tokens`."""
+    p.add_argument("--feature", type=int, nargs="+", required=True, help="feature index(es)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g = p.add_argument_group("tokens listed")
+    add_drop_high_norm(g, None)
+    g.add_argument("--drop-unused", default=None, metavar="SOURCE",
+                   help="leave out tokens that never occur in this text (e.g. stdlib; first 4096 contexts)")
+
+
+# ---- what a sweep trains --------------------------------------------------------------------
+def k_archs() -> list[str]:
+    return [name for name, cls in ACTIVATIONS.items() if cls.uses_k]
+
+
+def add_arch(g, default, many: bool = True) -> None:
+    penalty = [name for name in ACTIVATIONS if name not in k_archs()]
+    g.add_argument("--arch", nargs="+" if many else None, choices=list(ACTIVATIONS), default=default,
+                   metavar="ARCH",
+                   help=f"SAE architecture{'s' if many else ''}: {', '.join(ACTIVATIONS)}; "
+                        f"{', '.join(k_archs())} take --k, {', '.join(penalty)} take --coefficient "
+                        f"(default: {shown(default)})")
+
+
+def add_coefficients(g, default) -> None:
+    g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="+", default=default,
+                   metavar="C", help="sparsity coefficients of architectures without k (relu's L1, jumprelu's "
+                                     f"L0, ...); several make a sweep (default: {shown(default)})")
+
+
+def add_ks(g, default) -> None:
+    g.add_argument("--k", type=positive_int, nargs="+", default=default,
+                   help=f"active features per token of k architectures ({', '.join(k_archs())}); several make "
+                        f"a sweep (default: {shown(default)})")
+
+
+def add_widths(g, expansion, d_sae, many: bool = True) -> None:
+    nargs = "+" if many else None
+    g.add_argument("--expansion", type=float, nargs=nargs, default=expansion,
+                   help=f"width{'s' if many else ''} as multiples of the input width d_in (default: {shown(expansion)})")
+    g.add_argument("--d-sae", type=positive_int, nargs=nargs, default=d_sae,
+                   help=f"width{'s' if many else ''} in features, instead of"
+                        f"{' or beside' if many else ''} --expansion (default: {shown(d_sae)})")
+
+
+def add_steps(g, default: int) -> None:
+    g.add_argument("--steps", type=positive_int, default=default, help=f"training steps (default: {default})")
+
+
+def add_batch_tokens(g, default: int) -> None:
+    g.add_argument("--batch-tokens", type=positive_int, default=default,
+                   help=f"activation vectors (tokens) per training step of every SAE (default: {default})")
+
+
+def add_spec_options(g, names=None, defaults: dict | None = None) -> None:
+    """One option per TrainSpec field in `names` (default: every field but the grid's axes and
+    `name`), typed from its annotation, with help from `field.metadata["help"]`. An option's
+    default is `defaults[name]` if given, else it is absent unless typed (argparse.SUPPRESS),
+    and the help shows the sweep's or TrainSpec's default."""
+    hints = typing.get_type_hints(TrainSpec)
+    fields = {f.name: f for f in dataclasses.fields(TrainSpec)}
+    names = names or [n for n in fields if n not in SPEC_AXES and n != "name"]
+    defaults = defaults or {}
+    for name in names:
+        f = fields[name]
+        default = defaults.get(name, argparse.SUPPRESS)
+        shown = defaults.get(name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        if name in SWEEP_DEFAULTS_HELP and name not in defaults:
+            shown = f"{SWEEP_DEFAULTS_HELP[name]} in a sweep; TrainSpec's: {f.default}"
+        about = f.metadata.get("help") or f"TrainSpec.{name}"
+        g.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                       choices=f.metadata.get("choices", SPEC_CHOICES.get(name)),
+                       help=f"{about} (default: {shown})", **_argparse_type(hints[name]))
+
+
+def _argparse_type(hint) -> dict:
+    """type / nargs for a field's annotation: X | None reads as X; list[X] as several values;
+    anything else as JSON text."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else hint
+    if hint is bool:
+        return {"type": _bool}
+    if hint in (int, float, str):
+        return {"type": hint}
+    if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float, str):
+        return {"type": typing.get_args(hint)[0], "nargs": "+"}
+    return {"type": json.loads, "metavar": "JSON"}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+# ---- typed or not: for commands whose settings also come from a --config file ---------------
+def defaults_apart(parser: argparse.ArgumentParser, keep=("out",)) -> None:
+    """Options not typed stay off the namespace (argparse.SUPPRESS), their defaults kept in
+    `args.option_defaults`: `given(args)` is then what was typed, for a --config file to sit
+    between the two. `keep`: dests that stay ordinary."""
+    defaults, dests = {}, set()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help" and action.dest not in keep:
+            dests.add(action.dest)
+            if action.default is not argparse.SUPPRESS:
+                defaults[action.dest] = action.default
+            action.default = argparse.SUPPRESS
+    parser.set_defaults(option_defaults=defaults, option_dests=dests)
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The options typed on the command line (of those `defaults_apart` set apart)."""
+    return {k: v for k, v in vars(args).items() if k in args.option_dests}
+
+
+def filled(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the defaults of the options not typed filled back in."""
+    return argparse.Namespace(**{**args.option_defaults, **vars(args)})
