@@ -18,6 +18,8 @@ Everything is built on `compare_splices`: one clean pass per batch, then one pas
 variant (a mapping hook -> splice), so many SAEs, ablations and perturbations share the clean
 pass. A transcoder (sparse MLP) reads `cfg.hook_name` and replaces `cfg.hook_name_out`: its
 splice records the input in the same pass and swaps the output when the model reaches it.
+Per-token CE is `saelab.lm.hooked.next_token_logprobs` / `next_token_nll` (defined once, there);
+`evaluate_downstream` returns one typed `DownstreamMetrics` (saelab.evals.entry) per SAE.
 """
 
 from __future__ import annotations

@@ -294,7 +294,8 @@ def l1(f: torch.Tensor) -> float:
 
 @dataclass
 class SAEMetrics:
-    """Everything `MetricsAccumulator` reports; `to_dict()` is the metrics.json entry.
+    """Everything `MetricsAccumulator` reports; `to_dict()` gives these keys of a metrics.json
+    row (the row itself is `saelab.evals.entry.MetricsEntry`).
 
     Sparsity fields are None when no feature activations were given. `density` (d_sae,)
     is kept as a tensor and left out of `to_dict()` unless asked for.

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.evals.downstream import compare_splices, sae_splices
-from saelab.lm.resolve import check_sae_fits
 from saelab.errors import ConfigError, DataError
+from saelab.evals.downstream import compare_splices, sae_splices
 from saelab.lm.hooked import HookedLM
+from saelab.lm.resolve import check_sae_fits
 from saelab.plots import save_figure
 from saelab.sae import SAE
 from saelab.tables import Column, format_rows

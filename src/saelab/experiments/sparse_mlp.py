@@ -161,7 +161,8 @@ def run_sparse_mlp(lm: HookedLM, train_tokens, eval_tokens, out_dir: str | Path,
     rows = []
     for layer, result in results.items():
         chance = chance_cosines(lm.mlp_weights(layer), result.trained[0].sae.cfg.d_sae, cfg.seed)
-        rows += result.collect(lambda ts, layer=layer, chance=chance: [_row(lm, layer, t, by_sae[id(t)], chance) for t in ts])
+        rows += result.collect(lambda ts, layer=layer, chance=chance:
+                               [_row(lm, layer, t, by_sae[id(t)], chance) for t in ts])
     if results[layers[0]].writes:
         _write_outputs(out, rows, lm.name)
     return rows
@@ -215,7 +216,8 @@ def format_report(rows: list[MetricsEntry], model: str = "") -> str:
         return f"{d[f'{key}_cos_mean']:.3f} ({d[f'{key}_chance']:.3f})"
 
     flat = [row.to_dict() for row in rows]
-    table = format_rows([{**d, "enc": versus(d, "enc"), "dec": versus(d, "dec")} for d in flat], REPORT, style="markdown")
+    cells = [{**d, "enc": versus(d, "enc"), "dec": versus(d, "dec")} for d in flat]
+    table = format_rows(cells, REPORT, style="markdown")
     return "\n".join([f"# Sparse MLPs{f' on {model}' if model else ''}", "",
                       "loss recovered = (CE_zero - CE_sparse) / (CE_zero - CE_clean); cosines are each alive "
                       "sparse neuron's best match among the original MLP neurons (chance: random directions).", "",

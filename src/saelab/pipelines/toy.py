@@ -88,7 +88,8 @@ def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[MetricsEntry
 def ground_truth_recovery(sae: SAE, true_features: torch.Tensor, threshold: float = 0.9) -> Recovery:
     """MMCS of the decoder against the true features, and the share recovered above `threshold`."""
     best = max_cosine(sae.W_dec.detach().float(), true_features.float())
-    return Recovery(float(mmcs(sae.W_dec.detach().float(), true_features.float())), float((best > threshold).float().mean()))
+    return Recovery(float(mmcs(sae.W_dec.detach().float(), true_features.float())),
+                    float((best > threshold).float().mean()))
 
 
 def _knob(row: MetricsEntry) -> str:

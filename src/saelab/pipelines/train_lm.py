@@ -153,7 +153,8 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
     """Shuffled training batches: from an activation cache in the run folder (written once,
     by rank 0 under torchrun), or with `live` straight from the LM (no disk; the same batches)."""
     def contexts():
-        return token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
+        return token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts,
+                              seed=cfg.seed)
     if cfg.live:
         return live_batches(lm, contexts(), hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])

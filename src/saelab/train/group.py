@@ -119,9 +119,11 @@ class GroupTrainer:
 
     @property
     def saes(self) -> list[SAE]:
+        """This process's SAEs as they train (on scaled inputs); `fit` returns the final ones."""
         return [t.sae for t in self.trainers]
 
     def run_config(self) -> dict:
+        """What config.json holds (and a resumed run must match)."""
         return {
             "train": dataclasses.asdict(self.config),
             "specs": [s.to_dict() for s in self.specs],
@@ -142,7 +144,8 @@ class GroupTrainer:
         self._truncate_log()
         cfg, writes = self.config, self.shard.writes
         batches = _batches_from(source, self.step)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step", disable=None if writes else True)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=None if writes else True)
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
             while self.step < cfg.total_steps:
                 try:
