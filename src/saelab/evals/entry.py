@@ -100,7 +100,8 @@ class DownstreamMetrics:
         """The downstream part of a flat row, or None if the row has none."""
         if "ce_sae" not in d:
             return None
-        kinds = [k[3:] for k in d if k.startswith("ce_") and k not in _DOWNSTREAM_KEYS]
+        kinds = [k[3:] for k in d if k.startswith("ce_") and k not in _DOWNSTREAM_KEYS
+                 and f"kl_{k[3:]}" in d and recovered_key(k[3:]) in d]
         ablations = {a: Ablation(d[f"ce_{a}"], d[f"kl_{a}"], d[recovered_key(a)]) for a in kinds}
         return cls(d["ce_clean"], d["ce_sae"], d["kl"], ablations, d["downstream_tokens"], d["exclude_bos"],
                    d["splice_hook"])

@@ -40,6 +40,9 @@ TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", 
 
 @dataclass
 class LMSweepConfig:
+    """One `saelab train` job: the SAEs (`specs`), the model and hook they read, the text they
+    train and are evaluated on, and how long they train."""
+
     specs: list[TrainSpec]
     model: str | None = None  # HF folder or hub name; None: the offline default LM
     hook: str | None = None  # None: the residual stream after the middle layer

@@ -5,17 +5,18 @@ the activation rows of token contexts (`hook_rows`).
 A batch is x (B, d) (an SAE's input is its target) or a pair (x, y) (a transcoder's input and
 target, rows aligned). `hook_rows` runs the LM once per token batch, stopping after the last
 hook asked for, and flattens each hook's (batch, seq, d) activations to rows, the BOS position
-dropped if asked: the cache, live mode, evaluation and the mean-ablation pass all cut rows so.
+dropped if asked; live batches, evaluation (saelab.evals) and the mean-ablation pass take
+their rows from it, and the disk cache stores the same rows.
 
-The shuffled streams read rows context by context through a `load(context_ids) -> tuple of (rows, d) tensors`
-function, so the shuffle is one piece of code: each epoch visits the contexts in a fresh
-random order, cut into windows of `window_contexts` contexts; a window's rows are loaded
-together (the only large buffer; its contexts in index order, for sequential reads), permuted,
-and cut into batches. Batches run on across
-window and epoch boundaries: batch `step` is rows [step * B, (step + 1) * B) of one endless
-stream, a pure function of (seed, step), so `iter_from(step)` resumes a training run exactly
-by loading only the window that step falls in. The same seed, window and batch size give the
-same batches from a disk cache and from live mode.
+The shuffled streams read rows context by context through a `load(context_ids) -> tuple of
+(rows, d) tensors` function, so the shuffle is one piece of code: each epoch visits the
+contexts in a fresh random order, cut into windows of `window_contexts` contexts; a window's
+rows are loaded together (the only large buffer; its contexts in index order, for sequential
+reads), permuted, and cut into batches. Batches run on across window and epoch boundaries:
+batch `step` is rows [step * B, (step + 1) * B) of one endless stream, a pure function of
+(seed, step), so `iter_from(step)` resumes a training run exactly by loading only the window
+that step falls in. The same seed, window and batch size give the same batches from a disk
+cache and from live mode. `in_memory` live batches keep every row (one window, loaded once).
 """
 
 from __future__ import annotations
