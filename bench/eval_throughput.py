@@ -97,7 +97,7 @@ def main() -> None:
         saes = [s.to(args.device) for s in saes]
         secs, res = _time(lambda: evaluate_downstream(lm, saes, toks, batch_size=args.batch_size, progress=False), args.device)
         passes = 1 + 1 + 2 + len(saes)  # means, clean, zero, mean, SAEs
-        r = res[0]
+        r = res[0].to_dict()  # a DownstreamMetrics, flat as in metrics.json
         print(f"{name:34s} {n_tok / secs:10,.0f} tok/s  ({passes} passes, {secs:.2f} s; "
               f"CE clean {r['ce_clean']:.3f} zero {r['ce_zero']:.3f} sae {r['ce_sae']:.3f}, "
               f"loss rec. {r['loss_recovered']:.3f}, KL {r['kl']:.3f})")

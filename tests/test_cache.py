@@ -16,6 +16,8 @@ import torch
 
 from saelab.data.cache import (ShuffledBatches, cache_activations, live_batches,
                                model_fingerprint, open_cache)
+from saelab.data.cache import format as fmt
+from saelab.data.cache.shuffle import as_pair, hook_rows
 from saelab.errors import CorruptFileError, DataError, MissingFileError
 from saelab.lm.hooked import HookedLM
 
@@ -93,7 +95,8 @@ def test_cached_rows_equal_a_direct_forward(lm, tmp_path):
         assert torch.equal(ctx[cidx, pos], tokens)
         assert pos.min() == 1 and pos.max() == L - 1
     assert torch.equal(cache.context_tokens([29, 3, 29]), ctx[[29, 3, 29]])  # BOS included
-    shard = cache.shard_activations(H1, 1)
+    start, stop = fmt.shard_range(cache.manifest, 1)  # the storage layout: one .npy per hook and shard
+    shard = fmt.load_npy(fmt.acts_path(cache.path, H1, 1), ((stop - start) * (L - 1), 64), np.dtype(np.float32))
     assert isinstance(shard, np.memmap) and shard.shape == (7 * (L - 1), 64)
     assert np.array_equal(shard, reference(lm, ctx[7:14], H1).numpy())
 
@@ -289,7 +292,7 @@ def test_an_epoch_is_a_shuffled_permutation_of_aligned_pairs(pair_cache):
     context_of = dict(zip(row_keys(x_all), cidx.tolist()))
     batches = cache.batches(H0, 40, target=MLP0, seed=1, epochs=1, buffer_mb=0.03)
     assert batches.window_contexts < cache.n_contexts  # memory bound by a window, not the cache
-    assert batches.buffer_rows * (32 + 32) * 4 <= 0.03 * 2**20
+    assert batches.window_contexts * batches.rows_per_context * (32 + 32) * 4 <= 0.03 * 2**20
     got = list(batches)
     assert len(got) == len(batches) == 40 * (L - 1) // 40
     xs = torch.cat([x for x, _ in got])
@@ -307,7 +310,7 @@ def test_batches_are_deterministic_and_resume_exactly(pair_cache):
     per_epoch = cache.n_tokens / 37
     first = list(islice(iter(b), int(3 * per_epoch)))
     assert all(x.shape == (37, 32) for x in first)
-    window_steps = b.buffer_rows // 37
+    window_steps = b.window_contexts * b.rows_per_context // 37
     for step in (0, 1, window_steps, window_steps + 1, int(per_epoch), int(2 * per_epoch) + 2):
         resumed = list(islice(b.iter_from(step), 3))
         assert all(torch.equal(a, c) for a, c in zip(resumed, first[step:step + 3])), step
@@ -330,6 +333,36 @@ def test_live_batches_equal_disk_batches(lm, pair_cache):
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
     single = next(iter(live_batches(lm, ctx, H0, 50, seed=7, buffer_mb=0.05)))
     assert single.shape == (50, 32)
+
+
+def test_hook_rows_and_batch_pairs(lm):
+    ctx = make_contexts(5)
+    rows = hook_rows(lm, ctx, [MLP0, H0, H1])
+    assert list(rows) == [MLP0, H0, H1]
+    for h in (H0, H1, MLP0):
+        torch.testing.assert_close(rows[h], reference(lm, ctx, h), rtol=0, atol=0)
+    assert hook_rows(lm, ctx, [H0], drop_bos=False)[H0].shape == (5 * L, 32)
+    x, y = torch.zeros(2, 3), torch.ones(2, 3)
+    assert as_pair(x)[0] is x and as_pair(x)[1] is x and as_pair((x, y)) == (x, y)
+    with pytest.raises(DataError, match="x or \\(x, y\\)"):
+        as_pair((x, y, x))
+
+
+def test_in_memory_live_batches_run_the_lm_once_and_resume_exactly(lm, monkeypatch):
+    ctx = make_contexts(6, seed=4)
+    forwards = count_forwards(lm, monkeypatch)
+    batches = live_batches(lm, ctx, H0, 8, target=MLP0, seed=3, forward_batch_size=4, in_memory=True)
+    first = list(islice(iter(batches), 40))  # 40 * 8 rows: over 3 epochs of 6 * 15 rows
+    assert forwards == [4, 2]  # one pass over the contexts, whatever the number of epochs
+    x_all, y_all = reference(lm, ctx, H0), reference(lm, ctx, MLP0)
+    y_of = dict(zip(row_keys(x_all), row_keys(y_all)))
+    epoch = torch.cat([x for x, _ in first])[:90]
+    assert sorted(row_keys(epoch)) == sorted(row_keys(x_all))  # an epoch: every row once
+    assert all(row_keys(y) == [y_of[k] for k in row_keys(x)] for x, y in first)  # pairs stay aligned
+    for step in (0, 11, 12, 23, 35):
+        resumed = live_batches(lm, ctx, H0, 8, target=MLP0, seed=3, in_memory=True).iter_from(step)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                   for a, b in zip(islice(resumed, 3), first[step:step + 3])), step
 
 
 def test_shuffler_checks_its_inputs():

@@ -13,6 +13,7 @@ import pytest
 from saelab import cli
 from saelab.commands import options, sweep_options
 from saelab.errors import ConfigError
+from saelab.pipelines import train_lm
 from saelab.sae import SAE
 from saelab.sae.activations import ACTIVATIONS, TopK
 from saelab.train.spec import TrainSpec
@@ -116,7 +117,7 @@ def test_config_file_precedence(tmp_path):
 
 
 def test_print_config_prints_and_trains_nothing(capsys, monkeypatch):
-    monkeypatch.setattr(sweep_options, "load_lm", _refuse)
+    monkeypatch.setattr(train_lm, "load_lm", _refuse)
     assert cli.main(["quickstart", "--arch", "batchtopk", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [s["arch"] for s in printed["specs"]] == ["batchtopk"] * 4 and printed["steps"] == 400
@@ -189,7 +190,7 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, capsys, 
     for key, text in files.items():
         (tmp_path / key.strip("{}")).write_text(text)
     argv = [str(tmp_path / a.strip("{}")) if a in files else a for a in argv]
-    for module in (sweep_options, options, *cli.COMMANDS):
+    for module in (train_lm, options, *cli.COMMANDS):
         if hasattr(module, "load_lm"):
             monkeypatch.setattr(module, "load_lm", _refuse)
     try:
@@ -227,7 +228,7 @@ def test_lm_commands_pass_device_and_dtype_to_load_lm(argv, tmp_path, monkeypatc
         calls.append(kwargs)
         raise _Loaded
 
-    for module in (sweep_options, options, *cli.COMMANDS):
+    for module in (train_lm, options, *cli.COMMANDS):
         if hasattr(module, "load_lm"):
             monkeypatch.setattr(module, "load_lm", load)
     argv = [a.format(tmp=tmp_path, sae=tmp_path / "sae") for a in argv]

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from saelab.data.toy import ToyDataSource
+from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.reconstruction import evaluate_saes
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.spec import TrainSpec
@@ -24,13 +26,23 @@ def specs():
     ]
 
 
+def train_and_evaluate(run_dir) -> list[MetricsEntry]:
+    """What a pipeline does: train, evaluate each process's share, rank 0 writes metrics.json."""
+    src = ToyDataSource(**TOY)
+    result = GroupTrainer(specs(), 16, run_dir, CFG).fit(src)
+    rows = result.collect(lambda mine: [MetricsEntry(t.label, m, spec=t.spec.to_dict())
+                                        for t, m in zip(mine, evaluate_saes([t.sae for t in mine], [src.batch(999)]))])
+    if result.writes:
+        write_metrics(run_dir, rows)
+    return rows
+
+
 def _rank_main(rank: int, world: int, init_file: str, run_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    src = ToyDataSource(**TOY)
-    trainer = GroupTrainer(specs(), 16, run_dir, CFG)
-    assert len(trainer.trainers) == (2 if rank == 0 else 1)
-    trainer.fit(src, eval_batches=[src.batch(999)])  # everything is on disk (fsynced) when it returns
+    assert len(GroupTrainer(specs(), 16, run_dir, CFG).trainers) == (2 if rank == 0 else 1)
+    rows = train_and_evaluate(run_dir)  # everything is on disk (fsynced) when it returns
+    assert [r.name for r in rows] == ["relu_48_c0.1", "topk_48_k3", "jumprelu_32_c0.01"]  # every rank: all rows
     dist.barrier()  # both ranks done before either goes
     dist.destroy_process_group()
     # Leave without interpreter teardown: gloo's background threads, destroyed there, abort the
@@ -39,11 +51,9 @@ def _rank_main(rank: int, world: int, init_file: str, run_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    src = ToyDataSource(**TOY)
-    single = GroupTrainer(specs(), 16, tmp_path / "single", CFG)
-    single.fit(src, eval_batches=[src.batch(999)])
+    rows = train_and_evaluate(tmp_path / "single")
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "sharded")), nprocs=2, join=True)
-    for label in single.all_labels:
+    for label in [r.name for r in rows]:
         a = SAE.load(tmp_path / "single" / "saes" / label).state_dict()
         b = SAE.load(tmp_path / "sharded" / "saes" / label).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), label

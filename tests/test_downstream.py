@@ -1,5 +1,6 @@
 """Downstream metrics checked against computations made another way: explicit formulas on
-small logits, and the HF model run with plain torch hooks that zero / mean / replace a module."""
+small logits, and the HF model run with plain torch hooks that zero / mean / replace a module
+(the KL that lands in metrics.json included: explicit float64 sums over the vocabulary)."""
 
 import math
 
@@ -7,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.evals.downstream import (
-    ablation_splice, compare_splices, evaluate_downstream, hook_means, keep_bos, kl_divergence,
-    loss_recovered, next_token_ce, sae_splices, splice_loss,
-)
 from saelab.errors import ConfigError, DataError
-from saelab.lm.hooked import HookedLM
+from saelab.evals.downstream import (
+    ablation_splice, compare_splices, evaluate_downstream, hook_means, keep_bos, loss_recovered,
+    sae_splices, splice_loss,
+)
+from saelab.lm.hooked import HookedLM, next_token_ce
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
@@ -67,24 +68,6 @@ def replace_output(module, fn):
 
 
 # ---- formulas ------------------------------------------------------------------------------
-def test_kl_divergence_matches_explicit_sum():
-    gen = torch.Generator().manual_seed(0)
-    p, q = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
-    got = kl_divergence(p, q)
-    for i in range(2):
-        for j in range(3):
-            pp = [math.exp(v) for v in p[i, j].tolist()]
-            qq = [math.exp(v) for v in q[i, j].tolist()]
-            pp, qq = [v / sum(pp) for v in pp], [v / sum(qq) for v in qq]
-            want = sum(a * math.log(a / b) for a, b in zip(pp, qq))
-            assert got[i, j].item() == pytest.approx(want, abs=1e-6)
-    assert torch.allclose(kl_divergence(p, p), torch.zeros(2, 3), atol=1e-7)
-    # float32 logits: a small KL (~1e-3) is still right to 1% (float64 as the reference)
-    near = p + 0.1 * torch.randn(2, 3, 5, generator=gen)
-    want = kl_divergence(p.double(), near.double())
-    assert torch.allclose(kl_divergence(p, near).double(), want, rtol=1e-2, atol=0)
-
-
 def test_next_token_ce_matches_log_softmax():
     gen = torch.Generator().manual_seed(1)
     logits, toks = torch.randn(2, 4, 7, generator=gen), torch.randint(0, 7, (2, 4), generator=gen)
@@ -92,6 +75,8 @@ def test_next_token_ce_matches_log_softmax():
     logp = torch.log_softmax(logits, -1)
     want = torch.tensor([[-logp[b, t, toks[b, t + 1]].item() for t in range(3)] for b in range(2)])
     assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(next_token_ce(logits, toks, start=1), want[:, 1:], atol=1e-6)  # no prediction at BOS
+    assert torch.allclose(next_token_ce(logits.half(), toks).double(), want.double(), atol=1e-2)  # fp16 in, fp32 out
 
 
 def test_loss_recovered_formula():
@@ -147,9 +132,9 @@ def test_mean_ablation_equals_torch_hook_route(lm, tokens, exclude_bos):
         handle.remove()
     sae = zero_sae(lm.d_model, "blocks.0.hook_resid_post")
     [entry] = evaluate_downstream(lm, [sae], tokens, batch_size=4, exclude_bos=exclude_bos)
-    assert entry["ce_mean"] == pytest.approx(want, abs=1e-5)
-    assert entry["ce_clean"] == pytest.approx(hf_ce(lm, tokens, start), abs=1e-6)
-    assert entry["downstream_tokens"] == 6 * (11 - start)
+    assert entry.ablations["mean"].ce == pytest.approx(want, abs=1e-5)
+    assert entry.ce_clean == pytest.approx(hf_ce(lm, tokens, start), abs=1e-6)
+    assert entry.downstream_tokens == 6 * (11 - start)
 
 
 def test_transcoder_splice_equals_torch_hook_route(lm, tokens):
@@ -168,23 +153,65 @@ def test_transcoder_splice_equals_torch_hook_route(lm, tokens):
         pre.remove()
         post.remove()
     [entry] = evaluate_downstream(lm, [tc], tokens, ablations=("zero",))
-    assert entry["ce_sae"] == pytest.approx(want, abs=1e-5)
-    assert entry["splice_hook"] == "blocks.0.hook_mlp_out"
-    assert "ce_mean" not in entry
+    assert entry.ce_sae == pytest.approx(want, abs=1e-5)
+    assert entry.splice_hook == "blocks.0.hook_mlp_out"
+    assert list(entry.ablations) == ["zero"] and "ce_mean" not in entry.to_dict()
 
 
 def test_several_saes_identity_is_one_zero_is_zero(lm, tokens):
     d, h = lm.d_model, "blocks.0.hook_resid_post"
     saes = [identity_sae(d, h), zero_sae(d, h), identity_sae(lm.d_mlp, "blocks.1.mlp.hook_post"),
             zero_sae(d, "blocks.1.ln2.hook_normalized", d_out=d, hook_name_out="blocks.1.hook_mlp_out")]
-    ident, zero, hidden, tc = evaluate_downstream(lm, saes, tokens, batch_size=4)
+    ident, zero, hidden, tc = (e.to_dict() for e in evaluate_downstream(lm, saes, tokens, batch_size=4))
     assert ident["loss_recovered"] == 1.0 and ident["loss_recovered_mean"] == 1.0
-    assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == 0.0
+    assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == 0.0 and ident["ce_delta"] == 0.0
     assert zero["loss_recovered"] == 0.0 and zero["ce_sae"] == zero["ce_zero"]
     assert zero["kl"] == zero["kl_zero"] > 0
     assert hidden["loss_recovered"] == 1.0
     assert tc["loss_recovered"] == 0.0 and tc["splice_hook"] == "blocks.1.hook_mlp_out"
     assert ident["ce_zero"] == zero["ce_zero"] != tc["ce_zero"]
+
+
+def kl_by_explicit_sum(clean: torch.Tensor, spliced: torch.Tensor, start: int) -> tuple[float, int]:
+    """Mean over predicting positions start..seq-2 of sum_v p_v (log p_v - log q_v), float64,
+    one position at a time; and the number of positions."""
+    total, count = 0.0, 0
+    for b in range(clean.shape[0]):
+        for t in range(start, clean.shape[1] - 1):
+            logp = clean[b, t].double() - clean[b, t].double().logsumexp(0)
+            logq = spliced[b, t].double() - spliced[b, t].double().logsumexp(0)
+            total += sum(p * (lp - lq) for p, lp, lq in zip(logp.exp().tolist(), logp.tolist(), logq.tolist()))
+            count += 1
+    return total / count, count
+
+
+@pytest.mark.parametrize("exclude_bos", [False, True])
+def test_kl_in_metrics_equals_torch_hook_reference(lm, tokens, exclude_bos):
+    """The KL written to metrics.json against a reference built without HookedLM: the SAE
+    spliced by a plain forward hook on the HF block, KL summed explicitly in float64. An
+    off-by-one between positions (or in which positions count) moves it far past 1e-5."""
+    torch.manual_seed(1)
+    hook = "blocks.0.hook_resid_post"
+    sae = SAE(lm.d_model, 64, hook_name=hook)
+
+    def splice(out):
+        with torch.no_grad():
+            new = sae(out)
+        return torch.cat([out[:, :1], new[:, 1:]], 1) if exclude_bos else new
+
+    with torch.no_grad():
+        clean = lm.model(input_ids=tokens, use_cache=False).logits
+        handle = replace_output(lm.blocks[0], splice)
+        try:
+            spliced = lm.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            handle.remove()
+    want, count = kl_by_explicit_sum(clean, spliced, int(exclude_bos))
+    assert want > 1e-3  # a random SAE moves the predictions
+    [entry] = evaluate_downstream(lm, [sae], tokens, batch_size=4, exclude_bos=exclude_bos)
+    assert entry.kl == pytest.approx(want, rel=1e-5) and entry.downstream_tokens == count
+    res = compare_splices(lm, [tokens[:1], tokens[1:]], {"sae": sae_splices(lm, sae)}, exclude_bos=exclude_bos)
+    assert res["sae"]["kl"] == pytest.approx(want, rel=1e-5)
 
 
 def test_batching_does_not_change_results(lm, tokens):

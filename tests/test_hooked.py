@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
 from saelab.lm.hooked import HookedLM
+from tests.conftest import TINY_ARCHS
 
 ATOL = 1e-5
-TINY_ARCHS = ("gpt_neox", "gpt_neox_sequential", "gpt2", "llama")  # as in conftest
 
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)

@@ -1,5 +1,7 @@
 import math
 
+from saelab.evals.entry import MetricsEntry
+from saelab.evals.metrics import SAEMetrics
 from saelab.plots import density_histograms_figure, l0_vs_loss_recovered_figure, plot_l0_vs_loss_recovered, save_figure
 
 
@@ -27,13 +29,14 @@ def test_points_are_annotated_and_png_written(tmp_path):
 
 def test_density_histograms_show_each_saes_counts(tmp_path):
     edges = [-10 + 0.5 * i for i in range(21)]
-    entries = [{"name": f"s{n}", "density_hist_edges": edges, "density_hist_counts": [n + i for i in range(20)],
-                "dead": n, "dense": 2 * n, "dense_threshold": 0.1} for n in range(5)]
-    fig = density_histograms_figure(entries)
+    rows = [MetricsEntry(f"s{n}", SAEMetrics(n_tokens=10, mse=1.0, fvu=0.5, explained_variance=0.5, cos=0.7,
+                                             dead=n, dense=2 * n, dense_threshold=0.05, density_hist_edges=edges,
+                                             density_hist_counts=[n + i for i in range(20)])) for n in range(5)]
+    fig = density_histograms_figure(rows)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert len(panels) == 5 and len(fig.axes) == 8  # 4 columns, 2 rows, 3 empty panels hidden
-    for ax, e in zip(panels, entries):
-        assert [p.get_height() for p in ax.patches] == e["density_hist_counts"]
-        assert ax.get_title() == f"{e['name']}  dead {e['dead']}  dense {e['dense']}"
-        assert ax.lines[0].get_xdata()[0] == math.log10(0.1)
+    for ax, row in zip(panels, rows):
+        assert [p.get_height() for p in ax.patches] == row.recon.density_hist_counts
+        assert ax.get_title() == f"{row.name}  dead {row.recon.dead}  dense {row.recon.dense}"
+        assert ax.lines[0].get_xdata()[0] == math.log10(0.05)
     assert save_figure(fig, tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"

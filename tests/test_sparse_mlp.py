@@ -1,6 +1,7 @@
 """Sparse MLPs end to end on the tiny trained LM (its layer-0 MLP matters: zeroing it costs
-~0.5 nats), plus the pieces checked on their own: neuron matching, activation collection,
-resumable batches, and the `saelab sparse-mlp` / `saelab perturb` commands."""
+~0.5 nats), plus the pieces checked on their own: neuron matching, the report, and the
+`saelab sparse-mlp` / `saelab perturb` commands. (Its training batches, `live_batches(...,
+in_memory=True)`, are checked in test_cache.py.)"""
 
 import argparse
 import json
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 from saelab.data.corpus import token_contexts
 from saelab.commands import perturb as perturb_cmd
 from saelab.commands import sparse_mlp as sparse_cmd
-from saelab.errors import ConfigError, DataError
+from saelab.errors import ConfigError
+from saelab.evals.entry import MetricsEntry
 from saelab.experiments.sparse_mlp import (
-    PairBatches, SparseMLPConfig, chance_cosines, collect_activations, cosine_summary,
-    neuron_cosines, run_sparse_mlp,
+    SparseMLPConfig, chance_cosines, cosine_summary, format_report, neuron_cosines, run_sparse_mlp,
 )
 from saelab.sae import SAE
 
@@ -53,15 +54,16 @@ def tokens(lm, corpus):
 def test_end_to_end_loss_recovered_and_outputs(lm, tokens, tmp_path):
     cfg = SparseMLPConfig(d_sae=256, k=[16], steps=150, batch_tokens=256, lr=3e-3)
     entries = run_sparse_mlp(lm, *tokens, tmp_path, cfg)
-    assert [e["layer"] for e in entries] == [0, 1]
-    e0 = entries[0]
+    assert [e.extra[0].layer for e in entries] == [0, 1]
+    e0 = entries[0].to_dict()
     assert e0["ce_zero"] - e0["ce_clean"] > 0.2  # the layer-0 MLP matters in this model
     assert 0.6 < e0["loss_recovered"] <= 1.05 and e0["fvu"] < 0.3 and e0["l0"] == pytest.approx(16)
     want = (e0["ce_zero"] - e0["ce_sae"]) / (e0["ce_zero"] - e0["ce_clean"])
     assert e0["loss_recovered"] == pytest.approx(want, rel=1e-12)
-    assert e0["downstream_tokens"] == 32 * 30  # BOS prediction left out
+    assert e0["downstream_tokens"] == 32 * 30 and e0["n_tokens"] == 32 * 31  # BOS position left out
+    assert e0["n_alive"] == e0["d_sae"] - e0["dead"]  # alive = fired on the held-out tokens
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert [s["name"] for s in saved] == [e["name"] for e in entries]
+    assert saved == [e.to_dict() for e in entries] and not {"enc_hist_counts", "hist_edges"} & set(saved[0])
     sae = SAE.load(tmp_path / e0["sae_path"])
     assert (sae.cfg.hook_name, sae.cfg.hook_name_out) == ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
     hists = json.loads((tmp_path / "neuron_cosines.json").read_text())
@@ -104,33 +106,17 @@ def test_cosine_summary_and_chance():
     assert chance["enc_chance"] == pytest.approx((g.amax(1) / g.norm(dim=1)).mean().item(), abs=0.02)
 
 
-def test_collect_activations_aligned_with_cache(lm, tokens):
-    toks = tokens[1][:5, :10]
-    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
-    got = collect_activations(lm, toks, hooks, batch_size=2)
-    cache = lm.run_with_cache(toks, hooks)
-    for h in hooks:
-        assert got[h].shape == (5 * 9, lm.d_model)
-        assert torch.allclose(got[h], cache[h][:, 1:].reshape(-1, lm.d_model), atol=1e-6)
-    assert collect_activations(lm, toks, hooks, exclude_bos=False)[hooks[0]].shape[0] == 50
-
-
-def test_pair_batches_cover_epochs_and_resume():
-    x = torch.arange(10.0).unsqueeze(1)
-    src = PairBatches(x, -x, batch_size=3, seed=1)
-    it = iter(src)
-    first = [next(it) for _ in range(7)]
-    for bx, by in first:
-        assert torch.equal(by, -bx)
-    epoch0 = torch.cat([b[0] for b in first[:3]]).flatten()
-    assert len(set(epoch0.tolist())) == 9  # 3 full batches per epoch, no repeats
-    resumed = src.iter_from(4)
-    for want in first[4:]:
-        assert torch.equal(next(resumed)[0], want[0])
-    with pytest.raises(DataError, match="fewer than one batch"):
-        PairBatches(x, x, batch_size=11)
-    with pytest.raises(DataError, match="rows"):
-        PairBatches(x, x[:5], batch_size=2)
+def test_report_shows_each_row():
+    row = MetricsEntry.from_dict({
+        "name": "topk_64_k4", "n_tokens": 10, "mse": 1.0, "fvu": 0.25, "explained_variance": 0.75, "cos": 0.9,
+        "l0": 4.0, "dead": 3, "ce_clean": 3.0, "ce_sae": 3.5, "kl": 0.125, "ce_delta": 0.5, "ce_zero": 4.0,
+        "kl_zero": 1.0, "loss_recovered": 0.5, "ce_mean": 3.5, "kl_mean": 0.5, "loss_recovered_mean": float("nan"),
+        "downstream_tokens": 9, "exclude_bos": True, "splice_hook": "blocks.1.hook_mlp_out",
+        "layer": 1, "enc_cos_mean": 0.5, "enc_chance": 0.25, "dec_cos_mean": 0.75, "dec_chance": 0.125})
+    lines = format_report([row], "tiny").splitlines()
+    assert lines[0] == "# Sparse MLPs on tiny" and lines[-3].startswith("| layer | SAE | L0 |")
+    assert lines[-1] == ("| 1 | topk_64_k4 | 4.0 | 0.250 | 3 | 3.0000 | 4.0000 | 3.5000 | 0.500 | nan | 0.1250 "
+                         "| 0.500 (0.250) | 0.750 (0.125) |")
 
 
 def test_bad_layers(lm, tokens, tmp_path):

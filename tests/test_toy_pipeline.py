@@ -4,7 +4,7 @@ import torch
 
 from saelab.cli import main
 from saelab.data.toy import ToyDataSource
-from saelab.pipelines.toy import ground_truth_recovery
+from saelab.pipelines.toy import Recovery, ground_truth_recovery
 from saelab.sae import SAE
 
 
@@ -13,10 +13,10 @@ def test_ground_truth_recovery_of_the_true_dictionary():
     sae = SAE(8, 20)
     with torch.no_grad():
         sae.W_dec.copy_(src.features[torch.randperm(20)] * 3.0)
-    assert ground_truth_recovery(sae, src.features) == {"mmcs": 1.0, "recovered": 1.0}
+    assert ground_truth_recovery(sae, src.features) == Recovery(mmcs=1.0, recovered=1.0)
     with torch.no_grad():
         sae.W_dec.copy_(-src.features)
-    assert ground_truth_recovery(sae, src.features)["recovered"] < 0.5
+    assert ground_truth_recovery(sae, src.features).recovered < 0.5
 
 
 def test_toy_command_recovers_features(tmp_path, capsys):
@@ -31,3 +31,6 @@ def test_toy_command_recovers_features(tmp_path, capsys):
     assert metrics["topk_32_k3"]["mmcs"] > 0.85
     assert metrics["relu_32_c0.3"]["mmcs"] > 0.7
     assert (out / "saes" / "topk_32_k3" / "cfg.json").exists()
+    config = json.loads((out / "config.json").read_text())  # one config file, the toy data's included
+    assert config["pipeline"]["data"]["n_features"] == 32 and config["pipeline"]["width"] == 32
+    assert not (out / "toy_data.json").exists()

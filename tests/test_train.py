@@ -9,8 +9,10 @@ import torch
 
 from saelab.data.toy import ToyDataSource
 from saelab.errors import ConfigError, DataError
+from saelab.evals.reconstruction import evaluate_saes
 from saelab.sae import SAE
 from saelab.train import GroupTrainer, TrainConfig
+from saelab.train.shard import Shard, interleave
 from saelab.train.spec import TrainSpec
 
 TOY = dict(d=16, n_features=48, mean_active=3, batch_size=256, seed=3)
@@ -37,19 +39,23 @@ def test_group_training_writes_everything(tmp_path):
     src = ToyDataSource(**TOY)
     trainer = GroupTrainer(mixed_specs(), 16, tmp_path, TrainConfig(total_steps=40, checkpoint_every=15, log_every=5))
     eval_batches = [src.batch(10_000 + i) for i in range(2)]
-    paths = trainer.fit(src, eval_batches=eval_batches)
-    assert len(paths) == 5 and all((p / "cfg.json").exists() for p in paths)
+    result = trainer.fit(src)
+    assert [t.label for t in result.trained] == trainer.labels and result.writes
+    assert all((t.path / "cfg.json").exists() and t.path == tmp_path / "saes" / t.label for t in result.trained)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(5, 41, 5))
     first, last = log[0]["saes"], log[-1]["saes"]
     for name in first:
         assert set(first[name]) >= {"loss", "mse", "sparsity", "aux", "l0", "fvu", "dead", "lr"}
         assert last[name]["fvu"] < first[name]["fvu"]  # it learns
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [m["name"] for m in metrics] == trainer.labels
-    assert all(0 <= m["fvu"] < 1 and m["n_tokens"] == 512 for m in metrics)
-    topk = next(m for m in metrics if m["name"].startswith("topk"))
-    assert topk["l0"] <= 3 + 1e-6
+    metrics = dict(zip(trainer.labels, evaluate_saes(result.saes, eval_batches)))
+    assert all(0 <= m.fvu < 1 and m.n_tokens == 512 for m in metrics.values())
+    assert metrics["topk_48_k3"].l0 <= 3 + 1e-6
+    # the returned SAEs are the saved ones, label and spec recorded
+    for t in result.trained:
+        saved = SAE.load(t.path)
+        assert all(torch.equal(v, saved.state_dict()[k]) for k, v in t.sae.state_dict().items())
+        assert saved.cfg.metadata["label"] == t.label and saved.cfg.metadata["train"] == t.spec.to_dict()
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
@@ -93,14 +99,13 @@ def test_normalized_training_gives_saes_for_raw_activations(tmp_path):
         [TrainSpec(arch="topk", d_sae=48, k=3, lr=5e-3)], 16, tmp_path, TrainConfig(total_steps=60, normalize_activations=True)
     )
     raw = src.batch(999) * 50.0
-    trainer.fit(scaled(), eval_batches=[raw])
+    result = trainer.fit(scaled())
     s = trainer.scale_in
     assert s == pytest.approx(4.0 / float((src.batch(0) * 50).norm(dim=-1).mean()), rel=1e-5)
     saved = SAE.load(tmp_path / "saes" / trainer.labels[0])
     with torch.no_grad():
         torch.testing.assert_close(saved(raw), trainer.saes[0].eval()(raw * s) / s, rtol=1e-4, atol=1e-3)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics[0]["fvu"] < 0.5  # the saved SAE reconstructs raw (unscaled) inputs
+    assert evaluate_saes(result.saes, [raw])[0].fvu < 0.5  # the final SAE reconstructs raw (unscaled) inputs
 
 
 def test_resampling_reinitialises_only_dead_features(tmp_path):
@@ -128,9 +133,9 @@ def test_transcoder_learns_a_sparse_map(tmp_path):
     trainer = GroupTrainer(
         [TrainSpec(arch="topk", d_sae=96, k=4, lr=3e-3, warmup_steps=10)], 16, tmp_path, TrainConfig(total_steps=150), d_out=8
     )
-    trainer.fit(pairs(), eval_batches=[(src.batch(50_000), src.batch_and_acts(50_000)[1] @ readout)])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics[0]["fvu"] < 0.6
+    result = trainer.fit(pairs())
+    [metrics] = evaluate_saes(result.saes, [(src.batch(50_000), src.batch_and_acts(50_000)[1] @ readout)])
+    assert metrics.fvu < 0.6
     assert SAE.load(tmp_path / "saes" / trainer.labels[0]).cfg.d_out == 8
 
 
@@ -149,6 +154,30 @@ def test_bad_batches_and_configs(tmp_path):
         GroupTrainer([TrainSpec(arch="relu", d_sae=16)], 4, tmp_path / "e", TrainConfig(total_steps=2)).fit([torch.randn(8, 4)] * 2)
     with pytest.raises(ConfigError, match="init"):
         TrainSpec(init="random")
+
+
+def test_config_json_records_the_pipeline_and_resume_checks_it(tmp_path):
+    spec, batches = [TrainSpec(arch="relu", d_sae=8)], [torch.randn(8, 4)] * 2
+    make = lambda pipeline: GroupTrainer(spec, 4, tmp_path, TrainConfig(total_steps=2), pipeline=pipeline)  # noqa: E731
+    make({"source": "stdlib", "eval_contexts": 8}).fit(batches)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pipeline"] == {"source": "stdlib", "eval_contexts": 8} and config["specs"] == [spec[0].to_dict()]
+    make({"source": "stdlib", "eval_contexts": 8}).fit(batches)  # the same run resumes (here: is complete)
+    with pytest.raises(ConfigError, match="different run"):
+        make({"source": "stdlib", "eval_contexts": 16}).fit(batches)
+
+
+def test_shard_takes_every_world_th_and_gathers_in_spec_order():
+    shards = [Shard(7, rank, 3) for rank in range(3)]
+    assert [list(s.indices) for s in shards] == [[0, 3, 6], [1, 4], [2, 5]]
+    labels = [f"sae{i}" for i in range(7)]
+    parts = [s.take(labels) for s in shards]
+    assert interleave(parts, 7) == labels and [s.writes for s in shards] == [True, False, False]
+    assert Shard(2).gather(["a", "b"]) == ["a", "b"]  # one process: its own list
+    with pytest.raises(ConfigError, match="values for 7 SAEs"):
+        interleave([["a"], ["b"]], 7)
+    with pytest.raises(ConfigError, match="every rank needs at least one"):
+        Shard(2, 0, 3)
 
 
 def test_schedules():

@@ -6,22 +6,29 @@ import pytest
 import torch
 
 from saelab.cli import main
-from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
-from saelab.train.sweep import SweepGrid, sweep_specs
-from saelab.evals.lm_eval import reconstruction_metrics
+from saelab.evals.entry import read_metrics
 from saelab.evals.metrics import fvu
+from saelab.evals.reconstruction import evaluate_saes, lm_batches
+from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
 from saelab.sae import SAE
+from saelab.train.sweep import SweepGrid, sweep_specs
 
 
-def test_reconstruction_metrics_match_direct_computation(tiny_lm):
-    hook = "blocks.0.hook_resid_post"
+def test_lm_reconstruction_metrics_match_direct_computation(tiny_lm):
+    """evaluate_saes over lm_batches: an SAE and a transcoder on other hooks, one LM pass."""
+    hook, mlp_in, mlp_out = "blocks.0.hook_resid_post", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
     sae = SAE(tiny_lm.hook_dim(hook), 64, hook_name=hook)
+    tc = SAE(32, 64, d_out=32, hook_name=mlp_in, hook_name_out=mlp_out)
     tokens = torch.randint(3, 500, (6, 16))
-    got = reconstruction_metrics(tiny_lm, [sae], tokens, batch_size=4)[0]
-    acts = tiny_lm.run_with_cache(tokens, [hook])[hook][:, 1:].reshape(-1, 32)
+    got = evaluate_saes([sae, tc], lm_batches(tiny_lm, [sae, tc], tokens, batch_size=4))
+    cache = tiny_lm.run_with_cache(tokens, [hook, mlp_in, mlp_out])
+    rows = {h: a[:, 1:].reshape(-1, 32) for h, a in cache.items()}
     with torch.no_grad():
-        assert got["fvu"] == pytest.approx(fvu(acts, sae(acts)), rel=1e-4)
-    assert got["n_tokens"] == 6 * 15
+        assert got[0].fvu == pytest.approx(fvu(rows[hook], sae(rows[hook])), rel=1e-4)
+        assert got[1].fvu == pytest.approx(fvu(rows[mlp_out], tc(rows[mlp_in])), rel=1e-4)
+    assert got[0].n_tokens == got[1].n_tokens == 6 * 15
+    with_bos = evaluate_saes([sae], lm_batches(tiny_lm, [sae], tokens, exclude_bos=False))
+    assert with_bos[0].n_tokens == 6 * 16
 
 
 @pytest.mark.slow
@@ -30,22 +37,24 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
     cfg = LMSweepConfig(specs=specs, model=str(tiny_lm_path), context_length=32, train_contexts=256,
                         eval_contexts=16, batch_size=512, steps=60)
     entries = run_lm_sweep(cfg, tmp_path / "run", lm=tiny_lm)
-    assert [e["name"] for e in entries] == ["relu_128_c1", "topk_128_k8"]
+    assert [e.name for e in entries] == ["relu_128_c1", "topk_128_k8"]
     for e in entries:
-        assert 0 < e["fvu"] < 1 and 0.0 < e["loss_recovered"] <= 1.05 and e["kl"] >= 0
+        assert 0 < e.recon.fvu < 1 and 0.0 < e.downstream.loss_recovered <= 1.05 and e.downstream.kl >= 0
     topk = entries[1]
-    assert topk["l0"] <= 8 + 1e-6
-    for name in ("metrics.json", "log.jsonl", "l0_vs_loss_recovered.png", "feature_density.png", "sweep.json", "table.txt"):
+    assert topk.recon.l0 <= 8 + 1e-6 and topk.spec == cfg.specs[1].to_dict()
+    for name in ("metrics.json", "log.jsonl", "l0_vs_loss_recovered.png", "feature_density.png", "config.json", "table.txt"):
         assert (tmp_path / "run" / name).exists(), name
+    assert not (tmp_path / "run" / "sweep.json").exists()  # one config file: config.json
+    assert [r.to_dict() for r in read_metrics(tmp_path / "run")] == [e.to_dict() for e in entries]
     # the saved SAE evaluates the same when loaded again
     sae = SAE.load(tmp_path / "run" / "saes" / "topk_128_k8")
     assert sae.cfg.model_name == str(tiny_lm_path) and sae.cfg.hook_name == "blocks.0.hook_resid_post"
     # prune it to half its L0 and re-measure through the CLI
     out = tmp_path / "pruned"
-    assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0]["l0"] / 2),
+    assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0].recon.l0 / 2),
                  "--eval-contexts", "16", "--out", str(out), "--compare", str(tmp_path / "run")]) == 0
     pruned = json.loads((out / "metrics.json").read_text())
-    assert pruned[0]["name"] == "original" and pruned[1]["l0"] < entries[0]["l0"] / 2
+    assert pruned[0]["name"] == "original" and pruned[1]["l0"] < entries[0].recon.l0 / 2
     assert pruned[1]["n_killed"] > 0 and (out / "l0_vs_loss_recovered.png").exists()
     assert "pruned_l0<" in capsys.readouterr().out
 
@@ -63,7 +72,14 @@ def test_quickstart_command_prints_table_best_and_report(tiny_lm_path, tmp_path,
     assert [e["name"] for e in entries] == ["relu_64_c1", "topk_64_k4"]
     assert f"best loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}%" in text
     assert f"report: {out / 'metrics.json'}" in text and (out / "l0_vs_loss_recovered.png").exists()
-    assert json.loads((out / "sweep.json").read_text())["device"] == "cpu"
+    config = json.loads((out / "config.json").read_text())
+    assert config["pipeline"]["device"] == "cpu" and config["pipeline"]["eval_contexts"] == 8
+    assert config["train"]["total_steps"] == 20 and config["model_name"] == str(tiny_lm_path)
+    # the same command again resumes the finished run (the config check passes) and evaluates alike
+    assert main(argv) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "timings"} for r in rows]  # noqa: E731
+    assert strip(again) == strip(entries) and set(again[0]["timings"]) == {"cache_s", "train_s", "eval_s"}
 
 
 def test_rank_device(monkeypatch):
@@ -86,5 +102,5 @@ def test_live_sweep_needs_no_cache_and_trains_alike(tiny_lm, tiny_lm_path, tmp_p
     live = run_lm_sweep(LMSweepConfig(**common, live=True), tmp_path / "live", lm=tiny_lm)
     assert (tmp_path / "cached" / "cache").is_dir() and not (tmp_path / "live" / "cache").exists()
     for a, b in zip(cached, live):
-        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-3) and b["l0"] == pytest.approx(a["l0"], rel=1e-3)
-    assert "data_s" in json.loads((tmp_path / "live" / "sweep.json").read_text())["timings"]
+        assert b.recon.fvu == pytest.approx(a.recon.fvu, rel=1e-3) and b.recon.l0 == pytest.approx(a.recon.l0, rel=1e-3)
+    assert "data_s" in live[0]["timings"] and "cache_s" in cached[0]["timings"]

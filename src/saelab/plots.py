@@ -1,11 +1,16 @@
-"""Figures written into run folders. matplotlib's `Figure` objects, never pyplot: no display,
-no global figure state, nothing to close."""
+"""Figures written into run folders: L0 against loss recovered, and feature-density histograms
+from metrics rows (saelab.evals.entry). matplotlib's `Figure` objects, never pyplot: no
+display, no global figure state, nothing to close."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from saelab.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from saelab.evals.entry import MetricsEntry
 
 Point = tuple  # (l0, loss_recovered) or (l0, loss_recovered, label)
 
@@ -42,26 +47,27 @@ def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = "")
     return fig
 
 
-def density_histograms_figure(entries: list[dict]):
-    """One panel per SAE: the log10 feature-density histogram from its metrics entry
-    (`density_hist_counts` / `density_hist_edges`), the dense threshold marked: the spike of
-    high-frequency features the seeds prune shows here. Dead features sit in the leftmost bin."""
+def density_histograms_figure(rows: list[MetricsEntry]):
+    """One panel per SAE: the log10 feature-density histogram of its metrics row, the dense
+    threshold marked: the spike of high-frequency features the seeds prune shows here. Dead
+    features sit in the leftmost bin."""
     import math
 
     from matplotlib.figure import Figure
 
-    cols = min(4, len(entries))
-    rows = math.ceil(len(entries) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.4 * rows), dpi=110)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, e in zip(axes.flat, entries):
-        edges, counts = e["density_hist_edges"], e["density_hist_counts"]
+    cols = min(4, len(rows))
+    n_rows = math.ceil(len(rows) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * n_rows), dpi=110)
+    axes = fig.subplots(n_rows, cols, squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        m = row.recon
+        edges, counts = m.density_hist_edges, m.density_hist_counts
         ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge", color="#4c78a8")
-        ax.axvline(math.log10(e.get("dense_threshold", 0.1)), color="#c44", lw=1, ls="--")
-        ax.set_title(f"{e.get('name', '')}  dead {e.get('dead', 0)}  dense {e.get('dense', 0)}", fontsize=8)
+        ax.axvline(math.log10(m.dense_threshold), color="#c44", lw=1, ls="--")
+        ax.set_title(f"{row.name}  dead {m.dead}  dense {m.dense}", fontsize=8)
         ax.set_xlabel("log10 feature density", fontsize=7)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(entries):]:
+    for ax in list(axes.flat)[len(rows):]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig

@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saelab.atomic import write_json
 from saelab.commands import options
-from saelab.experiments.compare import VECTORS, CompareConfig, compare_dictionaries, format_matrix
-from saelab.sae import SAE
-from saelab.sae.format import sae_folders
+from saelab.experiments.compare import VECTORS, CompareConfig, format_compare, run_compare
 
 
 def register(subparsers) -> None:
@@ -30,23 +27,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folders = [f for path in args.paths for f in sae_folders(path)]
-    saes = {_name(f, folders): SAE.load(f) for f in folders}
-    cfg = CompareConfig(threshold=args.threshold, vectors=args.vectors)
-    entries = compare_dictionaries(saes, cfg)
-    names = list(saes)
-    print(f"MMCS: mean over the reference's {cfg.vectors} directions of the best cosine in the other dictionary\n")
-    print(format_matrix(entries, names, "mmcs"))
-    print(f"\nshare of the reference's features found above cosine {cfg.threshold:g}\n")
-    print(format_matrix(entries, names, "shared"))
-    out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent) / "compare.json"
-    write_json(out, {"threshold": cfg.threshold, "vectors": cfg.vectors,
-                     "saes": {n: str(f) for n, f in zip(names, folders)}, "pairs": entries})
-    print(f"\nwrote {out}")
+    result = run_compare(args.paths, CompareConfig(threshold=args.threshold, vectors=args.vectors), args.out)
+    print(format_compare(result))
+    print(f"\nwrote {result.path}")
     return 0
-
-
-def _name(folder: Path, folders: list[Path]) -> str:
-    """The folder's name, or its last two parts where two SAEs share a name (two runs)."""
-    same = [f for f in folders if f.name == folder.name]
-    return folder.name if len(same) == 1 else f"{folder.parent.parent.name}/{folder.name}"

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from saelab.commands import options
-from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config, sweep_lm
+from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config
 from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
 from saelab.tables import format_rows
 from saelab.train.sweep import SweepGrid
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print_config(cfg)
         return 0
     out = options.output_folder(args)
-    entries = run_lm_sweep(cfg, out, lm=sweep_lm(cfg))
+    entries = run_lm_sweep(cfg, out)
     print(format_rows(entries, TABLE_COLUMNS))
     best = max(entries, key=lambda e: e.get("loss_recovered", float("-inf")))
     print(f"\nbest loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}% at L0 {best['l0']:.1f}")

@@ -18,9 +18,7 @@ from pathlib import Path
 
 from saelab.commands import options
 from saelab.errors import ConfigError, MissingFileError
-from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import load_lm
-from saelab.pipelines.train_lm import LMSweepConfig, rank_device
+from saelab.pipelines.train_lm import LMSweepConfig
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SweepGrid, applies, check_applies, sweep_specs
 
@@ -172,11 +170,6 @@ def _json_types(hint) -> tuple | None:
 
 def print_config(cfg: LMSweepConfig) -> None:
     print(json.dumps(cfg.to_dict(), indent=1))
-
-
-def sweep_lm(cfg: LMSweepConfig) -> HookedLM:
-    """The sweep's LM on this rank's device at cfg.lm_dtype (run_lm_sweep loads it at float32)."""
-    return load_lm(cfg.model, device=rank_device(cfg.device), dtype=cfg.lm_dtype)
 
 
 def _pipeline_defaults() -> dict:

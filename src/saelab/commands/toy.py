@@ -4,7 +4,7 @@ of known sparse features in superposition; each SAE's MMCS against the true feat
 share it recovers.
 
 Writes the run folder (--out; resumes if it holds a checkpoint): saes/<label>/, metrics.json,
-toy_data.json (the data's settings) and log.jsonl; prints the table."""
+config.json (every setting, the data's included) and log.jsonl; prints the table."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ exactly the SAEs a --config file lists. Each SAE is then evaluated on held-out t
 L0, dead, dense, % CE loss recovered, KL).
 
 Writes the run folder (--out; an interrupted run resumes from its checkpoint): saes/<label>/
-(each SAE, SAELens-compatible), metrics.json, sweep.json (the settings), log.jsonl, table.txt,
+(each SAE, SAELens-compatible), metrics.json, config.json (every setting), log.jsonl, table.txt,
 l0_vs_loss_recovered.png, feature_density.png and the activation cache (cache/)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from saelab.commands import options
-from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config, sweep_lm
+from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config
 from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
 from saelab.tables import format_rows
 from saelab.train.sweep import SweepGrid
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print_config(cfg)
         return 0
     out = options.output_folder(args)
-    entries = run_lm_sweep(cfg, out, lm=sweep_lm(cfg))
+    entries = run_lm_sweep(cfg, out)
     print(format_rows(entries, TABLE_COLUMNS))
     print(f"\nrun folder: {out} (metrics.json, log.jsonl, saes/, l0_vs_loss_recovered.png)")
     return 0

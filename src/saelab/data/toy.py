@@ -128,7 +128,9 @@ class ToyDataSource:
         return self.cfg.n_features
 
     def latent_correlation(self) -> torch.Tensor:
-        """(n, n) correlation of the copula's Gaussian latents z (identity if uncorrelated)."""
+        """(n, n) correlation of the copula's Gaussian latents z (identity if uncorrelated): the
+        ground truth of which features tend to fire together, for analysing a trained SAE (e.g.
+        whether it merges or splits correlated features). Sampling does not use it."""
         c = self.loadings @ self.loadings.T
         return c.fill_diagonal_(1.0)
 

@@ -1,2 +1,3 @@
-"""Evaluation: metric definitions (`metrics`), reconstruction and sparsity over activation
-batches or a live LM, and downstream CE / KL / loss recovered (`downstream`)."""
+"""Evaluation: metric definitions (`metrics`), the typed metrics.json row with its one writer
+and reader (`entry`), reconstruction and sparsity over activation batches or a live LM
+(`reconstruction`), and downstream CE / KL / loss recovered (`downstream`)."""

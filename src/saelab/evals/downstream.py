@@ -18,6 +18,8 @@ Everything is built on `compare_splices`: one clean pass per batch, then one pas
 variant (a mapping hook -> splice), so many SAEs, ablations and perturbations share the clean
 pass. A transcoder (sparse MLP) reads `cfg.hook_name` and replaces `cfg.hook_name_out`: its
 splice records the input in the same pass and swaps the output when the model reaches it.
+Per-token CE is `saelab.lm.hooked.next_token_logprobs` / `next_token_nll` (defined once, there);
+`evaluate_downstream` returns one typed `DownstreamMetrics` (saelab.evals.entry) per SAE.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import math
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab.data.cache.shuffle import hook_rows
 from saelab.errors import ConfigError, DataError
-from saelab.lm.hooked import HookedLM, Splice
+from saelab.evals.entry import Ablation, DownstreamMetrics
+from saelab.lm.hooked import HookedLM, Splice, next_token_logprobs, next_token_nll
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
@@ -39,33 +42,11 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (act, x_hat) -
 ABLATIONS = ("zero", "mean")
 
 
-# ---- per-token quantities (the one definition compare_splices uses) --------------------------
-def _logprobs(logits: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Next-token log-probabilities at the predicting positions start..seq-2, float32+."""
-    return F.log_softmax(logits[:, start:-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def _nll(logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log q(target) per position: logq (..., vocab), targets (...,) -> (...,)."""
-    return -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
+# ---- per-token quantities (CE itself: saelab.lm.hooked.next_token_logprobs / next_token_nll) --
 def _kl(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v) -> (...,). In float32 a per-token KL below
     ~1e-6 is at the rounding level of the log-softmax; pass float64 logits for such cases."""
     return (p * (logp - logq)).sum(-1)
-
-
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position, from logits (..., vocab) -> (...,), in float32 or wider."""
-    dtype = torch.promote_types(logits_p.dtype, torch.float32)
-    logp = F.log_softmax(logits_p.to(dtype), dim=-1)
-    return _kl(logp.exp(), logp, F.log_softmax(logits_q.to(dtype), dim=-1))
-
-
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each next-token prediction: logits (b, s, v), tokens (b, s) -> (b, s-1)."""
-    return _nll(_logprobs(logits), tokens[:, 1:].long())
 
 
 def keep_bos(fn: Splice) -> Splice:
@@ -110,15 +91,14 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
     for batch in tqdm(batches, desc="downstream", unit="batch", disable=None if progress is None else not progress):
         if batch.dim() != 2 or batch.shape[1] < 2 + start:
             raise DataError(f"token batches must be (b, seq) with seq >= {2 + start}, got shape {tuple(batch.shape)}")
-        clean = lm.forward(batch)  # validates ids and length
-        targets = batch.to(lm.device).long()[:, 1 + start:]
-        logp_clean = _logprobs(clean, start)
+        logp_clean = next_token_logprobs(lm.forward(batch), start)  # forward validates ids and length
         p_clean = logp_clean.exp()
-        sums["clean"][0] += _nll(logp_clean, targets).double().sum().item()
-        n += targets.numel()
+        nll = next_token_nll(logp_clean, batch, start)
+        sums["clean"][0] += nll.double().sum().item()
+        n += nll.numel()
         for name, splices in wrapped.items():
-            logq = _logprobs(lm.forward(batch, splices), start)
-            sums[name][0] += _nll(logq, targets).double().sum().item()
+            logq = next_token_logprobs(lm.forward(batch, splices), start)
+            sums[name][0] += next_token_nll(logq, batch, start).double().sum().item()
             sums[name][1] += _kl(p_clean, logp_clean, logq).double().sum().item()
     out = {"clean": {"ce": sums["clean"][0] / n, "n_tokens": n}}
     for name in wrapped:
@@ -128,8 +108,11 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
 
 def splice_loss(lm: HookedLM, tokens, hook: str, fn: Splice, *, batch_size: int = 16,
                 exclude_bos: bool = False, progress: bool | None = None) -> dict:
-    """CE with `fn` spliced at `hook`, the clean CE and KL(clean || spliced):
-    {"ce", "ce_clean", "kl", "n_tokens"}. For pruning, perturbation and steering checks."""
+    """What one splice does: {"ce", "ce_clean", "kl", "n_tokens"} with `fn` applied at `hook`
+    (CE of the spliced and the clean LM, KL(clean || spliced)). A one-call convenience over
+    `compare_splices` for a quick check of a single edit from a notebook (an ablation, a
+    steering vector); the pipelines call `compare_splices` or `evaluate_downstream`, which
+    share the clean pass between many variants."""
     res = compare_splices(lm, tokens, {"x": {hook: fn}}, batch_size=batch_size,
                           exclude_bos=exclude_bos, progress=progress)
     return {**res["x"], "ce_clean": res["clean"]["ce"]}
@@ -183,12 +166,11 @@ def hook_means(lm: HookedLM, tokens, hooks: Sequence[str], *, batch_size: int = 
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for batch in token_batches(tokens, batch_size):
-        cache = lm.run_with_cache(batch, hooks)
+        rows = hook_rows(lm, batch, hooks, drop_bos=exclude_bos)
         for h in hooks:
-            act = cache[h][:, 1:] if exclude_bos else cache[h]
-            s = act.double().sum(dim=(0, 1))
+            s = rows[h].double().sum(0)
             sums[h] = sums[h] + s if h in sums else s
-        n += act.shape[0] * act.shape[1]
+        n += rows[hooks[0]].shape[0]
     if n == 0:
         raise DataError("no positions to average over (contexts of one token with exclude_bos?)")
     return {h: (s / n).to(lm.W_E.dtype) for h, s in sums.items()}
@@ -203,14 +185,11 @@ def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> flo
 def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 16,
                         exclude_bos: bool = False, ablations: Sequence[str] = ABLATIONS,
                         means: Mapping[str, torch.Tensor] | None = None,
-                        progress: bool | None = None) -> list[dict]:
-    """Loss recovered and KL for several SAEs at once; one dict per SAE, to merge into its
-    metrics.json entry. Clean and ablation passes are shared by SAEs replacing the same hook.
-
-    Keys: ce_clean, ce_sae, kl, ce_delta (= ce_sae - ce_clean), and for each ablation
-    `a` in `ablations`: ce_a, kl_a, and loss_recovered (zero) / loss_recovered_mean (mean);
-    plus downstream_tokens, exclude_bos, splice_hook. `means` ({hook: (d,)}) skips the
-    pass that computes them."""
+                        progress: bool | None = None) -> list[DownstreamMetrics]:
+    """Loss recovered, CE and KL for several SAEs at once: one `DownstreamMetrics` per SAE
+    (CE of the clean and the spliced LM, KL, and an `Ablation` per kind in `ablations`).
+    Clean and ablation passes are shared by SAEs replacing the same hook. `means`
+    ({hook: (d,)}) skips the pass that computes them."""
     batches = token_batches(tokens, batch_size)
     for kind in ablations:
         ablation_splice(kind, torch.zeros(1))  # validates the name
@@ -231,14 +210,10 @@ def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size
             for i, (_, target) in enumerate(hooks)]
 
 
-def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude_bos: bool) -> dict:
+def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude_bos: bool) -> DownstreamMetrics:
     clean, spliced = res["clean"]["ce"], res[f"sae{i}"]
-    entry = {"ce_clean": clean, "ce_sae": spliced["ce"], "kl": spliced["kl"],
-             "ce_delta": spliced["ce"] - clean}
+    per_kind = {}
     for kind in ablations:
         ab = res[f"{kind}@{target}"]
-        entry[f"ce_{kind}"], entry[f"kl_{kind}"] = ab["ce"], ab["kl"]
-        key = "loss_recovered" if kind == "zero" else f"loss_recovered_{kind}"
-        entry[key] = loss_recovered(clean, spliced["ce"], ab["ce"])
-    entry.update(downstream_tokens=spliced["n_tokens"], exclude_bos=exclude_bos, splice_hook=target)
-    return entry
+        per_kind[kind] = Ablation(ab["ce"], ab["kl"], loss_recovered(clean, spliced["ce"], ab["ce"]))
+    return DownstreamMetrics(clean, spliced["ce"], spliced["kl"], per_kind, spliced["n_tokens"], exclude_bos, target)

@@ -19,7 +19,7 @@ the scaled input with the scaled output or unscale both.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -294,7 +294,8 @@ def l1(f: torch.Tensor) -> float:
 
 @dataclass
 class SAEMetrics:
-    """Everything `MetricsAccumulator` reports; `to_dict()` is the metrics.json entry.
+    """Everything `MetricsAccumulator` reports; `to_dict()` gives these keys of a metrics.json
+    row (the row itself is `saelab.evals.entry.MetricsEntry`).
 
     Sparsity fields are None when no feature activations were given. `density` (d_sae,)
     is kept as a tensor and left out of `to_dict()` unless asked for.
@@ -321,6 +322,15 @@ class SAEMetrics:
         if include_density and self.density is not None:
             out["density"] = self.density.tolist()
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEMetrics":
+        """The metrics from a dict holding (at least) `to_dict()`'s keys; other keys are ignored."""
+        names = {f.name for f in fields(cls)} - {"density"}
+        m = cls(**{k: d[k] for k in names if k in d})
+        if d.get("density") is not None:
+            m.density = torch.tensor(d["density"], dtype=torch.float64)
+        return m
 
 
 class MetricsAccumulator:

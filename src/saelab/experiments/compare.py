@@ -5,17 +5,26 @@ dictionaries: a feature that SAEs of different widths (or seeds, or L1) both lea
 likely real. For every ordered pair (reference R, learned L): MMCS = the mean over R's
 directions of the max cosine with any of L's, and `shared` = the share of R's directions that L
 has above `threshold`. The widest SAE is the usual reference ("does the 2x dictionary hold
-the 8x one's features?")."""
+the 8x one's features?").
+
+`run_compare` is the experiment behind `saelab compare`: the SAE folders of the paths given
+(run folders stand for every SAE in their saes/), every ordered pair compared, compare.json
+written; `format_compare` gives the MMCS and shared-feature matrices."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from saelab.atomic import write_json
 from saelab.errors import ConfigError
 from saelab.evals.metrics import max_cosine
 from saelab.sae import SAE
+from saelab.sae.format import sae_folders
+from saelab.tables import Column, format_rows
 
 VECTORS = ("decoder", "encoder")
 
@@ -57,10 +66,44 @@ def format_matrix(entries: list[dict], names: list[str], key: str = "mmcs") -> s
     """Rows: the reference dictionary; columns: the dictionary searched for its features."""
     cell = {(e["reference"], e["learned"]): e[key] for e in entries}
     corner = "reference / learned"
-    first = max(len(corner), *(len(n) for n in names))
-    widths = [max(6, len(n)) for n in names]
-    rows = [f"{corner:<{first}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for r in names:
-        vals = ["-" if r == c else f"{cell[(r, c)]:.3f}" for c in names]
-        rows.append(f"{r:<{first}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths)))
-    return "\n".join(rows)
+    rows = [{corner: r, **{c: "-" if r == c else cell[(r, c)] for c in names}} for r in names]
+    return format_rows(rows, [corner, *(Column(n, fmt=".3f") for n in names)])
+
+
+@dataclass
+class CompareResult:
+    cfg: CompareConfig
+    saes: dict[str, Path]  # name -> SAE folder, in the order compared
+    pairs: list[dict]  # compare_dictionaries' entries
+    path: Path  # the compare.json written
+
+
+def run_compare(paths: Sequence[str | Path], cfg: CompareConfig | None = None,
+                out: str | Path | None = None) -> CompareResult:
+    """Compare every SAE under `paths` (SAE folders, or run folders for all their saes/) with
+    every other; writes compare.json to `out` (default: beside the first path)."""
+    cfg, paths = cfg or CompareConfig(), [Path(p) for p in paths]
+    folders = [f for path in paths for f in sae_folders(path)]
+    saes = {_name(f, folders): f for f in folders}
+    pairs = compare_dictionaries({name: SAE.load(f) for name, f in saes.items()}, cfg)
+    path = Path(out) if out is not None else (paths[0] if paths[0].is_dir() else paths[0].parent) / "compare.json"
+    write_json(path, {"threshold": cfg.threshold, "vectors": cfg.vectors,
+                      "saes": {n: str(f) for n, f in saes.items()}, "pairs": pairs})
+    return CompareResult(cfg, saes, pairs, path)
+
+
+def format_compare(result: CompareResult) -> str:
+    """Both matrices (MMCS, and the share of features found above the threshold), explained."""
+    names = list(result.saes)
+    return "\n".join([
+        f"MMCS: mean over the reference's {result.cfg.vectors} directions of the best cosine in the other dictionary\n",
+        format_matrix(result.pairs, names, "mmcs"),
+        f"\nshare of the reference's features found above cosine {result.cfg.threshold:g}\n",
+        format_matrix(result.pairs, names, "shared"),
+    ])
+
+
+def _name(folder: Path, folders: list[Path]) -> str:
+    """The folder's name, or its last two parts where two SAEs share a name (two runs)."""
+    same = [f for f in folders if f.name == folder.name]
+    return folder.name if len(same) == 1 else f"{folder.parent.parent.name}/{folder.name}"

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.evals.downstream import compare_splices, sae_splices
-from saelab.lm.resolve import check_sae_fits
 from saelab.errors import ConfigError, DataError
+from saelab.evals.downstream import compare_splices, sae_splices
 from saelab.lm.hooked import HookedLM
+from saelab.lm.resolve import check_sae_fits
 from saelab.plots import save_figure
 from saelab.sae import SAE
+from saelab.tables import Column, format_rows
 
 NORMS = ("sae", "input")
 
@@ -133,15 +134,15 @@ def perturbation_table(lm: HookedLM, sae: SAE, tokens, cfg: PerturbConfig | None
             "config": asdict(cfg), "rows": rows}
 
 
+TABLE = (Column("variant"), Column("cos_target", "cos target", "g"), Column("cos", fmt=".4f"),
+         Column("norm_ratio", "norm ratio", ".3f"), Column("ce", "CE", ".4f"),
+         Column("ce_delta", "CE - clean", "+.4f"), Column("kl", "KL", ".4g"))
+
+
 def format_table(result: dict) -> str:
-    """A Markdown table of the rows."""
-    lines = [f"Hook `{result['hook']}`, clean CE {result['ce_clean']:.4f} nats over {result['n_tokens']} tokens.", "",
-             "| variant | cos target | cos | norm ratio | CE | CE - clean | KL |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        target = "" if r["cos_target"] is None else f"{r['cos_target']:g}"
-        lines.append(f"| {r['variant']} | {target} | {r['cos']:.4f} | {r['norm_ratio']:.3f} | "
-                     f"{r['ce']:.4f} | {r['ce_delta']:+.4f} | {r['kl']:.4g} |")
-    return "\n".join(lines) + "\n"
+    """The clean CE, then a Markdown table of the rows."""
+    head = f"Hook `{result['hook']}`, clean CE {result['ce_clean']:.4f} nats over {result['n_tokens']} tokens."
+    return f"{head}\n\n{format_rows(result['rows'], TABLE, style='markdown')}\n"
 
 
 def plot_kl_vs_cos(result: dict, path: str | Path, title: str = "") -> Path:

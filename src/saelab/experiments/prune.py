@@ -12,17 +12,31 @@ fires and the pruned SAE saves and loads like any other. Features of relu, jumpr
 batchtopk SAEs (at inference) fire independently, so the others are untouched. A topk SAE is
 refused: killing a feature frees its slot for the next one, so L0 would not fall (train with a
 smaller k instead).
+
+`run_prune` is the whole experiment: measure the densities on held-out tokens, plan and prune
+each target, evaluate the original and every pruned SAE on the LM, and write metrics.json
+(rows named "original" and "pruned_l0<T>", with the plan's columns), the L0 / loss-recovered
+plot (a trained sweep beside it with `compare`) and, with `save`, each pruned SAE's folder.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from saelab.errors import ConfigError
+from saelab.evals.entry import Extra, MetricsEntry, read_metrics, write_metrics
+from saelab.evals.reconstruction import evaluate_on_lm, evaluate_saes, lm_batches
+from saelab.lm.hooked import HookedLM
+from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE
+from saelab.tables import format_rows
+
+COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "loss_recovered", "kl")
+ORIGINAL = Extra({"n_killed": 0, "density_cutoff": None})  # the unpruned SAE's prune columns
 
 
 @dataclass
@@ -71,3 +85,61 @@ def prune_features(sae: SAE, killed: torch.Tensor) -> SAE:
     out.cfg = copy.deepcopy(sae.cfg)
     out.cfg.metadata = {**sae.cfg.metadata, "pruned_features": int(killed.numel())}
     return out
+
+
+@dataclass
+class PruneConfig:
+    target_l0: list[float]  # one pruned SAE per target
+    label: str = "SAE"  # how the plot's title names the pruned SAE (e.g. its folder's name)
+    compare: Path | None = None  # a run folder whose SAEs to plot beside the pruning curve
+    save: bool = False  # also save each pruned SAE's folder
+    batch_size: int = 16  # contexts per LM forward pass
+    exclude_bos: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.target_l0 or any(t <= 0 for t in self.target_l0):
+            raise ConfigError(f"give one or more positive target L0 values, got {self.target_l0}")
+
+
+@dataclass
+class PruneResult:
+    rows: list[MetricsEntry]  # the original first, then one per target
+    plans: list[PrunePlan]
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)  # what was written
+
+
+def run_prune(lm: HookedLM, sae: SAE, tokens, out_dir: str | Path, cfg: PruneConfig) -> PruneResult:
+    """The experiment into `out_dir` (see the module docstring): densities, plans and the
+    evaluation of the original and each pruned SAE on `tokens` ((n, seq) held-out contexts)."""
+    out = Path(out_dir)
+    sweep = read_metrics(cfg.compare) if cfg.compare is not None else None  # fail before the work
+    sae.eval()
+    opts = dict(batch_size=cfg.batch_size, exclude_bos=cfg.exclude_bos)
+    [measured] = evaluate_saes([sae], lm_batches(lm, [sae], tokens, **opts))
+    plans = [plan_pruning(measured.density, t) for t in cfg.target_l0]
+    variants = [sae] + [prune_features(sae, plan.killed) for plan in plans]
+    evaluations = evaluate_on_lm(lm, variants, tokens, **opts)
+    names = ["original"] + [f"pruned_l0<{plan.target_l0:g}" for plan in plans]
+    rows = [MetricsEntry(name, ev.recon, ev.downstream, extra=[columns])
+            for name, ev, columns in zip(names, evaluations, [ORIGINAL, *plans])]
+    files = [write_metrics(out, rows)]
+    if cfg.save:
+        files += [variant.save(out / f"pruned_l0_{plan.target_l0:g}") for variant, plan in zip(variants[1:], plans)]
+    series = {"pruned (this SAE)": _points(rows)}
+    if sweep is not None:
+        series["trained sweep"] = _points(sweep)
+    files.append(plot_l0_vs_loss_recovered(series, out / "l0_vs_loss_recovered.png", title=f"pruning {cfg.label}"))
+    return PruneResult(rows, plans, out, files)
+
+
+def _points(rows: list[MetricsEntry]) -> list[tuple[float, float, str]]:
+    """(L0, loss recovered, name) of the rows that have a loss recovered."""
+    return [(r.recon.l0, r.downstream.loss_recovered, r.name)
+            for r in rows if r.downstream is not None and r.downstream.loss_recovered is not None]
+
+
+def format_prune(result: PruneResult) -> str:
+    """The table of the original and each pruned SAE (killed features, cut-off, L0, MSE, FVU,
+    loss recovered, KL)."""
+    return format_rows(result.rows, COLUMNS)

@@ -2,8 +2,10 @@
 how much of the loss it keeps and whether its neurons are the original neurons.
 
 Per layer L a transcoder reads `blocks.L.ln2.hook_normalized` (the MLP input) and predicts
-`blocks.L.hook_mlp_out`. Trained with GroupTrainer on in-memory activation pairs (one LM pass
-per context batch; the SAE sweep of a layer shares the stream). Then, on held-out text:
+`blocks.L.hook_mlp_out`. Trained with GroupTrainer on shuffled activation pairs kept in memory
+(`live_batches(..., in_memory=True)`: one LM pass over the training contexts; the SAE sweep of
+a layer shares the stream; resumes exactly). Then, on held-out text, every layer's SAEs are
+evaluated together (shared clean and ablation passes):
 
     loss_recovered = (CE_zero - CE_sparse) / (CE_zero - CE_clean) = 1 - (CE_sparse - CE_clean) / (CE_zero - CE_clean)
 
@@ -12,29 +14,31 @@ for every sparse neuron i the best signed cosine of its encoder column W_enc[:, 
 original neuron's input weights W_in[:, j], and of its decoder row W_dec[i] with any W_out[j].
 `*_chance` is the same statistic for random directions: the level a match must beat.
 
-Run folder: layer<L>/ (GroupTrainer run: saes/<label>/, log, checkpoint, metrics.json),
-metrics.json (one entry per layer and SAE), neuron_cosines.json and .png, report.md.
+Run folder: config.json (this experiment's settings), layer<L>/ (a GroupTrainer run: its own
+config.json, log, checkpoint, saes/<label>/), metrics.json (one row per layer and SAE, with
+the `NeuronMatch` columns), neuron_cosines.json and .png, report.md.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from saelab.atomic import write_json, write_text
-from saelab.evals.downstream import evaluate_downstream, token_batches
-from saelab.errors import ConfigError, DataError
+from saelab.data.cache.shuffle import live_batches
+from saelab.errors import ConfigError
+from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.metrics import max_cosine
+from saelab.evals.reconstruction import Evaluation, evaluate_on_lm
 from saelab.lm.arch import MLPWeights
 from saelab.lm.hooked import HookedLM
-from saelab.evals.metrics import feature_density, max_cosine
 from saelab.plots import save_figure
 from saelab.sae import SAE
+from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
+from saelab.train.shard import TrainedSAE, TrainResult
 from saelab.train.spec import TrainSpec
 
 HIST_EDGES = torch.linspace(-1.0, 1.0, 41, dtype=torch.float64)
@@ -74,50 +78,6 @@ def mlp_hooks(layer: int) -> tuple[str, str]:
     return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
-# ---- data -----------------------------------------------------------------------------------
-@torch.no_grad()
-def collect_activations(lm: HookedLM, tokens, hooks: Sequence[str], *, batch_size: int = 16,
-                        exclude_bos: bool = True) -> dict[str, torch.Tensor]:
-    """{hook: (N, d) float32 on CPU}: every position of every context (position 0 dropped with
-    `exclude_bos`), rows aligned across hooks; one early-stopping LM pass per batch."""
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for batch in token_batches(tokens, batch_size):
-        cache = lm.run_with_cache(batch, list(hooks))
-        for h in hooks:
-            act = cache[h][:, 1:] if exclude_bos else cache[h]
-            parts[h].append(act.reshape(-1, act.shape[-1]).float().cpu())
-    return {h: torch.cat(p) for h, p in parts.items()}
-
-
-class PairBatches:
-    """Shuffled (x, y) row batches, endlessly: epoch e is a permutation seeded by (seed, e), so
-    `iter_from(step)` resumes exactly where a run stopped (GroupTrainer uses it)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0):
-        if x.shape[0] != y.shape[0]:
-            raise DataError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-        if x.shape[0] < batch_size:
-            raise DataError(f"{x.shape[0]} activation rows are fewer than one batch of {batch_size}; "
-                            "use more training contexts or a smaller batch")
-        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.per_epoch = x.shape[0] // batch_size
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-
-    def iter_from(self, step: int):
-        epoch, offset = divmod(step, self.per_epoch)
-        while True:
-            order = self._order(epoch)
-            for i in range(offset, self.per_epoch):
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                yield self.x[idx], self.y[idx]
-            epoch, offset = epoch + 1, 0
-
-    def __iter__(self):
-        return self.iter_from(0)
-
-
 # ---- neuron matching ------------------------------------------------------------------------
 @torch.no_grad()
 def neuron_cosines(sae: SAE, weights: MLPWeights) -> dict[str, torch.Tensor]:
@@ -152,60 +112,78 @@ def cosine_summary(cos: dict[str, torch.Tensor], alive: torch.Tensor) -> dict:
     return out
 
 
+@dataclass
+class NeuronMatch:
+    """A sparse-MLP row's own columns: where the SAE sits, and how its alive neurons match the
+    original MLP's (`cosine_summary` without the histograms, and `chance_cosines`)."""
+
+    layer: int
+    sae_path: str  # relative to the run folder
+    hook_name: str
+    hook_name_out: str
+    summary: dict  # cosine_summary's means, medians and shares (its histograms are in `hists`)
+    chance: dict[str, float]
+    hists: dict = field(default_factory=dict)  # for neuron_cosines.json, not a metrics column
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "sae_path": self.sae_path, "hook_name": self.hook_name,
+                "hook_name_out": self.hook_name_out, **self.summary, **self.chance}
+
+
 # ---- the experiment -------------------------------------------------------------------------
-def train_layer(lm: HookedLM, layer: int, train_tokens, eval_tokens, cfg: SparseMLPConfig,
-                run_dir: Path) -> tuple[list[SAE], list[dict], dict[str, torch.Tensor]]:
-    """Train the sweep for one layer; returns (SAEs on raw activations, their reconstruction
-    metrics from held-out pairs, the held-out pairs {"x", "y"})."""
+def train_layer(lm: HookedLM, layer: int, train_tokens, cfg: SparseMLPConfig, run_dir: Path) -> TrainResult:
+    """Train the sweep for one layer into `run_dir` (resuming what is there)."""
     hook_in, hook_out = mlp_hooks(layer)
-    opts = dict(batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos)
-    train = collect_activations(lm, train_tokens, [hook_in, hook_out], **opts)
-    held = collect_activations(lm, eval_tokens, [hook_in, hook_out], **opts)
-    source = PairBatches(train[hook_in], train[hook_out], cfg.batch_tokens, cfg.seed)
-    eval_pairs = list(zip(held[hook_in].split(4096), held[hook_out].split(4096)))
+    source = live_batches(lm, train_tokens, hook_in, cfg.batch_tokens, target=hook_out, seed=cfg.seed,
+                          drop_bos=cfg.exclude_bos, forward_batch_size=cfg.lm_batch_size, in_memory=True)
     tcfg = TrainConfig(total_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                        log_every=max(min(50, cfg.steps // 20), 1),
                        normalize_activations=cfg.normalize_activations, seed=cfg.seed)
     trainer = GroupTrainer(cfg.specs(lm.d_model), lm.d_model, run_dir, tcfg, d_out=lm.d_model,
                            hook_name=hook_in, hook_name_out=hook_out, model_name=lm.name)
-    trainer.fit(source, eval_batches=eval_pairs)
-    recon = json.loads((run_dir / "metrics.json").read_text())
-    return trainer.final_saes(), recon, {"x": held[hook_in], "y": held[hook_out]}
+    return trainer.fit(source)
 
 
 def run_sparse_mlp(lm: HookedLM, train_tokens, eval_tokens, out_dir: str | Path,
-                   cfg: SparseMLPConfig | None = None, progress: bool | None = None) -> list[dict]:
-    """The whole experiment into `out_dir`; returns the metrics.json entries."""
+                   cfg: SparseMLPConfig | None = None, progress: bool | None = None) -> list[MetricsEntry]:
+    """The whole experiment into `out_dir`; returns the metrics rows (per layer, per SAE)."""
     cfg, out = cfg or SparseMLPConfig(), Path(out_dir)
     layers = list(range(lm.n_layers)) if cfg.layers is None else list(cfg.layers)
     bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
     if bad or not layers:
         raise ConfigError(f"layers must be in 0..{lm.n_layers - 1}, got {layers}")
     write_json(out / "config.json", {"experiment": "sparse_mlp", "model": lm.name, **asdict(cfg)})
-    all_saes, entries, hists = [], [], {}
-    for layer in layers:
-        saes, recon, held = train_layer(lm, layer, train_tokens, eval_tokens, cfg, out / f"layer{layer}")
-        weights = lm.mlp_weights(layer)
-        chance = chance_cosines(weights, saes[0].cfg.d_sae, cfg.seed)
-        for sae, rec in zip(saes, recon):
-            with torch.no_grad():
-                alive = feature_density(sae.encode(held["x"])) > 0
-            summary = cosine_summary(neuron_cosines(sae, weights), alive)
-            label = f"layer{layer}/{rec['name']}"
-            hists[label] = {k: summary.pop(k) for k in list(summary) if "hist" in k}
-            entries.append({"layer": layer, "name": rec["name"], "sae_path": f"layer{layer}/saes/{rec['name']}",
-                            "hook_name": sae.cfg.hook_name, "hook_name_out": sae.cfg.hook_name_out,
-                            **{k: v for k, v in rec.items() if k != "name"}, **summary, **chance})
-            all_saes.append(sae)
-    down = evaluate_downstream(lm, all_saes, eval_tokens, batch_size=cfg.lm_batch_size,
-                               exclude_bos=cfg.exclude_bos, progress=progress)
-    for entry, d in zip(entries, down):
-        entry.update(d)
-    write_json(out / "metrics.json", entries)
+    results = {layer: train_layer(lm, layer, train_tokens, cfg, out / f"layer{layer}") for layer in layers}
+    mine = [t for result in results.values() for t in result.trained]
+    evaluations = evaluate_on_lm(lm, [t.sae for t in mine], eval_tokens, batch_size=cfg.lm_batch_size,
+                                 exclude_bos=cfg.exclude_bos, progress=progress)
+    by_sae = {id(t): ev for t, ev in zip(mine, evaluations)}
+    rows = []
+    for layer, result in results.items():
+        chance = chance_cosines(lm.mlp_weights(layer), result.trained[0].sae.cfg.d_sae, cfg.seed)
+        rows += result.collect(lambda ts, layer=layer, chance=chance:
+                               [_row(lm, layer, t, by_sae[id(t)], chance) for t in ts])
+    if results[layers[0]].writes:
+        _write_outputs(out, rows, lm.name)
+    return rows
+
+
+def _write_outputs(out: Path, rows: list[MetricsEntry], model: str) -> None:
+    """metrics.json, neuron_cosines.json and .png, report.md."""
+    hists = {f"layer{row.extra[0].layer}/{row.name}": row.extra[0].hists for row in rows}
+    write_metrics(out, rows)
     write_json(out / "neuron_cosines.json", hists)
     plot_cosine_histograms(hists, out / "neuron_cosines.png")
-    write_text(out / "report.md", format_report(entries, lm.name))
-    return entries
+    write_text(out / "report.md", format_report(rows, model))
+
+
+def _row(lm: HookedLM, layer: int, t: TrainedSAE, ev: Evaluation, chance: dict) -> MetricsEntry:
+    """The row of one layer's SAE; neurons count as alive if they fired on the held-out tokens."""
+    summary = cosine_summary(neuron_cosines(t.sae, lm.mlp_weights(layer)), ev.recon.density > 0)
+    hists = {k: summary.pop(k) for k in list(summary) if "hist" in k}
+    match = NeuronMatch(layer, f"layer{layer}/saes/{t.label}", t.sae.cfg.hook_name, t.sae.cfg.hook_name_out,
+                        summary, chance, hists)
+    return MetricsEntry(t.label, ev.recon, ev.downstream, spec=t.spec.to_dict(), extra=[match])
 
 
 def plot_cosine_histograms(hists: dict[str, dict], path: str | Path) -> Path:
@@ -225,20 +203,22 @@ def plot_cosine_histograms(hists: dict[str, dict], path: str | Path) -> Path:
     return save_figure(fig, path, dpi=100)
 
 
-def format_report(entries: list[dict], model: str = "") -> str:
-    """Markdown: per layer and SAE, sparsity, reconstruction, loss recovered and neuron matches."""
-    def f(v, spec=".3f"):
-        return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+REPORT = (Column("layer"), Column("name", "SAE"), Column("l0", "L0", ".1f"), Column("fvu", "FVU", ".3f"),
+          Column("dead"), Column("ce_clean", "CE clean", ".4f"), Column("ce_zero", "CE zero", ".4f"),
+          Column("ce_sae", "CE sparse", ".4f"), Column("loss_recovered", "loss rec.", ".3f"),
+          Column("loss_recovered_mean", "loss rec. (mean)", ".3f"), Column("kl", "KL", ".4f"),
+          Column("enc", "enc cos (chance)"), Column("dec", "dec cos (chance)"))
 
-    lines = [f"# Sparse MLPs{f' on {model}' if model else ''}", "",
-             "loss recovered = (CE_zero - CE_sparse) / (CE_zero - CE_clean); cosines are each alive "
-             "sparse neuron's best match among the original MLP neurons (chance: random directions).", "",
-             "| layer | SAE | L0 | FVU | dead | CE clean | CE zero | CE sparse | loss rec. | loss rec. (mean) | KL "
-             "| enc cos (chance) | dec cos (chance) |", "|" + "---|" * 13]
-    for e in entries:
-        lines.append(
-            f"| {e['layer']} | {e['name']} | {f(e.get('l0'), '.1f')} | {f(e['fvu'])} | {e.get('dead')} | "
-            f"{f(e['ce_clean'], '.4f')} | {f(e['ce_zero'], '.4f')} | {f(e['ce_sae'], '.4f')} | "
-            f"{f(e['loss_recovered'])} | {f(e['loss_recovered_mean'])} | {f(e['kl'], '.4f')} | "
-            f"{f(e['enc_cos_mean'])} ({f(e['enc_chance'])}) | {f(e['dec_cos_mean'])} ({f(e['dec_chance'])}) |")
-    return "\n".join(lines) + "\n"
+
+def format_report(rows: list[MetricsEntry], model: str = "") -> str:
+    """Markdown: per layer and SAE, sparsity, reconstruction, loss recovered and neuron matches."""
+    def versus(d: dict, key: str) -> str:
+        return f"{d[f'{key}_cos_mean']:.3f} ({d[f'{key}_chance']:.3f})"
+
+    flat = [row.to_dict() for row in rows]
+    cells = [{**d, "enc": versus(d, "enc"), "dec": versus(d, "dec")} for d in flat]
+    table = format_rows(cells, REPORT, style="markdown")
+    return "\n".join([f"# Sparse MLPs{f' on {model}' if model else ''}", "",
+                      "loss recovered = (CE_zero - CE_sparse) / (CE_zero - CE_clean); cosines are each alive "
+                      "sparse neuron's best match among the original MLP neurons (chance: random directions).", "",
+                      table]) + "\n"

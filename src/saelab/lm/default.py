@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from saelab.atomic import write_json
 from saelab.data.corpus import Document, evenly_spaced, load_stdlib, pack, split_documents
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.build import build_folder
-from saelab.lm.hooked import HookedLM
+from saelab.lm.hooked import HookedLM, next_token_ce
 from saelab.paths import models_dir
 from saelab.progress import progress_bar
 
@@ -209,7 +208,7 @@ def _train(model, contexts: torch.Tensor, cfg: DefaultLMConfig, progress: bool |
         batch, order = contexts[order[:cfg.batch_size]], order[cfg.batch_size:]
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = _next_token_loss(model(batch, use_cache=False).logits, batch)
+        loss = next_token_ce(model(batch, use_cache=False).logits, batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -220,17 +219,13 @@ def _train(model, contexts: torch.Tensor, cfg: DefaultLMConfig, progress: bool |
     return sum(recent) / len(recent)
 
 
-def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
-
 @torch.no_grad()
 def _mean_loss(model, contexts: torch.Tensor, batch_size: int = 32) -> float:
     """Mean next-token loss (nats) over all predicted positions of `contexts`."""
     total = 0.0
     for i in range(0, len(contexts), batch_size):
         chunk = contexts[i:i + batch_size]
-        total += _next_token_loss(model(chunk, use_cache=False).logits, chunk).item() * len(chunk)
+        total += next_token_ce(model(chunk, use_cache=False).logits, chunk).mean().item() * len(chunk)
     return total / len(contexts)
 
 

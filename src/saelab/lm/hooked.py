@@ -22,6 +22,10 @@ one call and removed after it, so the wrapped model stays an ordinary HF model. 
 Activations are (batch, seq, d) with d = `hook_dim(name)`. A splice is a function act -> act
 applied at a hook during the pass (SAE reconstruction, ablation, steering); a capture records
 the activation the model actually used (after any splice at the same point).
+
+Next-token cross-entropy is defined here, once (`next_token_logprobs`, `next_token_nll`,
+`next_token_ce`): the default LM's training, `HookedLM.loss` and the downstream evaluation
+(`saelab.evals.downstream`) all use it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,25 @@ from saelab.lm.arch import Arch, MLPWeights, arch_for, in_out_weight, is_paralle
 from saelab.lm.hook_names import BLOCK_POINTS, MLP_WIDE, parse_hook
 
 Splice = Callable[[torch.Tensor], torch.Tensor]
+
+
+def next_token_logprobs(logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """log q(. | x_<=t) at the predicting positions t = start..seq-2: logits (b, seq, vocab) ->
+    (b, seq - 1 - start, vocab), in float32 or wider."""
+    return F.log_softmax(logits[:, start:-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def next_token_nll(logq: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """-log q(x_{t+1} | x_<=t) per predicting position (nats): logq from
+    `next_token_logprobs(logits, start)`, tokens (b, seq) -> (b, seq - 1 - start)."""
+    targets = tokens[:, 1 + start:].to(logq.device).long()
+    return -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Next-token cross-entropy per predicting position (nats): logits (b, seq, vocab), tokens
+    (b, seq) -> (b, seq - 1 - start); `start` = 1 leaves out the prediction made at BOS."""
+    return next_token_nll(next_token_logprobs(logits, start), tokens, start)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -182,14 +205,16 @@ class HookedLM:
 
     def loss(self, tokens, splices: Mapping[str, Splice] | None = None, *,
              per_token: bool = False, grad: bool = False) -> torch.Tensor:
-        """Next-token cross-entropy (nats): scalar mean, or (batch, seq - 1) with per_token."""
+        """Next-token cross-entropy (nats, `next_token_ce`) with optional splices: scalar mean,
+        or (batch, seq - 1) with per_token. For a quick look from a notebook (what does this
+        edit do to the loss?); evaluation over many tokens and variants uses
+        `saelab.evals.downstream.compare_splices`, which shares the clean pass."""
         tokens = self._tokens(tokens)
         if tokens.shape[1] < 2:
             raise DataError("loss needs sequences of at least 2 tokens")
         logits = self.forward(tokens, splices, grad=grad)
         with torch.set_grad_enabled(grad):
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                                 reduction="none").view(tokens.shape[0], -1)
+            ce = next_token_ce(logits, tokens)
         return ce if per_token else ce.mean()
 
     # ---- weights and pieces, for logit lens / embedding views / neuron comparisons --------
@@ -217,7 +242,9 @@ class HookedLM:
         return self.embed_module(self._tokens(tokens))
 
     def unembed(self, resid: torch.Tensor, apply_norm: bool = True) -> torch.Tensor:
-        """Logits (..., d_vocab) from a residual-stream vector (the logit lens)."""
+        """Logits (..., d_vocab) from residual-stream vectors through the final norm (unless
+        `apply_norm=False`) and the unembedding: the logit lens, for reading what an
+        intermediate residual stream (or a feature's decoder direction added to it) predicts."""
         x = self.final_norm(resid) if apply_norm else resid
         return self.model.get_output_embeddings()(x)
 

@@ -1,23 +1,29 @@
 """Ground-truth recovery on toy data (the interim report in the seeds): train a sweep of SAEs on
 synthetic activations whose true features are known, and measure how many they recover (MMCS).
+The job behind `saelab toy`.
 
 One pass over the data trains the whole sweep (GroupTrainer); the result table has, per SAE,
 its knob (L1 coefficient or k), L0, FVU, MMCS against the ground truth, the fraction of true
-features recovered above 0.9 cosine, and dead features. Everything lands in the run folder.
+features recovered above 0.9 cosine, and dead features. Everything lands in the run folder:
+config.json (with this sweep's settings, the toy data's included, under "pipeline"), the log,
+saes/ and metrics.json (one row per SAE, with `mmcs` and `recovered`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from saelab.atomic import write_json
 from saelab.data.toy import ToyDataConfig, ToyDataSource
+from saelab.evals.entry import MetricsEntry, write_metrics
 from saelab.evals.metrics import max_cosine, mmcs
+from saelab.evals.reconstruction import evaluate_saes
 from saelab.sae import SAE
+from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
+from saelab.train.shard import TrainedSAE
 from saelab.train.spec import TrainSpec
 
 
@@ -47,38 +53,55 @@ class ToySweepConfig:
         return relu + topk
 
 
-def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[dict]:
-    """Train the sweep, then add ground-truth recovery to each SAE's metrics.json entry."""
+@dataclass
+class Recovery:
+    """Ground-truth recovery of a dictionary: MMCS of its decoder rows against the true
+    features, and the share of true features matched above the cosine threshold."""
+
+    mmcs: float
+    recovered: float
+
+    def to_dict(self) -> dict:
+        return {"mmcs": self.mmcs, "recovered": self.recovered}
+
+
+def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[MetricsEntry]:
+    """Train the sweep into `run_dir` (resuming what is there) and evaluate it on held-out toy
+    batches; returns each SAE's metrics row (with ground-truth recovery), in spec order."""
     run_dir = Path(run_dir)
     source = ToyDataSource(cfg.data)
     held_out = [source.batch(10_000_000 + i) for i in range(cfg.eval_batches)]
-    trainer = GroupTrainer(cfg.specs(), cfg.data.d, run_dir, TrainConfig(total_steps=cfg.steps, checkpoint_every=500, log_every=50, seed=cfg.seed))
-    trainer.fit(source)
-    entries = trainer.write_metrics(held_out)
-    local = {label: ground_truth_recovery(sae, source.features) for label, sae in zip(trainer.labels, trainer.final_saes())}
-    recovery = trainer.gather(local)
-    for entry in entries:
-        entry.update(recovery[entry["name"]])
-    if trainer.rank == 0:
-        write_json(run_dir / "metrics.json", entries)
-        write_json(run_dir / "toy_data.json", cfg.data.to_dict())
+    tcfg = TrainConfig(total_steps=cfg.steps, checkpoint_every=500, log_every=50, seed=cfg.seed)
+    result = GroupTrainer(cfg.specs(), cfg.data.d, run_dir, tcfg, pipeline=asdict(cfg)).fit(source)
+
+    def rows(mine: list[TrainedSAE]) -> list[MetricsEntry]:
+        recon = evaluate_saes([t.sae for t in mine], held_out)
+        return [MetricsEntry(t.label, m, spec=t.spec.to_dict(), extra=[ground_truth_recovery(t.sae, source.features)])
+                for t, m in zip(mine, recon)]
+    entries = result.collect(rows)
+    if result.writes:
+        write_metrics(run_dir, entries)
     return entries
 
 
 @torch.no_grad()
-def ground_truth_recovery(sae: SAE, true_features: torch.Tensor, threshold: float = 0.9) -> dict:
+def ground_truth_recovery(sae: SAE, true_features: torch.Tensor, threshold: float = 0.9) -> Recovery:
     """MMCS of the decoder against the true features, and the share recovered above `threshold`."""
     best = max_cosine(sae.W_dec.detach().float(), true_features.float())
-    return {"mmcs": float(mmcs(sae.W_dec.detach().float(), true_features.float())), "recovered": float((best > threshold).float().mean())}
+    return Recovery(float(mmcs(sae.W_dec.detach().float(), true_features.float())),
+                    float((best > threshold).float().mean()))
 
 
-def format_table(entries: list[dict]) -> str:
-    head = f"{'sae':<24}{'knob':>8}{'L0':>8}{'FVU':>8}{'MMCS':>8}{'>0.9':>7}{'dead':>6}"
-    rows = [head, "-" * len(head)]
-    for e in entries:
-        spec = e["spec"]
-        knob = f"k={spec['k']}" if spec.get("k") is not None else f"{spec['coefficient']:g}"
-        rows.append(
-            f"{e['name']:<24}{knob:>8}{e['l0']:>8.2f}{e['fvu']:>8.3f}{e['mmcs']:>8.3f}{e['recovered']:>7.2f}{e['dead']:>6d}"
-        )
-    return "\n".join(rows)
+def _knob(row: MetricsEntry) -> str:
+    spec = row.spec
+    return f"k={spec['k']}" if spec.get("k") is not None else f"{spec['coefficient']:g}"
+
+
+TABLE = (Column("name", "sae"), Column("knob"), Column("l0", "L0", ".2f"), Column("fvu", "FVU", ".3f"),
+         Column("mmcs", "MMCS", ".3f"), Column("recovered", ">0.9", ".2f"), Column("dead"))
+
+
+def format_table(rows: list[MetricsEntry]) -> str:
+    """The recovery table: per SAE its knob (L1 coefficient or k), L0, FVU, MMCS, share of
+    true features recovered above 0.9 cosine, and dead features."""
+    return format_rows([{**row.to_dict(), "knob": _knob(row)} for row in rows], TABLE)

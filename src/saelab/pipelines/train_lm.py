@@ -1,12 +1,16 @@
-"""Train a sweep of SAEs (or sparse MLPs) on a language model's activations and evaluate them.
+"""Train a sweep of SAEs (or sparse MLPs) on a language model's activations and evaluate them:
+the job behind `saelab train` and `saelab quickstart`.
 
 The whole job, resumable at every stage: tokenize the corpus -> cache activations at the hook
 (one LM pass, shared by every SAE) -> train all SAEs together on shuffled batches ->
-evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text -> write
-metrics.json, a table and the L0 / loss-recovered plot into the run folder.
+evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text. The run
+folder holds config.json (the trainer's config with this sweep's settings under "pipeline"),
+log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live`),
+metrics.json (one row per SAE, with train_tokens and the stage timings), table.txt and the
+L0 / loss-recovered and feature-density plots.
 
 Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
-SAEs (see saelab.train.group), and rank 0 writes the results.
+SAEs (saelab.train.shard), and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from saelab.atomic import write_json, write_text
+from saelab.atomic import write_text
 from saelab.data.cache import cache_activations, live_batches, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.errors import ConfigError
+from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import heldout_contexts, load_lm
-from saelab.evals.lm_eval import evaluate_on_lm
 from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
 from saelab.tables import format_rows
-from saelab.train import GroupTrainer, TrainConfig, rank_and_world
+from saelab.train import GroupTrainer, TrainConfig
+from saelab.train.shard import TrainedSAE, once
 from saelab.train.spec import TrainSpec
 
 TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", "loss_recovered_mean", "kl")
@@ -34,6 +40,9 @@ TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", 
 
 @dataclass
 class LMSweepConfig:
+    """One `saelab train` job: the SAEs (`specs`), the model and hook they read, the text they
+    train and are evaluated on, and how long they train."""
+
     specs: list[TrainSpec]
     model: str | None = None  # HF folder or hub name; None: the offline default LM
     hook: str | None = None  # None: the residual stream after the middle layer
@@ -56,26 +65,38 @@ class LMSweepConfig:
         out["specs"] = [s.to_dict() for s in self.specs]
         return out
 
+    def settings(self) -> dict:
+        """What config.json records under "pipeline": every field but the specs (config.json
+        holds those already). Checked on resume like the rest of the run's config."""
+        return {k: v for k, v in self.to_dict().items() if k != "specs"}
+
+
+@dataclass
+class SweepColumns:
+    """A sweep row's own columns: tokens each SAE trained on, and the run's stage timings in
+    seconds (cache_s or data_s, train_s, eval_s; the same for every SAE of the run)."""
+
+    train_tokens: int
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"train_tokens": self.train_tokens, "timings": dict(self.timings)}
+
 
 def middle_hook(lm: HookedLM) -> str:
     """blocks.L.hook_resid_post for the middle layer (layer 0 of a 2-layer model)."""
     return f"blocks.{max(0, (lm.n_layers - 1) // 2)}.hook_resid_post"
 
 
-def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = None) -> list[dict]:
+def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = None) -> list[MetricsEntry]:
+    """Run the sweep into `run_dir` (resuming what is there) on `lm`, else the model
+    `cfg.model` names; returns the metrics rows of every SAE in spec order (on every rank)."""
     run_dir = Path(run_dir)
     device = rank_device(cfg.device)
-    lm = lm or load_lm(cfg.model, device=device)
-    hook = cfg.hook or middle_hook(lm)
-    hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
-    for name in hooks:
-        lm.hook_dim(name)  # an unknown hook is a ConfigError listing the valid ones
-    length = min(cfg.context_length, lm.context_length)
-    if lm.tokenizer is None:
-        raise ConfigError("the model has no tokenizer; saelab needs one to read text")
-    timings = {}
-    start = time.perf_counter()
-    batches = _training_batches(cfg, lm, hook, hooks, length, run_dir)
+    lm = lm or load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
+    hook, length = _check_model(cfg, lm)
+    timings, start = {}, time.perf_counter()
+    batches = _training_batches(cfg, lm, hook, length, run_dir)
     timings["data_s" if cfg.live else "cache_s"] = time.perf_counter() - start
     trainer = GroupTrainer(
         cfg.specs,
@@ -87,47 +108,62 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         hook_name=hook,
         hook_name_out=cfg.hook_out,
         model_name=lm.name,
+        pipeline=cfg.settings(),
     )
     start = time.perf_counter()
-    trainer.fit(batches)
+    result = trainer.fit(batches)
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     held_out = heldout_contexts(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
-    local = evaluate_on_lm(lm, [sae.to(device) for sae in trainer.final_saes()], held_out)
-    for entry, label, spec in zip(local, trainer.labels, trainer.specs):
-        entry.update(name=label, spec=spec.to_dict(), train_tokens=cfg.steps * cfg.batch_size)
-    merged = trainer.gather(dict(zip(trainer.labels, local)))
-    entries = [merged[label] for label in trainer.all_labels]
+    rows = result.collect(lambda mine: _evaluate(lm, mine, held_out, device))
     timings["eval_s"] = time.perf_counter() - start
-    if trainer.rank != 0:
-        return entries
-    write_json(run_dir / "metrics.json", entries)
-    write_json(run_dir / "sweep.json", {**cfg.to_dict(), "hook": hook, "model_name": lm.name, "timings": timings})
+    for row in rows:
+        row.extra.append(SweepColumns(cfg.steps * cfg.batch_size, timings))
+    if result.writes:
+        _write_outputs(run_dir, rows, lm, hook)
+    return rows
+
+
+def _check_model(cfg: LMSweepConfig, lm: HookedLM) -> tuple[str, int]:
+    """(the hook SAEs read, the context length) after checking the model can serve the sweep."""
+    hook = cfg.hook or middle_hook(lm)
+    for name in [hook] + ([cfg.hook_out] if cfg.hook_out else []):
+        lm.hook_dim(name)  # an unknown hook is a ConfigError listing the valid ones
+    if lm.tokenizer is None:
+        raise ConfigError("the model has no tokenizer; saelab needs one to read text")
+    return hook, min(cfg.context_length, lm.context_length)
+
+
+def _evaluate(lm: HookedLM, mine: list[TrainedSAE], held_out, device: str) -> list[MetricsEntry]:
+    """This process's rows: each SAE evaluated on the LM (on the training device)."""
+    evaluations = evaluate_on_lm(lm, [t.sae.to(device) for t in mine], held_out)
+    return [MetricsEntry(t.label, ev.recon, ev.downstream, spec=t.spec.to_dict()) for t, ev in zip(mine, evaluations)]
+
+
+def _write_outputs(run_dir: Path, rows: list[MetricsEntry], lm: HookedLM, hook: str) -> None:
+    """metrics.json, table.txt and the two plots (rank 0's job)."""
+    write_metrics(run_dir, rows)
+    d_in = lm.hook_dim(hook)
     series: dict[str, list] = {}
-    for entry in entries:
-        series.setdefault(f"{entry['spec']['arch']} x{entry['d_sae'] // lm.hook_dim(hook)}", []).append(
-            (entry["l0"], entry["loss_recovered"], TrainSpec.from_dict(entry["spec"]).knob()))
+    for row in rows:
+        series.setdefault(f"{row.spec['arch']} x{row.recon.d_sae // d_in}", []).append(
+            (row.recon.l0, row.downstream.loss_recovered, TrainSpec.from_dict(row.spec).knob()))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
-    save_figure(density_histograms_figure(entries), run_dir / "feature_density.png")
-    write_text(run_dir / "table.txt", format_rows(entries, TABLE_COLUMNS) + "\n")
-    return entries
+    save_figure(density_histograms_figure(rows), run_dir / "feature_density.png")
+    write_text(run_dir / "table.txt", format_rows(rows, TABLE_COLUMNS) + "\n")
 
 
-def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, hooks: list[str], length: int, run_dir: Path):
+def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, run_dir: Path):
     """Shuffled training batches: from an activation cache in the run folder (written once,
     by rank 0 under torchrun), or with `live` straight from the LM (no disk; the same batches)."""
-    rank, world = rank_and_world()
-    contexts = None
-    if cfg.live or rank == 0:
-        contexts = token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts, seed=cfg.seed)
+    def contexts():
+        return token_contexts(cfg.source, lm.tokenizer, length, split="train", max_contexts=cfg.train_contexts,
+                              seed=cfg.seed)
     if cfg.live:
-        return live_batches(lm, contexts, hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
-    if rank == 0:  # one rank writes the cache; the others read it once it is complete
-        cache_activations(lm, contexts, hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta={"source": cfg.source, "split": "train"})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        return live_batches(lm, contexts(), hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
+    hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
+    meta = {"source": cfg.source, "split": "train"}
+    once(lambda: cache_activations(lm, contexts(), hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta=meta))
     cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 

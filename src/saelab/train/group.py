@@ -1,23 +1,27 @@
 """Train a group of SAEs on one activation stream: every SAE sees every batch, once.
 
-An L1 x width sweep is one pass over the data, not N passes. The run folder holds:
+An L1 x width sweep is one pass over the data, not N passes. The trainer writes into the run
+folder:
 
-    config.json                 the run (TrainConfig, specs, d_in/d_out, hooks)
+    config.json                 the run: TrainConfig, specs, d_in/d_out, hooks, and the settings
+                                of the pipeline driving it (`pipeline`); a resume must match it
     log.jsonl                   one JSON line per logging step: each SAE's loss parts, L0, FVU, dead
     checkpoint.safetensors      everything needed to resume exactly (weights, Adam, dead counters, RNG)
     saes/<label>/               each trained SAE, in the SAELens-compatible folder format
-    metrics.json                one entry per SAE, from the evaluation batches
+
+and `fit` returns a `TrainResult` (saelab.train.shard) with the final SAEs, from which the
+pipeline makes the metrics.json rows (saelab.evals.entry) and writes them.
 
 A batch source is an iterable of `x` tensors (N, d_in) or `(x, y)` pairs (transcoders). If it has
 `iter_from(step)`, a resumed run continues from the right batch directly; otherwise the batches
 already used are skipped. With the same seed, a run resumed after a crash or `kill -9` ends
 with the same weights as one that never stopped.
 
-Scaling out: under `torch.distributed` (e.g. `torchrun`, any backend), each rank trains every
-world-th SAE of the sweep on the same batch stream and keeps its own checkpoint file; rank 0
-gathers the log lines and metrics. Each SAE has its own seeded generator and is initialised the
-same way whatever the rank count, so a sharded sweep ends with exactly the weights of a
-single-process one.
+Scaling out: under `torch.distributed` (e.g. `torchrun`, any backend), each rank trains its
+share of the sweep (saelab.train.shard) on the same batch stream and keeps its own checkpoint
+file; rank 0 writes config.json and the log lines of all ranks. Each SAE has its own seeded
+generator and is initialised the same way whatever the rank count, so a sharded sweep ends
+with exactly the weights of a single-process one.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from saelab.atomic import save_tensors, write_json, write_text
+from saelab.data.cache.shuffle import as_pair
 from saelab.errors import ConfigError, CorruptFileError, DataError
-from saelab.evals.reconstruction import evaluate_saes
 from saelab.sae.model import SAE
-from saelab.train.trainer import SAETrainer
+from saelab.train.shard import Shard, TrainedSAE, TrainResult, rank_and_world
 from saelab.train.spec import TrainSpec
+from saelab.train.trainer import SAETrainer
+
+__all__ = ["GroupTrainer", "TrainConfig", "TrainResult", "rank_and_world"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -59,14 +66,6 @@ class TrainConfig:
             raise ConfigError("total_steps, checkpoint_every and log_every must be positive integers")
 
 
-def _as_pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise DataError(f"a batch must be x or (x, y); got a sequence of {len(batch)}")
-        return batch[0], batch[1]
-    return batch, batch
-
-
 def _batches_from(source: Iterable, step: int) -> Iterator:
     if hasattr(source, "iter_from"):
         return iter(source.iter_from(step))
@@ -77,7 +76,11 @@ def _batches_from(source: Iterable, step: int) -> Iterator:
 
 
 class GroupTrainer:
-    """Trains `specs` (any mix of architectures, widths, coefficients, k) on one stream."""
+    """Trains `specs` (any mix of architectures, widths, coefficients, k) on one stream.
+
+    `specs` and `labels` are the whole sweep, in spec order; `trainers` (and `saes`) are this
+    process's share of it (all of it without torch.distributed). `pipeline` is the settings of
+    the job driving the trainer (JSON-able), recorded in config.json and checked on resume."""
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class GroupTrainer:
         hook_name_out: str | None = None,
         model_name: str | None = None,
         on_step: Callable[[int, list[dict | None]], None] | None = None,
+        pipeline: dict | None = None,
     ):
         if not specs:
             raise ConfigError("give at least one TrainSpec")
@@ -97,51 +101,52 @@ class GroupTrainer:
         self.config = config or TrainConfig()
         self.run_dir = Path(run_dir)
         self.where = dict(hook_name=hook_name, hook_name_out=hook_name_out, model_name=model_name)
+        self.pipeline = pipeline
         self.labels = [s.label(d_in) for s in self.specs]
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"two specs share a label: {self.labels}; give them distinct `name`s")
         self.on_step = on_step
-        self.all_labels, self.all_specs = self.labels, self.specs
-        self.rank, self.world = rank_and_world()
-        if self.world > len(self.specs):
-            raise ConfigError(f"{self.world} ranks but only {len(self.specs)} SAEs: every rank needs at least one")
+        self.shard = Shard(len(self.specs))
         torch.manual_seed(self.config.seed)
         saes = [SAE.from_config(s.sae_config(d_in, self.d_out, **self.where)) for s in self.specs]  # all: same init on any rank
-        mine = range(self.rank, len(self.specs), self.world)
-        self.specs, self.labels = [self.specs[i] for i in mine], [self.labels[i] for i in mine]
         self.trainers = [
-            SAETrainer(self.all_specs[i], saes[i].to(self.config.device), self.config.total_steps,
+            SAETrainer(self.specs[i], saes[i].to(self.config.device), self.config.total_steps,
                        torch.Generator().manual_seed(self.config.seed * 1_000_003 + i))
-            for i in mine
+            for i in self.shard.indices
         ]
         self.scale_in = self.scale_out = 1.0
         self.step = 0
 
     @property
     def saes(self) -> list[SAE]:
+        """This process's SAEs as they train (on scaled inputs); `fit` returns the final ones."""
         return [t.sae for t in self.trainers]
 
     def run_config(self) -> dict:
+        """What config.json holds (and a resumed run must match)."""
         return {
             "train": dataclasses.asdict(self.config),
-            "specs": [s.to_dict() for s in self.all_specs],
+            "specs": [s.to_dict() for s in self.specs],
             "d_in": self.d_in,
             "d_out": self.d_out,
             **self.where,
+            **({} if self.pipeline is None else {"pipeline": self.pipeline}),
         }
 
     # ---- the loop --------------------------------------------------------------------------
-    def fit(self, source: Iterable, eval_batches: Iterable | None = None) -> list[Path]:
-        """Train (resuming from the run folder's checkpoint if there is one), save, evaluate."""
+    def fit(self, source: Iterable) -> TrainResult:
+        """Train (resuming from the run folder's checkpoint if there is one) and save the SAEs;
+        returns this process's final SAEs (see TrainResult for evaluating them)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_or_write_config()
         if not self._load_checkpoint():
             self._initialise(source)
         self._truncate_log()
-        cfg = self.config
+        cfg, writes = self.config, self.shard.writes
         batches = _batches_from(source, self.step)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step", disable=None if self.rank == 0 else True)
-        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if self.rank == 0 else _NoFile() as log:
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=None if writes else True)
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
             while self.step < cfg.total_steps:
                 try:
                     x, y = self._prepare(next(batches))
@@ -152,25 +157,25 @@ class GroupTrainer:
                 self.step += 1
                 bar.update(1)
                 if logging:
-                    merged = self.gather(dict(zip(self.labels, entries)))
-                    merged = {label: merged[label] for label in self.all_labels}
-                    record = {"step": self.step, "tokens": self.step * x.shape[0], "saes": merged}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    first = merged[self.all_labels[0]]
-                    bar.set_postfix(l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
+                    self._log(log, bar, entries, x.shape[0])
                 if self.on_step is not None:
                     self.on_step(self.step, entries)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                     self.save_checkpoint()
         bar.close()
-        paths = self.save_saes()
-        if eval_batches is not None:
-            self.write_metrics(eval_batches)
-        return paths
+        return TrainResult(self.run_dir, self._final_saes(), self.shard)
+
+    def _log(self, log, bar, entries: list[dict | None], batch_rows: int) -> None:
+        """One log.jsonl line with every rank's entries, in spec order (a collective)."""
+        merged = dict(zip(self.labels, self.shard.gather(entries)))
+        record = {"step": self.step, "tokens": self.step * batch_rows, "saes": merged}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        first = merged[self.labels[0]]
+        bar.set_postfix(l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
 
     def _prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _as_pair(batch)
+        x, y = as_pair(batch)
         same = y is x
         x = x.to(self.config.device, torch.float32)
         y = x if same else y.to(self.config.device, torch.float32)
@@ -186,7 +191,7 @@ class GroupTrainer:
 
     def _initialise(self, source: Iterable) -> None:
         """Scale factors and data-dependent init, from the first batch (deterministic)."""
-        x, y = _as_pair(next(_batches_from(source, 0)))
+        x, y = as_pair(next(_batches_from(source, 0)))
         x, y = x.float().to(self.config.device), y.float().to(self.config.device)
         if self.config.normalize_activations:
             self.scale_in = math.sqrt(self.d_in) / float(x.norm(dim=-1).mean().clamp_min(1e-12))
@@ -204,44 +209,22 @@ class GroupTrainer:
             )
 
     # ---- outputs ---------------------------------------------------------------------------
-    def final_saes(self) -> list[SAE]:
-        """Copies of the SAEs with the input scaling folded in: they work on raw activations."""
+    def _final_saes(self) -> list[TrainedSAE]:
+        """This process's SAEs, copied with the input scaling folded in (they work on raw
+        activations) and their label and spec in cfg.metadata, saved to saes/<label>/."""
         out = []
-        for trainer, label in zip(self.trainers, self.labels):
+        for trainer, label in zip(self.trainers, self.shard.take(self.labels)):
             sae = copy.deepcopy(trainer.sae).cpu().eval()
             sae.fold_scaling(self.scale_in, self.scale_out)
             sae.cfg.metadata = {**sae.cfg.metadata, "train": trainer.spec.to_dict(), "label": label}
-            out.append(sae)
+            out.append(TrainedSAE(label, trainer.spec, sae, sae.save(self.run_dir / "saes" / label)))
         return out
-
-    def save_saes(self) -> list[Path]:
-        return [sae.save(self.run_dir / "saes" / label) for sae, label in zip(self.final_saes(), self.labels)]
-
-    def write_metrics(self, eval_batches: Iterable) -> list[dict]:
-        """Evaluate this rank's SAEs; metrics.json (written by rank 0) has every SAE, in spec order."""
-        entries = evaluate_saes(self.final_saes(), eval_batches)
-        for entry, label, spec in zip(entries, self.labels, self.specs):
-            entry.update({"name": label, "spec": spec.to_dict()})
-        merged = self.gather(dict(zip(self.labels, entries)))
-        ordered = [merged[label] for label in self.all_labels]
-        if self.rank == 0:
-            write_json(self.run_dir / "metrics.json", ordered)
-        return ordered
-
-    def gather(self, mine: dict) -> dict:
-        """Merge {label: value} dicts of every rank (a collective: all ranks call it together)."""
-        if self.world == 1:
-            return mine
-        import torch.distributed as dist
-
-        parts: list = [None] * self.world
-        dist.all_gather_object(parts, mine)
-        return {k: v for part in parts for k, v in part.items()}
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        name = CHECKPOINT if self.world == 1 else CHECKPOINT.replace(".", f".rank{self.rank}of{self.world}.", 1)
+        rank, world = self.shard.rank, self.shard.world
+        name = CHECKPOINT if world == 1 else CHECKPOINT.replace(".", f".rank{rank}of{world}.", 1)
         return self.run_dir / name
 
     def save_checkpoint(self) -> Path:
@@ -278,25 +261,16 @@ class GroupTrainer:
             found = json.loads(path.read_text())
             if found != json.loads(json.dumps(wanted)):
                 raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run; use a new run folder or the same config")
-        elif self.rank == 0:
+        elif self.shard.writes:
             write_json(path, wanted)
 
     def _truncate_log(self) -> None:
         """Drop log lines past the checkpoint: they will be written again by the resumed run."""
         path = self.run_dir / "log.jsonl"
-        if self.rank != 0 or not path.exists():
+        if not self.shard.writes or not path.exists():
             return
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
         write_text(path, "".join(line + "\n" for line in keep))
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) under an initialised torch.distributed process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _NoFile:
@@ -313,9 +287,3 @@ class _NoFile:
 
     def flush(self) -> None:
         pass
-
-
-def train_group(specs: list[TrainSpec], source: Iterable, d_in: int, run_dir: str | Path, **kwargs) -> list[Path]:
-    """One call: train every spec on `source` into `run_dir` (see GroupTrainer for options)."""
-    eval_batches = kwargs.pop("eval_batches", None)
-    return GroupTrainer(specs, d_in, run_dir, **kwargs).fit(source, eval_batches)

@@ -112,11 +112,6 @@ class ActivationCache:
         shape = (n_ctx * self.rows_per_context, self._dims[what])
         return fmt.load_npy(fmt.acts_path(self.path, what, k), shape, self._np_dtype)
 
-    def shard_activations(self, hook: str, k: int) -> np.ndarray:
-        """Shard k of `hook`, memory-mapped, in the stored dtype (bf16 as uint16 bits)."""
-        self.check_hooks([hook])
-        return self._map(hook, k)
-
     def context_tokens(self, context_idx) -> torch.Tensor:
         """Full token ids (n, context_length), BOS included, of the given contexts: the text
         every cached row came from."""
