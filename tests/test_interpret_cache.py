@@ -10,8 +10,8 @@ import torch
 
 from saelab.data.cache import cache_activations, open_cache
 from saelab.errors import ConfigError, DataError
-from saelab.interpret.examples import (ContextSource, ScanConfig, cache_source, example_acts,
-                                       feature_acts, scan_features)
+from saelab.interpret.scan import ScanConfig, scan_features
+from saelab.interpret.sources import ContextSource, cache_source, example_acts, feature_acts
 from saelab.interpret.report import build_report
 from saelab.lm.hooked import HookedLM
 from saelab.sae import SAE

@@ -9,7 +9,7 @@ import torch
 
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.embedding import definition_tree, feature_vectors, nearest_tokens
-from saelab.interpret.examples import ContextBatch, feature_acts
+from saelab.interpret.sources import ContextBatch, feature_acts
 from saelab.interpret.report import _floats, _r, build_report, write_report
 from saelab.interpret.schema import DETAIL_KEYS
 from saelab.interpret.vocab import used_token_ids

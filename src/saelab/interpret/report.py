@@ -1,6 +1,6 @@
 """The feature report: everything known about each feature of one SAE, as one JSON-able dict.
 
-`build_report` runs the one-pass scan over held-out contexts (examples.py), the logit lens
+`build_report` runs the one-pass scan over held-out contexts (scan.py), the logit lens
 (lens.py), encoder / decoder agreement and embedding-space token lists (embedding.py) for all
 features, and for the features given detail: per-token activations of their examples, ablated
 text for the top few and a quantile one (ablate.py), how far the encoder's and decoder's token
@@ -39,8 +39,8 @@ from saelab.errors import ConfigError, DataError
 from saelab.interpret.ablate import AblationRequest, ablate_tokens
 from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
                                         feature_vectors, nearest_tokens, overlap)
-from saelab.interpret.examples import (ContextBatch, ContextSource, FeatureScan, ScanConfig,
-                                       cache_source, example_acts, scan_features)
+from saelab.interpret.scan import FeatureScan, ScanConfig, scan_features
+from saelab.interpret.sources import ContextBatch, ContextSource, cache_source, example_acts
 from saelab.interpret.lens import LensResult, classify, feature_lens
 from saelab.interpret.loading import load_model, load_sae
 from saelab.lm.resolve import check_sae_fits
