@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, Undefined
 from markupsafe import Markup
 from tqdm import tqdm
 
-from saelab.atomic import write_text
+from saelab.atomic import json_default, write_text
 from saelab.errors import DataError
 from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 
@@ -253,18 +253,9 @@ def _has_page(feat: dict, include_dead: bool) -> bool:
 def _dumps(obj) -> str:
     """Compact JSON; NaN/Inf (invalid JSON) become null rather than breaking a browser's parser."""
     try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_plain)
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=json_default)
     except ValueError:
-        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False, default=_plain)
-
-
-def _plain(obj):
-    """numpy / torch scalars and arrays, and paths, as JSON values."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False, default=json_default)
 
 
 def _finite(obj):
