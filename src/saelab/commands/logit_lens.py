@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from saelab.interpret.lens import PARTITION_KURTOSIS, PREDICTION_KURTOSIS, SKEW_THRESHOLD, feature_lens
-from saelab.interpret.loading import load_model, load_sae
-from saelab.lm.resolve import check_sae_fits
+from saelab.lm.resolve import check_sae_fits, load_lm
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
+from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
@@ -54,8 +54,8 @@ def token_mask(lm, args, n: int, W):
 
 
 def run(args: argparse.Namespace) -> int:
-    sae, _ = load_sae(args.sae)
-    lm = load_model(args.model, sae)
+    sae = SAE.load(args.sae).eval()
+    lm = load_lm(args.model, sae)
     check_sae_fits(lm, sae)
     mask = token_mask(lm, args, lm.d_vocab, lm.W_U)
     res = feature_lens(sae, lm, args.feature, k=args.k, mask=mask, fold_norm=not args.no_fold_norm)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from saelab.commands.logit_lens import add_model_args, token_mask
 from saelab.interpret.embedding import DEFAULT_PROMPT, definition_tree, feature_vectors, nearest_tokens
-from saelab.interpret.loading import load_model, load_sae
-from saelab.lm.resolve import check_sae_fits
+from saelab.lm.resolve import check_sae_fits, load_lm
 from saelab.interpret.vocab import token_strings
+from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
@@ -36,8 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sae, _ = load_sae(args.sae)
-    lm = load_model(args.model, sae)
+    sae = SAE.load(args.sae).eval()
+    lm = load_lm(args.model, sae)
     check_sae_fits(lm, sae)
     vocab = token_strings(lm.tokenizer, lm.W_E.shape[0])
     mask = token_mask(lm, args, lm.W_E.shape[0], lm.W_E.T)

@@ -42,8 +42,8 @@ from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec
 from saelab.interpret.scan import FeatureScan, ScanConfig, scan_features
 from saelab.interpret.sources import ContextBatch, ContextSource, cache_source, example_acts
 from saelab.interpret.lens import LensResult, classify, feature_lens
-from saelab.interpret.loading import load_model, load_sae
-from saelab.lm.resolve import check_sae_fits
+from saelab.lm.resolve import check_sae_fits, load_lm
+from saelab.sae import SAE
 from saelab.interpret.schema import SCHEMA, has_detail, index_entry
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
 from saelab.evals.metrics import density_histogram
@@ -97,7 +97,7 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
                  acts: Iterable[ContextBatch] | None = None, cache=None,
                  progress: bool | None = None, **overrides) -> dict:
     """The report of `sae` (an SAE or its folder) on `model` (a HookedLM, a folder, or None:
-    see loading.load_model) over `contexts` (n, S) token ids (None: held-out contexts of
+    see saelab.lm.resolve.load_lm) over `contexts` (n, S) token ids (None: held-out contexts of
     `corpus`). `acts`: batches with precomputed activations at the SAE's hook for those same
     contexts (rows = rows of `contexts`), used by the scan instead of running the model.
     With `exclude_bos` (default) position 0 is not scanned when every context starts with BOS.
@@ -106,8 +106,8 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     scanned, and examples' activations read, from it (a dropped BOS position is not scanned).
     The model still runs for the logit lens, ablation and trees."""
     opts = _options(options, overrides)
-    sae, sae_path = load_sae(sae)
-    lm = load_model(model, sae)
+    sae, sae_path = _sae_and_path(sae)
+    lm = load_lm(model, sae)
     check_sae_fits(lm, sae)
     source = _source(lm, sae, contexts, cache, opts, progress)
     contexts = source.tokens
@@ -152,6 +152,14 @@ def write_report(report: dict, folder) -> Path:
 
 
 # ---- inputs ----------------------------------------------------------------------------------
+def _sae_and_path(sae: SAE | str | Path) -> tuple[SAE, str | None]:
+    """The SAE (in eval mode) and the folder it was loaded from, for the report's header (None
+    for an SAE object)."""
+    if isinstance(sae, SAE):
+        return sae.eval(), None
+    return SAE.load(sae).eval(), str(sae)
+
+
 def _options(options: ReportOptions | None, overrides: dict) -> ReportOptions:
     try:
         opts = dataclasses.replace(options or ReportOptions(), **overrides)
