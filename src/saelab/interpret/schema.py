@@ -201,7 +201,8 @@ class FeatureDetail(FeatureSummary):
         return cls(**{f.name: getattr(summary, f.name) for f in dataclasses.fields(FeatureSummary)}, **detail)
 
 
-DETAIL_KEYS = tuple(f.name for f in dataclasses.fields(FeatureDetail)[len(dataclasses.fields(FeatureSummary)):])
+_SUMMARY_KEYS = {f.name for f in dataclasses.fields(FeatureSummary)}
+DETAIL_KEYS = tuple(f.name for f in dataclasses.fields(FeatureDetail) if f.name not in _SUMMARY_KEYS)
 
 
 @dataclass
@@ -264,8 +265,10 @@ def _from_v1(data: dict) -> dict:
     """A schema-1 report's JSON as schema 2 (see the module docstring)."""
     features = data.get("features")
     if isinstance(features, list):
-        features = [_tree_v1(f) if isinstance(f, dict) and isinstance(f.get("tree"), dict) else f for f in features]
-    return {**data, "schema": SCHEMA, "dense_threshold": V1_DENSE_THRESHOLD, "options": None, "features": features}
+        features = [_tree_v1(f) if isinstance(f, dict) and isinstance(f.get("tree"), dict) else f
+                    for f in features]
+    return {**data, "schema": SCHEMA, "dense_threshold": V1_DENSE_THRESHOLD, "options": None,
+            "features": features}
 
 
 def _tree_v1(feat: dict) -> dict:
