@@ -1,4 +1,4 @@
-"""Throughput of the one-pass feature scan (interpret/examples.py) against the bare SAE forward.
+"""Throughput of the one-pass feature scan (interpret/scan.py) against the bare SAE forward.
 
 Random-init GPT-NeoX of the offline default's size (2 layers, d 128, vocab 4096, context 128)
 and a top-k SAE (d_sae 4096, k 32) on blocks.1.hook_resid_post. Prints tokens/s for: the bare
@@ -16,8 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from saelab.interpret.examples import (ContextBatch, ScanConfig, context_batches,  # noqa: E402
-                                       scan_features)
+from saelab.interpret.scan import ScanConfig, scan_features  # noqa: E402
+from saelab.interpret.sources import ContextBatch, context_batches  # noqa: E402
 from saelab.lm.hooked import HookedLM  # noqa: E402
 from saelab.sae import SAE  # noqa: E402
 

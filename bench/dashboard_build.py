@@ -24,7 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from saelab.evals.metrics import DENSE_THRESHOLD  # noqa: E402
 from saelab.interpret.dashboard import write_dashboard  # noqa: E402
+from saelab.interpret.schema import SCHEMA, Report  # noqa: E402
 
 SIZES = dict(examples=20, context=64, bins=5, per_bin=4, ablations=4, logits=10, top_tokens=15, embedding=12)
 
@@ -74,12 +76,12 @@ def _feature(i: int, rng: random.Random, vocab: list[str]) -> dict:
                       for b in range(SIZES["bins"])],
         "logits": {"top": [{"token": t, "value": rng.uniform(0, 3)} for t in pick(SIZES["logits"])],
                    "bottom": [{"token": t, "value": -rng.uniform(0, 3)} for t in pick(SIZES["logits"])]},
-        "ablation": [{"example": n, "pos": ex["pos"], "tokens": ex["tokens"], "base_act": ex["act"],
+        "ablation": [{"example": n, "quantile": None, "pos": ex["pos"], "tokens": ex["tokens"], "base_act": ex["act"],
                       "delta": [round(rng.gauss(0, 1), 3) if t < ex["pos"] else None for t in range(len(ex["tokens"]))]}
                      for n, ex in enumerate(examples[:SIZES["ablations"]])],
         "embedding": {"encoder": [{"token": t, "score": rng.random()} for t in pick(SIZES["embedding"])],
                       "decoder": [{"token": t, "score": rng.random()} for t in pick(SIZES["embedding"])],
-                      "scale": 5.0, "exponent": 2.0},
+                      "scale": 5.0, "exponent": 2.0, "overlap": {"k": SIZES["embedding"], "shared": 0, "jaccard": 0.0}},
         "tree": {"prompt": 'A typical definition of "<token>" would be \'', "vector": "encoder", "scale": 5.0,
                  "roots": {"encoder": _tree(rng, 3)}, "overlap": None},
     })
@@ -90,11 +92,11 @@ def synthetic_report(n_features: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     vocab = _vocabulary()
     features = [_feature(i, rng, vocab) for i in range(n_features)]
-    return {"schema": 1, "sae": {"path": "(synthetic)", "arch": "relu", "d_in": 128, "d_sae": n_features,
-                                 "hook_name": "blocks.1.hook_resid_post", "model_name": "synthetic"},
-            "n_tokens": 200_000, "density_hist": {"edges": [-5 + 0.25 * k for k in range(21)],
-                                                  "counts": [rng.randrange(300) for _ in range(20)]},
-            "features": features}
+    return {"schema": SCHEMA, "sae": {"path": "(synthetic)", "arch": "relu", "d_in": 128, "d_sae": n_features,
+                                      "hook_name": "blocks.1.hook_resid_post", "model_name": "synthetic"},
+            "n_tokens": 200_000, "dense_threshold": DENSE_THRESHOLD,
+            "density_hist": {"edges": [-5 + 0.25 * k for k in range(21)], "counts": [rng.randrange(300) for _ in range(20)]},
+            "options": None, "features": features}
 
 
 def real_report(n_features: int, n_contexts: int):
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     files = [p for p in out.rglob("*") if p.is_file()]
     pages = len(list((out / "features").glob("*.html")))
     size = sum(p.stat().st_size for p in files) / 2**20
-    print(f"dashboard for {len(report['features'])} features ({source})")
+    n_features = len(report.features if isinstance(report, Report) else report["features"])
+    print(f"dashboard for {n_features} features ({source})")
     if source.startswith("SYNTHETIC"):
         print(f"  sizes per live feature: {SIZES}")
     print(f"  build: {seconds:.1f} s, {pages} feature pages ({pages / seconds:.0f} pages/s), "

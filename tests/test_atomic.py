@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -52,3 +53,15 @@ def test_temp_dir_follows_umask_and_sits_beside_target(tmp_path):
         os.umask(old)
     assert tmp.parent == tmp_path and tmp.name.startswith(".model.") and tmp.name.endswith(".building")
     assert tmp.stat().st_mode & 0o777 == 0o755
+
+
+def test_write_json_turns_scalars_arrays_and_paths_into_json(tmp_path):
+    """One `default=` hook (json_default) for every JSON writer: numpy / torch scalars and
+    arrays as numbers and lists, paths as strings; anything else fails naming its type."""
+    obj = {"np": np.float32(0.5), "arr": np.arange(3), "t0": torch.tensor(2), "t": torch.tensor([[1.5], [2.0]]),
+           "path": tmp_path / "x", "i64": np.int64(7)}
+    path = write_json(tmp_path / "o.json", obj)
+    assert json.loads(path.read_text()) == {"np": 0.5, "arr": [0, 1, 2], "t0": 2, "t": [[1.5], [2.0]],
+                                            "path": str(tmp_path / "x"), "i64": 7}
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(tmp_path / "bad.json", {"x": object()})

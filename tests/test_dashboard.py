@@ -16,10 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from saelab.errors import DataError
-from saelab.interpret.dashboard import (
-    check_report, fmt, histogram_svg, read_dashboard_json, safe_text, tokens_html, visible_token,
-    write_dashboard,
-)
+from saelab.interpret.dashboard import fmt, histogram_svg, safe_text, tokens_html, visible_token, write_dashboard
+from saelab.interpret.schema import Report
+from tests.dashboard_files import read_dashboard_json
 
 # Strings a corpus or byte-level tokenizer can produce; each must render as inert text.
 HOSTILE = [
@@ -91,11 +90,13 @@ def make_report() -> dict:
     """Four features: two full, one dead, one with index data only; indices not contiguous."""
     tokens = HOSTILE + ["def", " foo", "(", "):", "\n   ", " return"]
     return {
-        "schema": 1,
+        "schema": 2,
         "sae": {"path": "/runs/<b>x</b>/saes/\u202ereverse", "arch": "relu", "d_in": 128, "d_sae": 16,
                 "hook_name": "blocks.1.hook_resid_post", "model_name": "tiny \"model\" <i>"},
         "n_tokens": 4096,
+        "dense_threshold": 0.025,
         "density_hist": {"edges": [-4.0, -3.0, -2.0, -1.0, 0.0], "counts": [1, 2, 0, 1]},
+        "options": {"n_contexts": 8, "window": None},
         "features": [_feature(7, tokens), _feature(2, list(reversed(tokens))), _feature(3, tokens, dead=True),
                      _feature(11, tokens, detail=False)],
     }
@@ -229,6 +230,7 @@ def test_index_caption_and_numeric_filter_inputs(built):
     parsed = _parse(out / "index.html")
     text = " ".join("".join(parsed.text).split())
     assert "dead features (density 0: 1 here) are counted in the leftmost bin" in text
+    assert "dense (> 0.025)1" in text  # the report's threshold: only feature 11 (density 0.036) is above
     assert "left out" not in text
     rows = [a for t, a in parsed.tags if t == "tr"][1:]
     want = sorted((f["index"], f["density"], f["max_act"]) for f in report["features"])
@@ -321,32 +323,70 @@ def test_fmt():
         ["–", "–", "3", "0.0001235", "1.23e+03", "True", "<b>"]
 
 
-def test_missing_and_odd_fields_still_render(tmp_path):
-    legacy_tree = {"prompt": "p", "vector": "decoder", "scale": 1.0,  # one tree, before "roots"
-                   "root": {"text": "p", "prob": 1.0, "children": [{"text": " old", "prob": 0.5, "children": []}]}}
-    report = {"schema": 1, "features": [{"index": 0, "examples": [{"tokens": ["a"], "acts": ["x"]}],
-                                         "tree": legacy_tree, "ablation": [{"quantile": 9, "delta": []}]},
-                                        {"index": 1, "density": "<b>high</b>", "act_hist": None, "tree": None}]}
+def test_odd_values_in_lists_still_render(tmp_path):
+    """The reader checks keys and scalar fields, not each of the millions of list elements: an
+    odd activation shows as not measured, an ablation row naming a missing bin as "quantile"."""
+    report = make_report()
+    feat = report["features"][0]
+    feat["examples"][0]["acts"] = ["x"] * len(feat["examples"][0]["acts"])
+    feat["ablation"][1]["quantile"] = 9
     write_dashboard(report, tmp_path, progress=False)
-    for page in (tmp_path / "index.html", tmp_path / "features" / "1.html"):
-        assert "<b>high</b>" in "".join(_parse(page).text)  # shown as text, not markup
-    text = "".join(_parse(tmp_path / "features" / "0.html").text)
-    assert "decoder vector" in text and " old" in text and "quantile" in text
-    assert 'title="a = –">a</span>' in (tmp_path / "features" / "0.html").read_text()
+    page = (tmp_path / "features" / "7.html").read_text()
+    assert 'title="def = –">def</span>' in page
+    assert "quantile" in [d.strip() for d in _texts_of_class(tmp_path / "features" / "7.html", "src")]
+
+
+def _schema1(report: dict) -> dict:
+    """`report` as schema 1 wrote it: no dense threshold or options; feature 7's tree as one
+    "vector" + "root" (as reports did before "roots")."""
+    old = {k: v for k, v in copy.deepcopy(report).items() if k not in ("dense_threshold", "options")}
+    tree = old["features"][0]["tree"]
+    old["features"][0]["tree"] = {"prompt": tree["prompt"], "vector": "decoder", "scale": tree["scale"],
+                                  "root": tree["roots"]["decoder"]}
+    return {**old, "schema": 1}
+
+
+def test_schema_1_reports_are_read(tmp_path):
+    """Their dense threshold was the renderer's 0.1, and a one-tree "root" becomes "roots"."""
+    old = _schema1(make_report())
+    report = Report.from_dict(old)
+    assert report.schema == 2 and report.dense_threshold == 0.1 and report.options is None
+    tree = report.features[0].tree
+    assert list(tree.roots) == ["decoder"] and tree.overlap is None and tree.vector == "decoder"
+    write_dashboard(old, tmp_path, progress=False)
+    text = " ".join("".join(_parse(tmp_path / "features" / "7.html").text).split())
+    assert "decoder vector" in text and "encoder vector" not in text
+    index = " ".join("".join(_parse(tmp_path / "index.html").text).split())
+    assert "dense (> 0.1)0" in index
+    assert json.loads((tmp_path / "report.json").read_text())["schema"] == 2
 
 
 @pytest.mark.parametrize("bad, what", [
-    ([], "is a dict"),
-    ({"schema": 2, "features": []}, "schema 2"),
-    ({"schema": 1}, "'features'"),
-    ({"schema": 1, "features": [{"density": 0.1}]}, "integer 'index'"),
-    ({"schema": 1, "features": [{"index": 1}, {"index": 1}]}, "twice"),
+    ([], "is a JSON object (a dict), got list"),
+    ({"schema": 3, "features": []}, "schema 3 is not supported; this saelab reads schemas 1, 2"),
+    ({**make_report(), "features": None}, "report.features: expected a list, got null"),
+    ({**make_report(), "features": [{"density": 0.1}]}, "report.features[0]: missing key 'index'"),
+    ({**make_report(), "features": [make_report()["features"][3]] * 2}, "feature index 11 appears twice"),
+    ({**make_report(), "n_tokens": "4096"}, "report.n_tokens: expected integer, got str"),
+    ({**make_report(), "dense": 1}, "report: unknown key 'dense'"),
+    ({k: v for k, v in make_report().items() if k != "sae"}, "report: missing key 'sae'"),
 ])
 def test_bad_reports_are_rejected(bad, what, tmp_path):
     with pytest.raises(DataError, match=re.escape(what)):
-        check_report(bad)
-    with pytest.raises(DataError):
+        Report.from_dict(bad)
+    with pytest.raises(DataError, match=re.escape(what)):
         write_dashboard(bad, tmp_path / "x", progress=False)
+
+
+def test_bad_feature_fields_are_named_where_they_are(tmp_path):
+    report = make_report()
+    report["features"][0]["examples"][1]["pos"] = "2"
+    with pytest.raises(DataError, match=re.escape("report.features[0].examples[1].pos: expected integer, got str")):
+        write_dashboard(report, tmp_path, progress=False)
+    report = make_report()
+    report["features"][1]["tree"]["roots"]["encoder"]["children"][0]["prob"] = "high"
+    with pytest.raises(DataError, match=re.escape("features[1].tree.roots.encoder.children[0].prob: expected number")):
+        write_dashboard(report, tmp_path, progress=False)
 
 
 def test_rebuild_removes_pages_the_new_report_lacks(tmp_path):
@@ -408,7 +448,8 @@ def test_command_builds_a_dashboard_per_sae_of_a_run(tmp_path, save_tiny_hf, cap
     printed = capsys.readouterr().out.split()
     assert printed == [str(run / "dashboard" / n / "index.html") for n in ("a", "b")]
     expected = build_report(run / "saes" / "b", str(model), n_contexts=6, context_length=16, corpus=str(text), batch_size=4,
-                            n_ablate=1, n_ablate_quantile=0, ablate_max_back=None, embedding_exponent=2.0, window=(4, 2))
+                            n_ablate=1, n_ablate_quantile=0, ablate_max_back=None, embedding_exponent=2.0,
+                            window=(4, 2)).to_dict()
     assert all(len(f["ablation"]) <= 1 and f["embedding"]["exponent"] == 2.0 for f in expected["features"] if "ablation" in f)
     assert read_dashboard_json(run / "dashboard" / "b") == json.loads(json.dumps(expected))
     live = [f["index"] for f in expected["features"] if not f["dead"]]

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from saelab.data.corpus import load_text_files
-from saelab.interpret.dashboard import read_dashboard_json, write_dashboard
+from saelab.interpret.dashboard import write_dashboard
 from saelab.interpret.report import build_report
 from saelab.lm.default import train_tokenizer
 from saelab.lm.hooked import HookedLM
 from saelab.sae import SAE
+from tests.dashboard_files import read_dashboard_json
 from tests.test_dashboard import assert_inert
 
 HOOK = "blocks.0.hook_resid_post"
@@ -53,7 +54,7 @@ def built(tmp_path_factory):
     with torch.no_grad():
         sae.W_enc.normal_()  # dense features: every context shows up among the examples
     report = build_report(sae, lm, corpus=str(corpus), n_contexts=8, context_length=32, batch_size=8,
-                          tree=True, tree_vector="both", tree_depth=2, tree_breadth=2, progress=False)
+                          tree=True, tree_vector="both", tree_depth=2, tree_breadth=2, progress=False).to_dict()
     out = root / "dashboard"
     write_dashboard(report, out, include_dead=True, progress=False)
     return report, out

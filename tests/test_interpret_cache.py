@@ -10,8 +10,8 @@ import torch
 
 from saelab.data.cache import cache_activations, open_cache
 from saelab.errors import ConfigError, DataError
-from saelab.interpret.examples import (ContextSource, ScanConfig, cache_source, example_acts,
-                                       feature_acts, scan_features)
+from saelab.interpret.scan import ScanConfig, scan_features
+from saelab.interpret.sources import ContextSource, cache_source, example_acts, feature_acts
 from saelab.interpret.report import build_report
 from saelab.lm.hooked import HookedLM
 from saelab.sae import SAE
@@ -104,19 +104,20 @@ def test_report_from_cache_equals_live_report(lm, setup, monkeypatch):
     ablation only, not for the scan nor the examples' activations (feature_acts)."""
     sae, contexts, _, kept = setup
     opts = dict(features=[0, 5, 11, 17], n_ablate=1, ablate_max_back=2, batch_size=6, progress=False)
-    live = build_report(sae, lm, contexts, exclude_bos=False, **opts)
+    live = build_report(sae, lm, contexts, exclude_bos=False, **opts).to_dict()
     callers, real = [], lm.run_with_cache
 
     def run_with_cache(*args, **kwargs):
         callers.extend(frame.function for frame in inspect.stack()[1:4])
         return real(*args, **kwargs)
     monkeypatch.setattr(lm, "run_with_cache", run_with_cache)
-    cached = build_report(sae, lm, cache=kept.path, **opts)
+    cached = build_report(sae, lm, cache=kept.path, **opts).to_dict()
     assert "ablate_tokens" in callers and "feature_acts" not in callers
     assert cached["n_tokens"] == live["n_tokens"] == N * L
-    _close(cached, live)
+    assert (cached["options"]["exclude_bos"], live["options"]["exclude_bos"]) == (True, False)
+    _close({**cached, "options": None}, {**live, "options": None})  # the same report by other options
     some = build_report(sae, lm, cache=kept, n_contexts=4, features=[], progress=False)
-    assert some["n_tokens"] == 4 * L
+    assert some.n_tokens == 4 * L
 
 
 def test_report_from_bos_dropped_cache(lm, setup):
@@ -124,7 +125,7 @@ def test_report_from_bos_dropped_cache(lm, setup):
     indexing it; ablation (which runs the LM) ablates the token the cache says is active."""
     sae, contexts, dropped, _ = setup
     rep = build_report(sae, lm, cache=dropped, features=[2, 9], n_ablate=1, ablate_max_back=3,
-                       progress=False)
+                       progress=False).to_dict()
     assert rep["n_tokens"] == N * (L - 1)
     with torch.no_grad():
         f = feature_acts(sae, lm, contexts)
@@ -152,6 +153,8 @@ def test_cache_of_another_model_or_hook_is_an_error(lm, setup, save_tiny_hf, tmp
         build_report(no_hook, lm, cache=dropped, features=[], progress=False)
     with pytest.raises(ConfigError, match="not both"):
         build_report(sae, lm, contexts, cache=kept, progress=False)
+    with pytest.raises(ConfigError, match="not both"):
+        build_report(sae, lm, cache=kept, acts=[], progress=False)
     with pytest.raises(DataError, match="holds 20 and 0 were asked"):
         cache_source(kept, sae, lm, n_contexts=0)
 

@@ -9,12 +9,12 @@ import torch
 from saelab.commands import dashboard, logit_lens, tokens
 from saelab.data.cache import cache_activations
 from saelab.errors import ConfigError, DataError
-from saelab.interpret.dashboard import read_dashboard_json
 from saelab.interpret.embedding import feature_vectors, nearest_tokens
 from saelab.interpret.lens import feature_lens
 from saelab.interpret.report import build_report
 from saelab.interpret.vocab import vocab_mask
 from saelab.sae import SAE
+from tests.dashboard_files import read_dashboard_json
 
 
 def _run(module, argv):
@@ -95,8 +95,8 @@ def test_dashboard_from_a_cache(tiny_lm, sae_dir, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(out / "index.html")]
     want = build_report(folder, None, cache=cache.path, n_contexts=None, features=[1, 4], batch_size=3,
                         progress=False)
-    got = read_dashboard_json(out)
-    assert got == json.loads(json.dumps(want)) and got["n_tokens"] == 7 * 15
+    got = read_dashboard_json(out)  # the same computation twice: a consistency check of the command
+    assert got == json.loads(json.dumps(want.to_dict())) and got["n_tokens"] == 7 * 15
     assert _run(dashboard, argv + ["--scan-contexts", "2", "--out", str(tmp_path / "two")]) == 0
     assert read_dashboard_json(tmp_path / "two")["n_tokens"] == 2 * 15
     other = cache_activations(tiny_lm, contexts, "blocks.0.hook_resid_post", tmp_path / "other", progress=False)

@@ -1,5 +1,5 @@
 """The feature report: the schema the dashboard reads, its numbers against direct computation,
-files, and the errors a user can hit."""
+and the errors a user can hit. Reports are checked as the JSON the dashboard writes (to_dict)."""
 
 import json
 import math
@@ -9,9 +9,10 @@ import torch
 
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.embedding import definition_tree, feature_vectors, nearest_tokens
-from saelab.interpret.examples import ContextBatch, feature_acts
-from saelab.interpret.report import _floats, _r, build_report, write_report
-from saelab.interpret.schema import DETAIL_KEYS
+from saelab.interpret.sources import ContextBatch, feature_acts
+from saelab.evals.metrics import DENSE_THRESHOLD
+from saelab.interpret.report import _floats, _r, build_report
+from saelab.interpret.schema import DETAIL_KEYS, FeatureDetail, FeatureSummary, Report
 from saelab.interpret.vocab import used_token_ids
 from saelab.sae import SAE
 
@@ -21,21 +22,28 @@ INDEX_KEYS = {"index", "density", "max_act", "mean_act", "top_logits", "bottom_l
 EXAMPLE_KEYS = {"context", "tokens", "acts", "pos", "act"}
 
 
+def _report(*args, **kwargs) -> dict:
+    return build_report(*args, **kwargs).to_dict()
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_lm):
     torch.manual_seed(0)
     sae = SAE(tiny_lm.d_model, 24, arch="topk", k=3, hook_name=HOOK)
     contexts = torch.randint(0, tiny_lm.d_vocab, (24, 16), generator=torch.Generator().manual_seed(0))
     contexts[:, 0] = tiny_lm.bos_token_id
-    report = build_report(sae, tiny_lm, contexts, features=[0, 3, 7], n_ablate=2, ablate_max_back=5,
+    report = _report(sae, tiny_lm, contexts, features=[0, 3, 7], n_ablate=2, ablate_max_back=5,
                           progress=False)
     return tiny_lm, sae, contexts, report
 
 
 def test_schema(setup):
     lm, sae, contexts, report = setup
-    assert set(report) == {"schema", "sae", "n_tokens", "density_hist", "features"}
-    assert report["schema"] == 1 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
+    assert set(report) == {"schema", "sae", "n_tokens", "dense_threshold", "density_hist", "options", "features"}
+    assert report["schema"] == 2 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
+    assert report["dense_threshold"] == DENSE_THRESHOLD
+    assert report["options"]["features"] == [0, 3, 7] and report["options"]["ablate_max_back"] == 5
+    assert report["options"]["used_ids"] == "contexts" and report["options"]["scan"]["top_k"] == 10
     assert report["sae"] == {"path": None, "arch": "topk", "d_in": lm.d_model, "d_sae": 24,
                              "hook_name": HOOK, "model_name": lm.name}
     assert sum(report["density_hist"]["counts"]) == 24
@@ -53,6 +61,17 @@ def test_schema(setup):
     for ex in f["examples"] + [e for q in f["quantiles"] for e in q["examples"]]:
         assert set(ex) == EXAMPLE_KEYS and len(ex["tokens"]) == len(ex["acts"]) == contexts.shape[1]
     json.dumps(report, allow_nan=False)  # valid JSON: no NaN anywhere
+
+
+def test_report_is_typed_and_round_trips(setup):
+    """build_report gives the typed Report: a FeatureDetail for each feature given detail, and
+    its JSON reads back to an equal Report."""
+    lm, sae, contexts, report = setup
+    typed = build_report(sae, lm, contexts, features=[0, 3, 7], n_ablate=2, ablate_max_back=5, progress=False)
+    assert isinstance(typed, Report) and typed.to_dict() == report
+    assert [type(f) for f in typed.features[:4]] == [FeatureDetail, FeatureSummary, FeatureSummary, FeatureDetail]
+    assert Report.from_dict(json.loads(json.dumps(report))) == typed
+    assert typed.stats().dense == sum(f["density"] > DENSE_THRESHOLD for f in report["features"])
 
 
 def test_numbers_match_direct_computation(setup):
@@ -122,7 +141,7 @@ def test_quantile_ablation_count_and_one_batched_call(setup, monkeypatch):
 
     calls, real = [], report_module.ablate_tokens
     monkeypatch.setattr(report_module, "ablate_tokens", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    rep = build_report(sae, lm, contexts, features=[0, 3, 7], n_ablate=1, n_ablate_quantile=3,
+    rep = _report(sae, lm, contexts, features=[0, 3, 7], n_ablate=1, n_ablate_quantile=3,
                        ablate_max_back=5, progress=False)
     n_rows = 0
     for j in (0, 3, 7):
@@ -131,7 +150,7 @@ def test_quantile_ablation_count_and_one_batched_call(setup, monkeypatch):
         assert entry["ablation"][0] == report["features"][j]["ablation"][0]  # the same top-1 row
         n_rows += len(entry["ablation"])
     assert calls == [n_rows]  # top and quantile requests together, in one call
-    none = build_report(sae, lm, contexts, features=[3], n_ablate=0, n_ablate_quantile=0, progress=False)
+    none = _report(sae, lm, contexts, features=[3], n_ablate=0, n_ablate_quantile=0, progress=False)
     assert none["features"][3]["ablation"] == []
 
 
@@ -154,7 +173,7 @@ def test_tied_sae_has_identical_encoder_and_decoder_views(setup):
     tied = SAE(lm.d_model, 6, arch="relu", hook_name=HOOK)
     with torch.no_grad():
         tied.W_dec.copy_(tied.W_enc.T * 3.0)  # any positive scale: the views normalise it away
-    rep = build_report(tied, lm, contexts, features=[1, 4], tree=True, tree_vector="both",
+    rep = _report(tied, lm, contexts, features=[1, 4], tree=True, tree_vector="both",
                        tree_depth=2, tree_breadth=3, n_ablate=0, progress=False)
     for j in (1, 4):
         emb, tree = rep["features"][j]["embedding"], rep["features"][j]["tree"]
@@ -167,9 +186,9 @@ def test_tree_from_both_vectors(setup):
     lm, sae, contexts, _ = setup
     kw = dict(features=[5], tree=True, tree_depth=2, tree_breadth=2, n_ablate=0, n_ablate_quantile=0,
               progress=False)
-    both = build_report(sae, lm, contexts, tree_vector="both", **kw)["features"][5]["tree"]
+    both = _report(sae, lm, contexts, tree_vector="both", **kw)["features"][5]["tree"]
     for which in ("encoder", "decoder"):
-        one = build_report(sae, lm, contexts, tree_vector=which, **kw)["features"][5]["tree"]
+        one = _report(sae, lm, contexts, tree_vector=which, **kw)["features"][5]["tree"]
         assert list(one["roots"]) == [which] and one["overlap"] is None
         assert both["roots"][which] == one["roots"][which]
         direct = definition_tree(lm, feature_vectors(lm, sae, [5], which, 1.0)[0], depth=2, breadth=2)
@@ -177,7 +196,7 @@ def test_tree_from_both_vectors(setup):
     enc, dec = ({c["text"] for c in both["roots"][w]["children"]} for w in ("encoder", "decoder"))
     assert both["overlap"] == {"k": 2, "shared": len(enc & dec), "jaccard": _r(len(enc & dec) / len(enc | dec))}
     with pytest.raises(ConfigError, match="tree_vector must be one of encoder, decoder, both; got 'middle'"):
-        build_report(sae, lm, contexts, tree_vector="middle", **kw)
+        _report(sae, lm, contexts, tree_vector="middle", **kw)
 
 
 def test_dead_features_are_counted_in_the_first_density_bin(setup):
@@ -187,7 +206,7 @@ def test_dead_features_are_counted_in_the_first_density_bin(setup):
     with torch.no_grad():
         sae.W_enc[:, :3] = 0.0
         sae.b_enc[:3] = -1.0  # features 0-2 can never fire
-    rep = build_report(sae, lm, contexts, features=[], progress=False)
+    rep = _report(sae, lm, contexts, features=[], progress=False)
     dead = [f["index"] for f in rep["features"] if f["dead"]]
     counts, edges = rep["density_hist"]["counts"], rep["density_hist"]["edges"]
     assert dead[:3] == [0, 1, 2] and sum(counts) == 8
@@ -200,35 +219,26 @@ def test_precomputed_activations_give_the_same_report(setup):
     acts = lm.run_with_cache(contexts, [HOOK])[HOOK]
     batches = [ContextBatch(contexts[i:i + 5], torch.arange(i, min(i + 5, 24)), acts[i:i + 5])
                for i in range(0, 24, 5)]
-    again = build_report(sae, lm, contexts, acts=batches, features=[0, 3, 7], n_ablate=2,
+    again = _report(sae, lm, contexts, acts=batches, features=[0, 3, 7], n_ablate=2,
                          ablate_max_back=5, progress=False)
     assert again == report
 
 
 def test_bos_position_scanned_only_when_asked_or_absent(setup):
     lm, sae, contexts, report = setup
-    with_bos = build_report(sae, lm, contexts, features=[], exclude_bos=False, progress=False)
+    with_bos = _report(sae, lm, contexts, features=[], exclude_bos=False, progress=False)
     assert with_bos["n_tokens"] == contexts.numel()
     with torch.no_grad():
         f = feature_acts(sae, lm, contexts)
     assert [e["density"] for e in with_bos["features"]] == [_r((f[..., j] > 0).float().mean()) for j in range(24)]
     no_bos = contexts.clone()
     no_bos[:, 0] = (lm.bos_token_id + 1) % lm.d_vocab  # contexts not starting with BOS: nothing to skip
-    assert build_report(sae, lm, no_bos, features=[], progress=False)["n_tokens"] == contexts.numel()
-
-
-def test_write_report(setup, tmp_path):
-    _, _, _, report = setup
-    path = write_report(report, tmp_path / "out")
-    index = json.loads(path.read_text())
-    assert all(set(f) == INDEX_KEYS for f in index["features"])
-    assert sorted(p.name for p in (tmp_path / "out" / "features").iterdir()) == ["0.json", "3.json", "7.json"]
-    assert json.loads((tmp_path / "out" / "features" / "3.json").read_text()) == report["features"][3]
+    assert _report(sae, lm, no_bos, features=[], progress=False)["n_tokens"] == contexts.numel()
 
 
 def test_tree_and_window(setup):
     lm, sae, contexts, _ = setup
-    rep = build_report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2,
+    rep = _report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2,
                        window=(3, 1), n_ablate=0, n_ablate_quantile=0, progress=False)
     f = rep["features"][5]
     assert f["tree"]["vector"] == "encoder" and len(f["tree"]["roots"]["encoder"]["children"]) == 2
@@ -241,20 +251,22 @@ def test_tree_and_window(setup):
 def test_errors(setup, tmp_path):
     lm, sae, contexts, _ = setup
     with pytest.raises(ConfigError, match=r"out of range.*0\.\.23"):
-        build_report(sae, lm, contexts, features=[24])
+        _report(sae, lm, contexts, features=[24])
     with pytest.raises(ConfigError, match="not trained on this model"):
-        build_report(SAE(lm.d_model + 2, 4, hook_name=HOOK), lm, contexts)
+        _report(SAE(lm.d_model + 2, 4, hook_name=HOOK), lm, contexts)
     with pytest.raises(ConfigError, match="unknown hook name"):
-        build_report(SAE(lm.d_model, 4, hook_name="blocks.9.hook_resid_post"), lm, contexts)
+        _report(SAE(lm.d_model, 4, hook_name="blocks.9.hook_resid_post"), lm, contexts)
     with pytest.raises(ConfigError, match="no hook_name"):
-        build_report(SAE(lm.d_model, 4), lm, contexts)
+        _report(SAE(lm.d_model, 4), lm, contexts)
     with pytest.raises(ConfigError, match="unknown report option"):
-        build_report(sae, lm, contexts, top_k=3)
+        _report(sae, lm, contexts, top_k=3)
     with pytest.raises(DataError, match="contexts"):
-        build_report(sae, lm, torch.zeros(5), features=[])
+        _report(sae, lm, torch.zeros(5), features=[])
+    with pytest.raises(ConfigError, match="used_ids must be a bool mask, 'contexts' or None, got 'all'"):
+        _report(sae, lm, contexts, used_ids="all")
     folder = tmp_path / "sae"
     sae.save(folder)
-    rep = build_report(folder, lm, contexts[:4], features=[], progress=False)
+    rep = _report(folder, lm, contexts[:4], features=[], progress=False)
     assert rep["sae"]["path"] == str(folder)
 
 

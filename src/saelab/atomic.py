@@ -56,7 +56,7 @@ def write_text(path: str | Path, text: str, fsync: bool = True) -> Path:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
@@ -69,9 +69,11 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     return Path(path)
 
 
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
+def json_default(obj):
+    """`default=` hook for json.dumps: numpy / torch scalars and arrays as numbers and lists,
+    paths as strings; anything else is a TypeError naming its type."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -100,9 +100,8 @@ def run(args: argparse.Namespace) -> int:
         name = model_name_for(args.model, sae)
         if name not in lms:
             lms[name] = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
-        report = build_report(sae.to(lms[name].device), lms[name], features=args.features, n_contexts=n_contexts,
+        report = build_report(folder, lms[name], features=args.features, n_contexts=n_contexts,
                               context_length=args.context_length, corpus=args.source, cache=cache,
                               batch_size=args.lm_batch_size, **view_options(args))
-        report["sae"]["path"] = str(folder)  # build_report records a path only when it loads the SAE itself
         print(write_dashboard(report, out, include_dead=args.include_dead), flush=True)
     return 0

@@ -1,6 +1,8 @@
-"""Static HTML dashboard for a feature report (the dict `saelab.interpret.report.build_report`
-returns): `index.html` lists every feature, `features/<i>.html` shows one feature, and the same
-data goes beside them as `report.json` and `features/<i>.json`.
+"""Static HTML dashboard for a feature report (a `Report`, interpret/schema.py, as
+`saelab.interpret.report.build_report` returns it): `index.html` lists every feature,
+`features/<i>.html` shows one feature, and the same data goes beside them as `report.json` and
+`features/<i>.json`, with `report.schema.json` describing both. This is the one writer of
+those files.
 
 Static files because researchers open them from disk (file://), offline, and pass folders around:
 no server, no CDN, plain JS. Every string in a report comes from a corpus or a tokenizer and is
@@ -27,9 +29,8 @@ from jinja2 import Environment, FileSystemLoader, Undefined
 from markupsafe import Markup
 from tqdm import tqdm
 
-from saelab.atomic import write_text
-from saelab.errors import DataError
-from saelab.interpret.schema import SCHEMA, has_detail, index_entry
+from saelab.atomic import json_default, write_text
+from saelab.interpret.schema import SCHEMA_FILE, FeatureDetail, FeatureSummary, Report, report_schema
 
 LEVELS = 20  # shading steps; static/dashboard.css defines .a1-.a20 (activation), .p/.n1-20 (delta)
 WINDOW = (24, 8)  # tokens shown before / after an example's position until "full contexts" is on
@@ -228,43 +229,12 @@ def _environment() -> Environment:
 
 
 # ---- report -> files --------------------------------------------------------------------------
-def check_report(report) -> None:
-    """Raise DataError unless `report` has the shape the dashboard renders (see report.py)."""
-    if not isinstance(report, dict):
-        raise DataError(f"a feature report is a dict, got {type(report).__name__}")
-    if report.get("schema") != SCHEMA:
-        raise DataError(f"feature report schema {report.get('schema')!r} is not supported; this dashboard reads schema {SCHEMA}")
-    features = report.get("features")
-    if not isinstance(features, list):
-        raise DataError("feature report has no 'features' list")
-    seen = set()
-    for n, feat in enumerate(features):
-        if not isinstance(feat, dict) or not isinstance(feat.get("index"), int) or isinstance(feat.get("index"), bool):
-            raise DataError(f"feature entry {n} has no integer 'index'")
-        if feat["index"] in seen:
-            raise DataError(f"feature index {feat['index']} appears twice in the report")
-        seen.add(feat["index"])
-
-
-def _has_page(feat: dict, include_dead: bool) -> bool:
-    return has_detail(feat) and (include_dead or not feat.get("dead"))
-
-
 def _dumps(obj) -> str:
     """Compact JSON; NaN/Inf (invalid JSON) become null rather than breaking a browser's parser."""
     try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_plain)
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=json_default)
     except ValueError:
-        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False, default=_plain)
-
-
-def _plain(obj):
-    """numpy / torch scalars and arrays, and paths, as JSON values."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False, default=json_default)
 
 
 def _finite(obj):
@@ -277,49 +247,52 @@ def _finite(obj):
     return obj
 
 
-def write_dashboard(report: dict, out_dir, include_dead: bool = False, progress: bool | None = None) -> Path:
+def write_dashboard(report: Report | dict, out_dir, include_dead: bool = False, progress: bool | None = None) -> Path:
     """Write the dashboard for `report` into `out_dir`; return the path of index.html.
 
-    Writes index.html, report.json (the report with index summaries only), static/, and for each
-    feature carrying detail: features/<i>.json, plus features/<i>.html unless it is dead and
-    `include_dead` is False. Every file is written atomically (temporary file, then rename);
-    per-feature files skip the fsync (thousands of rebuildable files), index.html comes last."""
-    check_report(report)
+    `report` is a Report, or its JSON as a dict (read by Report.from_dict: a DataError says what
+    is wrong with it). Writes index.html, report.json (the report with index summaries only),
+    report.schema.json, static/, and for each feature carrying detail: features/<i>.json, plus
+    features/<i>.html unless it is dead and `include_dead` is False. Every file is written
+    atomically (temporary file, then rename); per-feature files skip the fsync (thousands of
+    rebuildable files), index.html comes last."""
+    report = report if isinstance(report, Report) else Report.from_dict(report)
     out = Path(out_dir)
     (out / "features").mkdir(parents=True, exist_ok=True)
     _copy_static(out / "static")
     env = _environment()
-    features = sorted(report["features"], key=lambda f: f["index"])
-    paged = [f["index"] for f in features if _has_page(f, include_dead)]
-    neighbours = {i: (paged[n - 1] if n else None, paged[n + 1] if n + 1 < len(paged) else None)
-                  for n, i in enumerate(paged)}
-    page = env.get_template("feature.html")
-    sae = report.get("sae") or {}
-    written = set()
-    for feat in tqdm(features, desc="dashboard", unit="feature", disable=None if progress is None else not progress):
-        if not has_detail(feat):
-            continue
-        i = feat["index"]
-        written.add(write_text(out / "features" / f"{i}.json", _dumps(feat), fsync=False).name)
-        if i in neighbours:
-            prev, nxt = neighbours[i]
-            written.add(write_text(out / "features" / f"{i}.html",
-                                   page.render(f=feat, sae=sae, prev=prev, next=nxt, root="../"), fsync=False).name)
+    features = sorted(report.features, key=lambda f: f.index)
+    paged = [f.index for f in features if isinstance(f, FeatureDetail) and (include_dead or not f.dead)]
+    sae = report.sae.to_dict()
+    written = _write_features(env, out / "features", features, paged, sae, progress)
     _remove_stale(out / "features", written)
-    summary = {**report, "features": [index_entry(f) for f in report["features"]]}
+    summary = report.index_dict()
     write_text(out / "report.json", _dumps(summary))
+    write_text(out / SCHEMA_FILE, json.dumps(report_schema(), indent=1) + "\n")
     index_html = env.get_template("index.html").render(
-        report=summary, sae=sae, root="", features=[index_entry(f) for f in features], paged=set(paged),
-        stats=_stats(features))
+        report=summary, sae=sae, root="", features=[f.summary_dict() for f in features], paged=set(paged),
+        stats=report.stats())
     return write_text(out / "index.html", index_html)
 
 
-def _stats(features: list[dict]) -> dict:
-    kinds: dict[str, int] = {}
-    for f in features:
-        kinds[str(f.get("kind"))] = kinds.get(str(f.get("kind")), 0) + 1
-    return {"n": len(features), "dead": sum(bool(f.get("dead")) for f in features),
-            "dense": sum(isinstance(f.get("density"), (int, float)) and f["density"] > 0.1 for f in features), "kinds": dict(sorted(kinds.items()))}
+def _write_features(env: Environment, folder: Path, features: list[FeatureSummary], paged: list[int], sae: dict,
+                    progress: bool | None) -> set[str]:
+    """features/<i>.json of every feature with detail, and <i>.html of the `paged` ones (linked
+    to their neighbours); returns the names written."""
+    neighbours = {i: (paged[n - 1] if n else None, paged[n + 1] if n + 1 < len(paged) else None)
+                  for n, i in enumerate(paged)}
+    page = env.get_template("feature.html")
+    written = set()
+    for feat in tqdm(features, desc="dashboard", unit="feature", disable=None if progress is None else not progress):
+        if not isinstance(feat, FeatureDetail):
+            continue
+        i, data = feat.index, feat.to_dict()
+        written.add(write_text(folder / f"{i}.json", _dumps(data), fsync=False).name)
+        if i in neighbours:
+            prev, nxt = neighbours[i]
+            written.add(write_text(folder / f"{i}.html", page.render(f=data, sae=sae, prev=prev, next=nxt, root="../"),
+                                   fsync=False).name)
+    return written
 
 
 def _remove_stale(folder: Path, keep: set[str]) -> None:
@@ -334,15 +307,3 @@ def _copy_static(dest: Path) -> None:
     for src in sorted((_HERE / "static").iterdir()):
         if src.is_file():
             write_text(dest / src.name, src.read_text(encoding="utf-8"))
-
-
-def read_dashboard_json(out_dir) -> dict:
-    """The report a dashboard folder was built from: report.json with each feature's detail
-    from features/<i>.json merged back in (features without a JSON file stay summaries)."""
-    out = Path(out_dir)
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    for n, feat in enumerate(report["features"]):
-        path = out / "features" / f"{feat['index']}.json"
-        if path.is_file():
-            report["features"][n] = json.loads(path.read_text(encoding="utf-8"))
-    return report

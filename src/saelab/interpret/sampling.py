@@ -1,4 +1,4 @@
-"""Order-independent building blocks for the one-pass feature scan (interpret/examples.py).
+"""Order-independent building blocks for the one-pass feature scan (interpret/scan.py).
 
 Two ideas keep the scan exact in ONE pass, in memory that does not grow with the tokens seen:
 

@@ -2,8 +2,8 @@
 every feature, from ONE streaming pass of an SAE over held-out token contexts.
 
 Memory is bounded by features x examples kept, never by tokens seen. Per batch of whole
-contexts (B, S) the SAE's feature activations f (B, S, d_sae) are reduced, vectorised across
-features, into:
+contexts (B, S) the SAE's active features (token, feature, value) are reduced, vectorised
+across features, into:
 
 * top contexts: each context counts once per feature, at its max position; a running top-k
   (torch.topk over the batch's contexts, merged with the kept k) per feature;
@@ -19,27 +19,23 @@ features, into:
   feature kept by count after each batch (then counts are lower bounds; the top few are right
   unless a token is frequent overall but rare in every batch).
 
-Only (value, row, position) is kept per example; `example_acts` fetches the per-token
-activations of the kept contexts afterwards (one more pass over just those contexts).
-Batches are whole contexts: a tensor of token ids, or a `ContextBatch` carrying the rows of the
-token array they are and, optionally, precomputed hook activations. A `ContextSource` gives
-both the batches and the example fetcher, live (the LM) or from an activation cache
-(`cache_source`: the cache's contexts, its stored activations, its BOS position skipped).
+Only (value, row, position) is kept per example; `sources.example_acts` fetches the per-token
+activations of the kept contexts afterwards (one more pass over just those contexts). Where
+batches and activations come from is interpret/sources.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Iterable, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from saelab.data.cache.read import ActivationCache, open_cache
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
+from saelab.interpret.sources import ActiveFeatures, ContextBatch, active_features, hook_acts, nonzero_acts
 
 
 @dataclass
@@ -61,15 +57,6 @@ class ScanConfig:
         if self.n_quantiles * 2 > self.n_fine:
             raise ConfigError(f"n_quantiles ({self.n_quantiles}) must be at most n_fine / 2 "
                               f"({self.n_fine // 2}): each final bin needs a fine bin")
-
-
-class ContextBatch(NamedTuple):
-    tokens: Tensor  # (B, S) token ids of whole contexts
-    rows: Tensor | None = None  # (B,) rows of the token array; default: counted from 0
-    acts: Tensor | None = None  # (B, S - start, d_in) hook activations; default: run the LM
-    # first position scanned (1 for a cache that dropped BOS): earlier tokens are context only,
-    # and positions still count from the context's start
-    start: int = 0
 
 
 class TopContexts:
@@ -102,6 +89,9 @@ class TokenCounts:
         self.token = None if self.dense else torch.full(shape, -1, dtype=torch.int64, device=device)
 
     def update(self, feat: Tensor, token: Tensor, value: Tensor) -> None:
+        """Add active entries (feature, token id, value), (n,) each. The dense table adds in
+        place; the slot table merges its held (feature, token) pairs with the batch's, then keeps
+        each feature's `capacity` most frequent."""
         key = feat * self.vocab + token
         if self.dense:
             self.count.view(-1).index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
@@ -151,7 +141,7 @@ class FeatureScan:
         B, S, _ = f.shape
         self.update_active(nonzero_acts(f.reshape(B * S, -1)), tokens, rows, start)
 
-    def update_active(self, active: "ActiveFeatures", tokens: Tensor, rows: Tensor, start: int = 0) -> None:
+    def update_active(self, active: ActiveFeatures, tokens: Tensor, rows: Tensor, start: int = 0) -> None:
         """The same from the active entries only: token i of the batch (row-major over tokens
         (B, S)) has feature `feat` at `value`; what a sparse encoder (topk) gives directly."""
         B, S = tokens.shape
@@ -236,61 +226,6 @@ class Quantiles(NamedTuple):
         return out
 
 
-# ---- driving the pass --------------------------------------------------------------------
-def context_batches(contexts: Tensor, batch_size: int = 16) -> Iterator[ContextBatch]:
-    """Batches of rows of a token array (n, S), with their row numbers."""
-    for start in range(0, contexts.shape[0], batch_size):
-        rows = torch.arange(start, min(start + batch_size, contexts.shape[0]))
-        yield ContextBatch(contexts[start:start + batch_size], rows)
-
-
-class ActiveFeatures(NamedTuple):
-    tok_i: Tensor  # (n,) token index in the batch, row-major
-    feat: Tensor  # (n,) feature index
-    value: Tensor  # (n,) activation
-
-
-def nonzero_acts(f: Tensor) -> ActiveFeatures:
-    """The active entries of dense feature activations f (N, d_sae): the only pass over f."""
-    tok_i, feat = torch.nonzero(f, as_tuple=True)
-    return ActiveFeatures(tok_i, feat, f[tok_i, feat])
-
-
-def hook_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
-              start: int = 0) -> Tensor:
-    """Activations at the SAE's hook (B, S - start, d_in) of context positions start..: `acts`
-    if given (those positions only), else the LM's for the whole contexts `tokens` (the LM
-    sees every position; the pass stops at that hook); checked finite, on the SAE's device."""
-    if acts is None:
-        if lm is None:
-            raise ConfigError("no activations given and no LM to compute them from")
-        hook = sae.cfg.hook_name
-        acts = lm.run_with_cache(tokens, [hook])[hook][:, start:]
-    if not bool(torch.isfinite(acts).all()):
-        raise DataError("activations contain NaN or Inf")
-    return acts.to(sae.W_enc.device, sae.W_enc.dtype)
-
-
-def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
-                 start: int = 0) -> Tensor:
-    """SAE feature activations (B, S - start, d_sae) of the `hook_acts`."""
-    return sae.encode(hook_acts(sae, lm, tokens, acts, start))
-
-
-def active_features(sae, x: Tensor) -> ActiveFeatures:
-    """The active entries of sae.encode(x) for x (..., d_in), rows flattened: straight from the
-    (values, indices) of a sparse encoder such as topk, with no dense (N, d_sae) matrix built
-    and searched; through the dense activations otherwise."""
-    x = x.reshape(-1, x.shape[-1])
-    sparse = sae.activation.sparse
-    if sparse is None:
-        return nonzero_acts(sae.encode(x))
-    values, indices = sparse(sae.pre_acts(x))
-    tok_i = torch.arange(x.shape[0], device=x.device).repeat_interleave(values.shape[1])
-    keep = values.flatten() > 0
-    return ActiveFeatures(tok_i[keep], indices.flatten()[keep], values.flatten()[keep])
-
-
 @torch.no_grad()
 def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
                   config: ScanConfig | None = None, vocab_size: int | None = None,
@@ -320,73 +255,3 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
                             f" (positions {batch.start}.. of contexts {tuple(tokens.shape)})")
         scan.update_active(active_features(sae, x), scanned.long(), rows.to(device), batch.start)
     return scan
-
-
-@dataclass
-class ContextSource:
-    """Whole held-out contexts and where their activations at the SAE's hook come from: the
-    LM (live), or `acts_of(rows) -> (n, S - start, d_in)` (e.g. an activation cache, so nothing
-    is recomputed). Feeds both the scan (`batches`) and `example_acts` (`encode_rows`), so the
-    two read the same activations. Positions before `start` (the BOS a cache dropped) are
-    context only: not scanned, and 0 in example activations; positions always index `tokens`."""
-
-    tokens: Tensor  # (n, S) token ids
-    start: int = 0
-    acts_of: Callable[[Tensor], Tensor] | None = None
-
-    def batches(self, batch_size: int = 16) -> Iterator[ContextBatch]:
-        for batch in context_batches(self.tokens, batch_size):
-            yield batch._replace(acts=self._acts(batch.rows), start=self.start)
-
-    def encode_rows(self, sae, lm=None) -> Callable[[Tensor], Tensor]:
-        """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts."""
-        def encode(rows: Tensor) -> Tensor:
-            f = feature_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start)
-            return torch.nn.functional.pad(f, (0, 0, self.start, 0))
-        return encode
-
-    def _acts(self, rows: Tensor) -> Tensor | None:
-        return None if self.acts_of is None else self.acts_of(rows)
-
-
-def cache_source(cache: ActivationCache | str, sae, lm=None,
-                 n_contexts: int | None = None) -> ContextSource:
-    """The first `n_contexts` (None: all) contexts of an activation cache (an ActivationCache
-    or its folder) with their cached activations at the SAE's hook. A cache without that hook,
-    or made from a model other than `lm`, is a DataError. Point it at held-out text: a training
-    run's cache holds its TRAIN split. Memory: the token ids of those contexts, and one batch
-    of activations at a time."""
-    cache = cache if isinstance(cache, ActivationCache) else open_cache(cache)
-    hook = sae.cfg.hook_name
-    cache.check_hooks([hook])
-    if lm is not None:
-        cache.check_model(lm)
-    n = cache.n_contexts if n_contexts is None else min(n_contexts, cache.n_contexts)
-    if n < 1:
-        raise DataError(f"no contexts to scan: the activation cache at {cache.path} holds "
-                        f"{cache.n_contexts} and {n_contexts} were asked for")
-    return ContextSource(cache.context_tokens(np.arange(n)), cache.first_position,
-                         lambda rows: cache.context_activations(rows, hook))
-
-
-@torch.no_grad()
-def example_acts(encode_rows: Callable[[Tensor], Tensor], rows: Tensor, positions: Tensor,
-                 features: Tensor, window: tuple[int, int] | None = None,
-                 batch_size: int = 16) -> list[tuple[int, Tensor]]:
-    """Per-token activations around each requested example, fetched after the pass.
-
-    `encode_rows(rows) -> (n, S, d_sae)` gives feature activations of token-array rows (e.g.
-    `lambda r: feature_acts(sae, lm, contexts[r])`). Each request (row, position, feature) gets
-    (start, acts) with acts = f[row, start:end, feature], start = max(0, pos - left) and
-    end = min(S, pos + right + 1) for window (left, right); the whole context when None."""
-    rows, positions, features = (torch.as_tensor(t).long().cpu() for t in (rows, positions, features))
-    out: list[tuple[int, Tensor] | None] = [None] * len(rows)
-    unique, inverse = torch.unique(rows, return_inverse=True)
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start:start + batch_size]
-        f = encode_rows(chunk).cpu()
-        for i in torch.nonzero((inverse >= start) & (inverse < start + len(chunk))).flatten().tolist():
-            p, seq = int(positions[i]), f.shape[1]
-            lo, hi = (0, seq) if window is None else (max(0, p - window[0]), min(seq, p + window[1] + 1))
-            out[i] = (lo, f[int(inverse[i]) - start, lo:hi, int(features[i])].clone())
-    return out

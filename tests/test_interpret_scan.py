@@ -1,4 +1,5 @@
-"""The one-pass feature scan against a brute-force computation over all activations at once."""
+"""The one-pass feature scan (interpret/scan.py) and its sources (interpret/sources.py) against a
+brute-force computation over all activations at once."""
 
 import math
 from collections import Counter
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError, DataError
-from saelab.interpret.examples import (ContextBatch, ScanConfig, context_batches, example_acts,
-                                       feature_acts, scan_features)
+from saelab.interpret.scan import ScanConfig, scan_features
+from saelab.interpret.sources import (ContextBatch, active_features, context_batches, example_acts,
+                                      feature_acts, nonzero_acts)
 from saelab.interpret.sampling import (first_per_group, fine_bin, hash_keys,
                                        pow2_exponent)
 from saelab.sae import SAE
@@ -210,8 +212,6 @@ def _batches_of(contexts, acts):
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
 def test_active_features_equal_the_dense_encoding(arch):
     """The sparse path (topk's values and indices) lists exactly the nonzero entries of encode."""
-    from saelab.interpret.examples import active_features, nonzero_acts
-
     torch.manual_seed(0)
     sae = SAE(16, 40, arch=arch, k=5 if arch == "topk" else None).eval()
     with torch.no_grad():
