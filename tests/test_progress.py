@@ -25,3 +25,18 @@ def test_quiet_for_short_jobs_and_when_disabled(capsys):
     with progress.progress_bar(total=3, desc="x", enabled=False) as bar:
         bar.update(3)
     assert capsys.readouterr().err == ""
+
+
+def test_training_off_a_terminal_prints_step_loss_rate_and_eta(tmp_path, capsys, monkeypatch):
+    """A GroupTrainer run under nohup/CI shows where it is: the line a log gets."""
+    import torch
+
+    from saelab.train import GroupTrainer, TrainConfig, TrainSpec
+
+    monkeypatch.setenv("SAELAB_PROGRESS_SECONDS", "0")  # a line at every update
+    batches = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    GroupTrainer([TrainSpec(arch="relu", d_sae=16, coefficient=0.1)], 8, tmp_path,
+                 TrainConfig(total_steps=6, log_every=2, checkpoint_every=6)).fit(batches)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: ")]
+    assert lines[0].startswith("training: 1/6 step (17%), ") and "ETA " in lines[0]
+    assert "tokens=384, sae=relu_16_c0.1, loss=" in lines[-1] and "l0=" in lines[-1]

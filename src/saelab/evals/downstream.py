@@ -28,13 +28,13 @@ import math
 from typing import Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from saelab.data.cache.shuffle import hook_rows
 from saelab.errors import ConfigError, DataError
 from saelab.evals.entry import Ablation, DownstreamMetrics
 from saelab.lm.hooked import HookedLM, Splice, next_token_logprobs, next_token_nll
 from saelab.lm.resolve import check_sae_fits
+from saelab.progress import progress_bar
 from saelab.sae import SAE
 
 Splices = Mapping[str, Splice]
@@ -88,7 +88,7 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
     sums = {name: [0.0, 0.0] for name in ["clean", *wrapped]}  # ce_sum, kl_sum (float64)
     n = 0
     start = 1 if exclude_bos else 0
-    for batch in tqdm(batches, desc="downstream", unit="batch", disable=None if progress is None else not progress):
+    for batch in progress_bar(batches, desc="downstream", unit="batch", enabled=progress):
         if batch.dim() != 2 or batch.shape[1] < 2 + start:
             raise DataError(f"token batches must be (b, seq) with seq >= {2 + start}, got shape {tuple(batch.shape)}")
         logp_clean = next_token_logprobs(lm.forward(batch), start)  # forward validates ids and length

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, Undefined
 from markupsafe import Markup
-from tqdm import tqdm
 
 from saelab.atomic import json_default, write_text
 from saelab.interpret.schema import SCHEMA_FILE, FeatureDetail, FeatureSummary, Report, report_schema
+from saelab.progress import progress_bar
 
 LEVELS = 20  # shading steps; static/dashboard.css defines .a1-.a20 (activation), .p/.n1-20 (delta)
 WINDOW = (24, 8)  # tokens shown before / after an example's position until "full contexts" is on
@@ -283,7 +283,7 @@ def _write_features(env: Environment, folder: Path, features: list[FeatureSummar
                   for n, i in enumerate(paged)}
     page = env.get_template("feature.html")
     written = set()
-    for feat in tqdm(features, desc="dashboard", unit="feature", disable=None if progress is None else not progress):
+    for feat in progress_bar(features, desc="dashboard", unit="feature", enabled=progress):
         if not isinstance(feat, FeatureDetail):
             continue
         i, data = feat.index, feat.to_dict()

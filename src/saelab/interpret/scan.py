@@ -31,11 +31,11 @@ from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
 from saelab.interpret.sources import ActiveFeatures, ContextBatch, active_features, hook_acts, nonzero_acts
+from saelab.progress import progress_bar
 
 
 @dataclass
@@ -236,8 +236,7 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
         raise ConfigError("scan_features needs vocab_size when no LM is given")
     device = sae.W_enc.device
     scan, next_row = FeatureScan(sae.cfg.d_sae, vocab, config, device), 0
-    bar = tqdm(batches, desc="feature scan", total=total, unit="batch",
-               disable=None if progress is None else not progress)
+    bar = progress_bar(batches, desc="feature scan", total=total, unit="batch", enabled=progress)
     for batch in bar:
         batch = batch if isinstance(batch, ContextBatch) else ContextBatch(batch)
         tokens = torch.as_tensor(batch.tokens).to(device)

@@ -37,11 +37,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from saelab.atomic import save_tensors, write_json, write_text
 from saelab.data.cache.shuffle import as_pair
 from saelab.errors import ConfigError, CorruptFileError, DataError
+from saelab.progress import progress_bar
 from saelab.sae.model import SAE
 from saelab.train.shard import Shard, TrainedSAE, TrainResult, rank_and_world
 from saelab.train.spec import TrainSpec
@@ -144,8 +144,8 @@ class GroupTrainer:
         self._truncate_log()
         cfg, writes = self.config, self.shard.writes
         batches = _batches_from(source, self.step)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
-                   disable=None if writes else True)
+        bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
+                           enabled=None if writes else False)
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
             while self.step < cfg.total_steps:
                 try:
@@ -172,7 +172,8 @@ class GroupTrainer:
         log.write(json.dumps(record) + "\n")
         log.flush()
         first = merged[self.labels[0]]
-        bar.set_postfix(l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
+        bar.set_postfix(tokens=record["tokens"], sae=self.labels[0], loss=f"{first['loss']:.4g}",
+                        l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
 
     def _prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = as_pair(batch)
