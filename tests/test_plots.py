@@ -40,3 +40,12 @@ def test_density_histograms_show_each_saes_counts(tmp_path):
         assert ax.get_title() == f"{row.name}  dead {row.recon.dead}  dense {row.recon.dense}"
         assert ax.lines[0].get_xdata()[0] == math.log10(0.05)
     assert save_figure(fig, tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ce_increase_gets_its_own_panel_when_points_carry_it():
+    fig = l0_vs_loss_recovered_figure({"topk": [(16, 0.97, "k16", 0.12), (32, 0.98, "k32", 0.05)]}, title="t")
+    assert len(fig.axes) == 2
+    assert fig.axes[1].get_ylabel().startswith("CE increase") and fig.axes[0].get_ylabel() == "% CE loss recovered"
+    assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[0.12, 0.05]]
+    assert [list(line.get_ydata()) for line in fig.axes[0].lines] == [[97.0, 98.0]]
+    assert len(l0_vs_loss_recovered_figure({"a": [(5, 0.5, "x", None)]}).axes) == 1

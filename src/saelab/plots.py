@@ -12,22 +12,36 @@ from saelab.atomic import atomic_path
 if TYPE_CHECKING:
     from saelab.evals.entry import MetricsEntry
 
-Point = tuple  # (l0, loss_recovered) or (l0, loss_recovered, label)
+Point = tuple  # (l0, loss_recovered), (l0, loss_recovered, label) or (l0, loss_recovered, label, ce_delta)
+# (index in a point, y-axis label, scale): loss recovered always; CE increase where points carry it
+_PANELS = ((1, "% CE loss recovered", 100), (3, "CE increase over the clean model (nats)", 1))
 
 
 def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = ""):
-    """One marker series per name: L0 (log x) against % loss recovered. A point's optional third
-    element (e.g. "k32", "L1 2") is written beside it, so a reader can tell the SAEs apart."""
-    import matplotlib.ticker as ticker
+    """One marker series per name: L0 (log x) against % loss recovered and, when the points carry
+    a CE increase, a second panel of L0 against it: "95% recovered" can still be +0.5 nats on a
+    real model, whose zero-ablation CE is far above unigram. A point's optional third element
+    (e.g. "k32", "L1 2") is written beside it, so a reader can tell the SAEs apart."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4.2), dpi=120)
-    ax = fig.add_subplot()
+    panels = [p for p in _PANELS if p[0] < 3 or any(len(q) > 3 and q[3] is not None for pts in series.values() for q in pts)]
+    fig = Figure(figsize=(6 * len(panels), 4.2), dpi=120)
+    for ax, (index, ylabel, scale) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        _l0_panel(ax, series, index, ylabel, scale)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _l0_panel(ax, series: dict[str, list[Point]], index: int, ylabel: str, scale: float) -> None:
+    import matplotlib.ticker as ticker
+
     for (name, points), marker in zip(series.items(), "osD^v<>"):
-        points = sorted(p for p in points if p[0] is not None and p[1] is not None)
+        points = sorted(p for p in points if p[0] is not None and len(p) > index and p[index] is not None)
         if not points:
             continue
-        xs, ys = [p[0] for p in points], [100 * p[1] for p in points]
+        xs, ys = [p[0] for p in points], [scale * p[index] for p in points]
         ax.plot(xs, ys, marker=marker, linestyle="-" if len(points) > 1 else "", label=name)
         for p, y in zip(points, ys):
             if len(p) > 2 and p[2]:
@@ -38,13 +52,9 @@ def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = "")
     ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("L0 (active features per token)")
-    ax.set_ylabel("% CE loss recovered")
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def density_histograms_figure(rows: list[MetricsEntry]):

@@ -35,7 +35,7 @@ from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE
 from saelab.tables import format_rows
 
-COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "loss_recovered", "kl")
+COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", "loss_recovered")
 ORIGINAL = Extra({"n_killed": 0, "density_cutoff": None})  # the unpruned SAE's prune columns
 
 
@@ -133,9 +133,9 @@ def run_prune(lm: HookedLM, sae: SAE, tokens, out_dir: str | Path, cfg: PruneCon
     return PruneResult(rows, plans, out, files)
 
 
-def _points(rows: list[MetricsEntry]) -> list[tuple[float, float, str]]:
-    """(L0, loss recovered, name) of the rows that have a loss recovered."""
-    return [(r.recon.l0, r.downstream.loss_recovered, r.name)
+def _points(rows: list[MetricsEntry]) -> list[tuple[float, float, str, float]]:
+    """(L0, loss recovered, name, CE increase) of the rows that have a loss recovered."""
+    return [(r.recon.l0, r.downstream.loss_recovered, r.name, r.downstream.ce_delta)
             for r in rows if r.downstream is not None and r.downstream.loss_recovered is not None]
 
 

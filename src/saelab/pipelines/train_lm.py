@@ -35,7 +35,9 @@ from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.shard import TrainedSAE, once
 from saelab.train.spec import TrainSpec
 
-TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "loss_recovered", "loss_recovered_mean", "kl")
+# CE increase (nats) and KL beside loss recovered: on a real model zero ablation is far worse
+# than unigram, so a high loss recovered alone flatters an SAE
+TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
 
 
 @dataclass
@@ -147,7 +149,7 @@ def _write_outputs(run_dir: Path, rows: list[MetricsEntry], lm: HookedLM, hook: 
     series: dict[str, list] = {}
     for row in rows:
         series.setdefault(f"{row.spec['arch']} x{row.recon.d_sae // d_in}", []).append(
-            (row.recon.l0, row.downstream.loss_recovered, TrainSpec.from_dict(row.spec).knob()))
+            (row.recon.l0, row.downstream.loss_recovered, TrainSpec.from_dict(row.spec).knob(), row.downstream.ce_delta))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
     save_figure(density_histograms_figure(rows), run_dir / "feature_density.png")
     write_text(run_dir / "table.txt", format_rows(rows, TABLE_COLUMNS) + "\n")
