@@ -194,7 +194,7 @@ def test_init_from_data():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(arch="gated"), "unknown architecture"),
+        (dict(arch="swish"), "unknown architecture"),
         (dict(arch="topk", k=100), "k"),
         (dict(arch="topk"), "k"),
         (dict(decoder_norm="l2"), "decoder_norm"),
