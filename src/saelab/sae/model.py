@@ -62,7 +62,9 @@ class SAE(nn.Module):
 
     def __init__(self, *args, **options):
         super().__init__()
-        if len(args) == 1 and not options and isinstance(args[0], SAEConfig):
+        if any(isinstance(a, SAEConfig) for a in (*args, *options.values())):
+            if len(args) != 1 or options:
+                raise TypeError("SAE takes an SAEConfig alone, or d_in, d_sae and options (arch=..., k=...)")
             cfg = args[0]
         else:
             cfg = SAEConfig(*args, **options)
