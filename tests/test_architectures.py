@@ -61,7 +61,7 @@ def test_policy_table(arch):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((16,), norm))
     cls = type(sae.activation)
     assert (cls.unit_norm_decoder(sae.cfg), cls.per_token_k, cls.uses_aux_k, cls.resamples) == (unit, per_token_k, aux_k, resamples)
-    assert cls.saelens_name == saelens and (cls.saelens_transcoder_name or cls.saelens_name) == saelens_tc
+    assert (cls.saelens_architecture_name(False), cls.saelens_architecture_name(True)) == (saelens, saelens_tc)
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])

@@ -156,6 +156,9 @@ def test_relu_penalty_is_decoder_weighted_l1():
     expected = 0.3 * sum(float(f[i, j]) * float(sae.W_dec[j].detach().norm()) for i in range(10) for j in range(16)) / 10
     assert out.sparsity.item() == pytest.approx(expected, rel=1e-5)
     assert out.mse.item() == pytest.approx(((x - sae(x)) ** 2).sum(-1).mean().item(), rel=1e-6)
+    # the fused path (one more decoder-GEMM column) computes ReLU.penalty, the class's formula
+    z = sae.pre_acts(x).detach()
+    assert (0.3 * sae.activation.penalty(z, f, sae.W_dec.detach()).mean()).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_unit_norm_decoder_constraint():

@@ -54,7 +54,7 @@ class Activation(nn.Module):
     settings: ClassVar[tuple[str, ...]] = ()  # ArchOptions fields (beyond arch) it reads
     knob: ClassVar[str] = "coefficient"  # what a sweep varies: "k" or the sparsity "coefficient"
     saelens_name: ClassVar[str] = ""  # SAELens "architecture" of the saved SAE folder
-    saelens_transcoder_name: ClassVar[str | None] = None  # ... of a transcoder; None: saelab-only
+    saelens_transcoder_name: ClassVar[str | None] = None  # ... of a transcoder; None: SAELens has none
     saelens_native: ClassVar[bool] = True  # a SAELens folder named `saelens_name` loads as this class
     saelens_training_name: ClassVar[str | None] = None  # SAELens's name for its training checkpoint
     saved_names: ClassVar[dict[str, str]] = {}  # SAE tensors saved under another name (gated: b_gate)
@@ -80,6 +80,12 @@ class Activation(nn.Module):
     @classmethod
     def check_options(cls, opts, d_sae: int | None) -> None:
         """Validate the settings this architecture reads (d_sae None: not known yet)."""
+
+    @classmethod
+    def saelens_architecture_name(cls, transcoder: bool) -> str:
+        """The "architecture" cfg.json names: a transcoder SAELens lacks is written under the
+        SAE's name with d_out (a folder only saelab reads)."""
+        return (cls.saelens_transcoder_name or cls.saelens_name) if transcoder else cls.saelens_name
 
     @classmethod
     def saelens_keys(cls, cfg: "SAEConfig") -> dict:

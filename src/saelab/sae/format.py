@@ -78,7 +78,7 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
         metadata["hook_name_out"] = cfg.hook_name_out
     arch = architecture(cfg.arch)
     out = {
-        "architecture": (arch.saelens_transcoder_name or arch.saelens_name) if cfg.is_transcoder else arch.saelens_name,
+        "architecture": arch.saelens_architecture_name(cfg.is_transcoder),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
