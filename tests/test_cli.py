@@ -15,7 +15,8 @@ from saelab.commands import options, sweep_options
 from saelab.errors import ConfigError
 from saelab.pipelines import train_lm
 from saelab.sae import SAE
-from saelab.sae.activations import ACTIVATIONS, TopK
+from saelab.sae.activations import TopK
+from saelab.sae.architectures import ACTIVATIONS
 from saelab.train.spec import TrainSpec
 
 COMMANDS_DIR = Path(cli.__file__).parent / "commands"
@@ -75,8 +76,10 @@ def test_typed_settings_override_the_sweep_heuristics_where_they_apply():
     assert [s.label(64) for s in cfg.specs] == ["relu_96_c0.5", "jumprelu_96_c0.5", "batchtopk_96_k8"]
     relu, jump, btk = cfg.specs
     assert all(s.expansion is None and s.d_sae == 96 and s.lr == 3e-4 and s.warmup_steps == 7 for s in cfg.specs)
-    assert all(s.init == "data" and s.b_dec_init == "geometric_median" and s.resample_every == 50 for s in cfg.specs)
-    assert relu.aux_k is None and jump.aux_k is None and btk.aux_k == 12  # aux_k: k architectures only
+    assert all(s.init == "data" and s.b_dec_init == "geometric_median" for s in cfg.specs)
+    assert [s.resample_every for s in cfg.specs] == [50, 0, 0]  # resampling: relu only (its class says)
+    assert [s.decoder_norm for s in cfg.specs] == ["unit", "weighted", "weighted"]  # relu and gated read it
+    assert relu.aux_k is None and jump.aux_k is None and btk.aux_k == 12  # aux_k: aux-k architectures only
     assert relu.coefficient_warmup_steps == 3 and btk.coefficient_warmup_steps == 0
     assert btk.dead_tokens == 200_000 and relu.dead_tokens == TrainSpec().dead_tokens
     assert (cfg.steps, cfg.batch_size) == (200, 512)
@@ -155,8 +158,8 @@ BAD = [
     (["train", "--arch", "topk", "--coefficient-warmup-steps", "8"], "coefficient_warmup_steps applies only to"),
     (["quickstart", "--device", "gpu"], "unknown device 'gpu'; valid: cpu, cuda, cuda:N, mps"),
     (["train", "--device", "cuda:99"], "device 'cuda:99'"),
-    (["train", "--init", "random"], "init must be one of ('tied', 'data')"),
-    (["train", "--b-dec-init", "median"], "b_dec_init must be one of"),
+    (["train", "--init", "random"], "argument --init: invalid choice: 'random' (choose from 'tied', 'data')"),
+    (["train", "--b-dec-init", "median"], "argument --b-dec-init: invalid choice: 'median'"),
     (["train", "--decoder-norm", "l2"], "invalid choice: 'l2'"),
     (["train", "--k", "0"], "must be a positive integer"),
     (["train", "--expansion", "x"], "invalid float value: 'x'"),

@@ -6,12 +6,13 @@ import torch
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
 from saelab.sae import SAE, SAEConfig, geometric_median
 
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
 
 
 def make(arch, d_in=8, d_sae=16, **kw):
     torch.manual_seed(0)
-    if arch in ("topk", "batchtopk"):
+    if arch in K_ARCHS:
         kw.setdefault("k", 3)
     sae = SAE(d_in, d_sae, arch=arch, **kw)
     with torch.no_grad():
@@ -19,8 +20,12 @@ def make(arch, d_in=8, d_sae=16, **kw):
         sae.b_dec.normal_(0, 0.5)
     if arch == "jumprelu":
         sae.activation.set_threshold(torch.rand(d_sae) * 0.3)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.set_threshold(torch.full((d_sae,), 0.2))
+    if arch == "gated":
+        with torch.no_grad():
+            sae.activation.r_mag.normal_(0, 0.5)
+            sae.activation.b_mag.normal_(0, 0.2)
     return sae
 
 
@@ -28,6 +33,11 @@ def reference_encode(sae, x):
     """The formula, written out elementwise-style with plain loops over features."""
     z = torch.stack([(x - sae.b_dec) @ sae.W_enc[:, j] + sae.b_enc[j] for j in range(sae.cfg.d_sae)], -1)
     arch = sae.cfg.arch
+    if arch == "gated":  # SAELens's form: the magnitude path has its own weights W_enc * exp(r_mag)
+        act = sae.activation
+        mag = torch.stack([(x - sae.b_dec) @ (sae.W_enc[:, j] * act.r_mag[j].exp()) + act.b_mag[j]
+                           for j in range(sae.cfg.d_sae)], -1)
+        return torch.where(z > 0, mag.clamp(min=0), torch.zeros_like(z))
     if arch == "relu":
         return z.clamp(min=0)
     if arch == "topk":
@@ -54,6 +64,18 @@ def test_encode_decode_match_formula(arch):
         assert sae.encode(x.view(5, 1, 8)).shape == (5, 1, 16)
 
 
+def test_both_constructors_build_the_same_sae():
+    cfg = SAEConfig(8, 16, arch="topk", k=3, hook_name="blocks.0.hook_resid_post")
+    torch.manual_seed(0)
+    a = SAE(cfg)
+    torch.manual_seed(0)
+    b = SAE(d_in=8, d_sae=16, arch="topk", k=3, hook_name="blocks.0.hook_resid_post")
+    assert a.cfg == b.cfg and a.cfg is cfg and SAE.from_config(cfg).cfg is cfg
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(TypeError, match="SAEConfig alone"):
+        SAE(cfg, k=4)
+
+
 def test_topk_keeps_k_per_token():
     sae = make("topk", k=4).eval()
     x = torch.randn(50, 8) * 3
@@ -64,19 +86,40 @@ def test_topk_keeps_k_per_token():
     assert torch.equal(out.fired, (f > 0).any(0)) and out.l0.item() == pytest.approx((f > 0).sum().item() / 50)
 
 
-def test_batchtopk_training_keeps_k_times_batch_and_sets_threshold():
-    sae = make("batchtopk", k=3)
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_training_keeps_k_times_batch_and_sets_threshold(arch):
+    sae = make(arch, k=3)
     sae.activation._threshold.fill_(-1.0)
     sae.train()
     x = torch.randn(20, 8) * 3
-    f = sae.encode(x)
-    assert int((f > 0).sum()) <= 3 * 20
-    kept_min = f[f > 0].min()
-    torch.testing.assert_close(sae.threshold, torch.full((16,), float(kept_min.detach())))
+    f = sae.encode(x).detach()
+    z = sae.pre_acts(x).detach()
+    # training keeps exactly the k * N largest relu(z) of the batch (all positive here)
+    kept = torch.topk(z.relu().flatten(), 3 * 20).values
+    assert kept.min() > 0 and int((f > 0).sum()) == 3 * 20
+    torch.testing.assert_close(f[f > 0].sort().values, kept.sort().values, atol=0, rtol=0)
+    kept_min = kept.min()
+    assert torch.equal(sae.threshold, torch.full((16,), float(kept_min)))  # the first batch sets it
     sae.eval()
     g = sae.encode(x)
-    # at inference, roughly k per token on the same data (threshold = smallest kept value)
-    assert abs((g > 0).sum(-1).float().mean().item() - 3) < 1.5
+    # inference keeps z > threshold: on the same batch, the kept set minus its smallest value
+    assert torch.equal(g, torch.where(f > kept_min, f, torch.zeros_like(f)))
+    assert int((g > 0).sum()) == 3 * 20 - 1
+
+
+def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_value():
+    sae = make("batchtopk", k=2)
+    sae.activation._threshold.fill_(-1.0)
+    sae.train()
+    lows = []
+    for i in range(3):
+        x = torch.randn(10, 8) * (1 + i)
+        f = sae.encode(x).detach()
+        lows.append(float(f[f > 0].min()))
+    expected = lows[0]
+    for low in lows[1:]:
+        expected = 0.99 * expected + 0.01 * low
+    torch.testing.assert_close(sae.threshold, torch.full((16,), expected), atol=1e-6, rtol=1e-6)
 
 
 def test_batchtopk_without_threshold_refuses_inference():
@@ -113,6 +156,9 @@ def test_relu_penalty_is_decoder_weighted_l1():
     expected = 0.3 * sum(float(f[i, j]) * float(sae.W_dec[j].detach().norm()) for i in range(10) for j in range(16)) / 10
     assert out.sparsity.item() == pytest.approx(expected, rel=1e-5)
     assert out.mse.item() == pytest.approx(((x - sae(x)) ** 2).sum(-1).mean().item(), rel=1e-6)
+    # the fused path (one more decoder-GEMM column) computes ReLU.penalty, the class's formula
+    z = sae.pre_acts(x).detach()
+    assert (0.3 * sae.activation.penalty(z, f, sae.W_dec.detach()).mean()).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_unit_norm_decoder_constraint():
@@ -177,6 +223,15 @@ def test_geometric_median_minimises_distance_sum():
     assert x.mean(0).norm() > 5
 
 
+def test_transcoder_init_from_data_keeps_b_dec_zero_and_refuses_data_decoder():
+    sae = SAE(8, 16, d_out=5)
+    x = torch.randn(50, 8) + 3
+    sae.init_from_data(x, b_dec="mean")
+    assert torch.equal(sae.b_dec.detach(), torch.zeros(5))  # an output bias: the input's mean is no estimate
+    with pytest.raises(ConfigError, match="autoencoder"):
+        sae.init_from_data(x, b_dec="zeros", decoder=True)
+
+
 def test_init_from_data():
     sae = SAE(8, 16)
     x = torch.randn(100, 8) + 4
@@ -194,7 +249,7 @@ def test_init_from_data():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(arch="gated"), "unknown architecture"),
+        (dict(arch="swish"), "unknown architecture"),
         (dict(arch="topk", k=100), "k"),
         (dict(arch="topk"), "k"),
         (dict(decoder_norm="l2"), "decoder_norm"),
@@ -246,15 +301,15 @@ def test_config_dict_roundtrip():
     assert SAEConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_code_round_trips_to_the_dense_path(arch):
     """encode_sparse holds exactly the nonzero entries of encode; decode_sparse equals forward."""
     torch.manual_seed(0)
-    sae = SAE(d_in=12, d_sae=48, arch=arch, k=5 if arch in ("topk", "batchtopk") else None)
+    sae = SAE(d_in=12, d_sae=48, arch=arch, k=5 if arch in K_ARCHS else None)
     with torch.no_grad():
         sae.b_enc.uniform_(-0.3, 0.3)
     x = torch.randn(3, 7, 12)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.train(); sae.encode(x); sae.eval()  # sets its inference threshold
     dense = sae.encode(x).reshape(21, 48)
     code = sae.encode_sparse(x)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from saelab.errors import ConfigError
 from saelab.sae import SAE
@@ -49,6 +49,9 @@ SAELENS_REQUIRED = {
     "jumprelu": {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input"},
     "transcoder": {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input", "d_out"},
     "jumprelu_transcoder": {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input", "d_out"},
+    # no SAELens fixture for gated (not checked by loading in sae-lens): GatedSAEConfig adds no key
+    # to SAEConfig in sae_lens/saes/gated_sae.py, so the standard SAE's keys
+    "gated": {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input"},
 }
 # Tensors SAELens loads with a strict state dict: exactly these names, no more.
 SAELENS_TENSORS = {
@@ -57,6 +60,7 @@ SAELENS_TENSORS = {
     "transcoder": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "jumprelu_transcoder": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+    "gated": {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"},  # GatedSAE sets b_enc = None
 }
 
 
@@ -84,7 +88,7 @@ def read_cfg(folder: Path) -> dict:
 def make_sae(arch: str, d_out: int | None = None, seed: int = 0) -> SAE:
     """A saelab SAE with non-trivial weights: varied decoder norms, nonzero biases, thresholds."""
     torch.manual_seed(seed)
-    kw = {"k": 4} if arch in ("topk", "batchtopk") else {}
+    kw = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka_batchtopk") else {}
     if d_out is not None:
         kw["hook_name_out"] = "blocks.1.hook_mlp_out"
     sae = SAE(16, 32, arch=arch, d_out=d_out, hook_name="blocks.1.hook_resid_post", model_name="tiny", **kw)
@@ -95,6 +99,10 @@ def make_sae(arch: str, d_out: int | None = None, seed: int = 0) -> SAE:
         sae.b_dec.normal_(0, 0.3)
     if sae.threshold is not None:
         sae.activation.set_threshold(0.1 + 0.6 * torch.rand(32))
+    if arch == "gated":
+        with torch.no_grad():
+            sae.activation.r_mag.normal_(0, 0.5)
+            sae.activation.b_mag.normal_(0, 0.2)
     return sae.eval()
 
 
@@ -161,26 +169,96 @@ def _check_saelens_can_read(folder: Path, sae: SAE) -> dict:
     if arch == "topk":
         assert cfg["k"] == c.k and cfg["rescale_acts_by_decoder_norm"] is False
     shapes = {"W_enc": (c.d_in, c.d_sae), "b_enc": (c.d_sae,), "W_dec": (c.d_sae, c.d_out),
-              "b_dec": (c.d_out,), "threshold": (c.d_sae,)}
+              "b_dec": (c.d_out,), "threshold": (c.d_sae,), "b_gate": (c.d_sae,), "b_mag": (c.d_sae,),
+              "r_mag": (c.d_sae,)}
     for name, t in tensors.items():
         assert tuple(t.shape) == shapes[name], name
     return cfg
 
 
-SAVE_CASES = [("relu", None), ("topk", None), ("batchtopk", None), ("jumprelu", None), ("relu", 12),
-              ("jumprelu", 12), ("batchtopk", 12)]
+SAVE_CASES = [("relu", None), ("topk", None), ("batchtopk", None), ("jumprelu", None), ("gated", None),
+              ("matryoshka_batchtopk", None), ("relu", 12), ("jumprelu", 12), ("batchtopk", 12),
+              ("matryoshka_batchtopk", 12)]
+SAELENS_NAME = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
+                "matryoshka_batchtopk": "jumprelu"}  # SAELens saves (matryoshka) batchtopk as jumprelu
 
 
 @pytest.mark.parametrize("arch,d_out", SAVE_CASES)
 def test_saved_folder_has_what_saelens_needs(tmp_path, arch, d_out):
     sae = make_sae(arch, d_out)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.set_threshold(torch.full((32,), 0.35))
     cfg = _check_saelens_can_read(sae.save(tmp_path / "s"), sae)
-    want = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    want = SAELENS_NAME[arch]
     if d_out is not None:
         want = "transcoder" if arch == "relu" else f"{want}_transcoder"
     assert cfg["architecture"] == want
+
+
+@pytest.mark.parametrize("arch", ["topk", "gated"])
+def test_transcoders_saelens_lacks_are_saelab_only_folders(tmp_path, arch):
+    """SAELens has no topk or gated transcoder: saelab writes the SAE architecture with d_out,
+    and reads it back as a transcoder with identical outputs."""
+    sae = make_sae(arch, 12)
+    folder = sae.save(tmp_path / "s")
+    assert read_cfg(folder)["architecture"] == arch and read_cfg(folder)["d_out"] == 12
+    back = SAE.load(folder).eval()
+    assert back.cfg == sae.cfg and back.cfg.is_transcoder
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), sae(x))
+
+
+def test_saelens_gated_folder_gives_saelens_formula(tmp_path):
+    """A gated folder as SAELens writes one (cfg.json without saelab's metadata; tensors W_enc,
+    b_gate, b_mag, r_mag, W_dec, b_dec, following sae_lens/saes/gated_sae.py: no sae-lens fixture)
+    encodes by SAELens's GatedSAE.encode, written out here."""
+    torch.manual_seed(3)
+    w = {"W_enc": torch.randn(16, 32) * 0.3, "b_gate": torch.randn(32) * 0.2, "b_mag": torch.randn(32) * 0.2,
+         "r_mag": torch.randn(32) * 0.5, "W_dec": torch.randn(32, 16), "b_dec": torch.randn(16) * 0.3}
+    folder = tmp_path / "gated"
+    folder.mkdir()
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "architecture": "gated", "d_in": 16, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.1.hook_resid_post"}}))
+    sae = SAE.load(folder).eval()
+    assert sae.cfg.arch == "gated" and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    x = torch.randn(8, 16)
+    sae_in = x - w["b_dec"]
+    gate = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
+    magnitude = torch.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), gate * magnitude, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae(x), (gate * magnitude) @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+    resaved = load_file(str(sae.save(tmp_path / "again") / "sae_weights.safetensors"))
+    assert set(resaved) == set(w) and all(torch.equal(resaved[k], w[k]) for k in w)
+
+
+def test_matryoshka_folder_loads_in_saelens_terms_as_jumprelu(tmp_path):
+    """SAELens reads a matryoshka folder as the jumprelu it is at inference; saelab, reading its
+    own metadata, gets the matryoshka back."""
+    sae = make_sae("matryoshka_batchtopk")
+    sae.activation.set_threshold(0.2 + 0.3 * torch.rand(32))
+    folder = sae.save(tmp_path / "m")
+    assert SAE.load(folder).cfg.arch == "matryoshka_batchtopk"
+    raw = read_cfg(folder)
+    del raw["metadata"]["saelab"]  # what SAELens sees
+    (folder / "cfg.json").write_text(json.dumps(raw))
+    as_saelens = SAE.load(folder).eval()
+    assert as_saelens.cfg.arch == "jumprelu"
+    x = torch.randn(9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(as_saelens(x), sae(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka_batchtopk"])
+def test_saelens_training_checkpoints_are_refused_clearly(tmp_path, name):
+    folder = make_sae("relu").save(tmp_path / "s")
+    raw = {"architecture": name, "d_in": 16, "d_sae": 32, "dtype": "float32", "k": 4}
+    (folder / "cfg.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=f"SAELens {name} training checkpoint"):
+        SAE.load(folder)
 
 
 def test_saved_folder_keeps_metadata_in_saelens(tmp_path):

@@ -28,7 +28,7 @@ def test_step_defaults_and_fields_that_override_them():
 
 def test_what_does_not_apply_is_an_error():
     assert applies("aux_k", "batchtopk") and not applies("aux_k", "jumprelu") and applies("lr", "relu")
-    with pytest.raises(ConfigError, match="aux_k applies only to architectures topk, batchtopk; this sweep's are relu"):
+    with pytest.raises(ConfigError, match="aux_k applies only to architectures topk, batchtopk, matryoshka_batchtopk; this sweep's are relu"):
         sweep_specs(SweepGrid(arch=["relu"]), steps=10, aux_k=4)
     with pytest.raises(ConfigError, match="k applies only to"):
         check_applies(["k"], ["relu", "jumprelu"])

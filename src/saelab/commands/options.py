@@ -20,8 +20,7 @@ from pathlib import Path
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import heldout_contexts, load_lm
-from saelab.sae.activations import ACTIVATIONS
-from saelab.sae.config import DECODER_NORMS
+from saelab.sae.architectures import ACTIVATIONS
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SWEEP_DEFAULTS_HELP
 
@@ -30,7 +29,6 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 EVAL_CONTEXTS = 64  # held-out contexts an evaluation reads unless told (as heldout_contexts' default)
 SPEC_AXES = ("arch", "expansion", "d_sae", "coefficient", "k")  # swept: many values each
-SPEC_CHOICES = {"decoder_norm": DECODER_NORMS}  # TrainSpec itself checks init and b_dec_init
 
 
 # ---- value checks (argparse `type=`: a bad value is a one-line usage error) ----------------
@@ -173,7 +171,7 @@ def add_feature_list_options(p: argparse.ArgumentParser) -> None:
 
 # ---- what a sweep trains --------------------------------------------------------------------
 def k_archs() -> list[str]:
-    return [name for name, cls in ACTIVATIONS.items() if cls.uses_k]
+    return [name for name, cls in ACTIVATIONS.items() if cls.knob == "k"]
 
 
 def add_arch(g, default, many: bool = True) -> None:
@@ -232,7 +230,7 @@ def add_spec_options(g, names=None, defaults: dict | None = None) -> None:
             shown = f"{SWEEP_DEFAULTS_HELP[name]} in a sweep; TrainSpec's: {f.default}"
         about = f.metadata.get("help") or f"TrainSpec.{name}"
         g.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
-                       choices=f.metadata.get("choices", SPEC_CHOICES.get(name)),
+                       choices=f.metadata.get("choices"),
                        help=f"{about} (default: {shown})", **_argparse_type(hints[name]))
 
 

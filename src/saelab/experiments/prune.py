@@ -33,6 +33,7 @@ from saelab.evals.reconstruction import evaluate_on_lm, evaluate_saes, lm_batche
 from saelab.lm.hooked import HookedLM
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE
+from saelab.sae.architectures import names_where
 from saelab.tables import format_rows
 
 COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", "loss_recovered")
@@ -72,9 +73,9 @@ def plan_pruning(density: torch.Tensor, target_l0: float) -> PrunePlan:
 @torch.no_grad()
 def prune_features(sae: SAE, killed: torch.Tensor) -> SAE:
     """A copy of `sae` in which the `killed` features never fire and write nothing."""
-    if sae.cfg.arch == "topk":
-        raise ConfigError("pruning a topk SAE frees each killed feature's slot for another feature, so L0 does not "
-                          "fall; prune relu, jumprelu or batchtopk SAEs, or train topk with a smaller k")
+    if sae.activation.per_token_k:
+        raise ConfigError(f"pruning a {sae.cfg.arch} SAE frees each killed feature's slot for another feature, so L0 "
+                          f"does not fall; prune {names_where(lambda c: not c.per_token_k)} SAEs, or train with a smaller k")
     out = copy.deepcopy(sae)
     if killed.numel():
         if int(killed.max()) >= sae.cfg.d_sae or int(killed.min()) < 0:

@@ -36,6 +36,7 @@ from saelab.lm.arch import MLPWeights
 from saelab.lm.hooked import HookedLM
 from saelab.plots import save_figure
 from saelab.sae import SAE
+from saelab.sae.architectures import architecture
 from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.shard import TrainedSAE, TrainResult
@@ -68,10 +69,11 @@ class SparseMLPConfig:
         width = self.d_sae or int(round(self.expansion * d_model))
         common = dict(arch=self.arch, d_sae=width, lr=self.lr, warmup_steps=min(100, self.steps // 10),
                       dead_tokens=max(self.batch_tokens * self.steps // 4, 1), b_dec_init="zeros")
-        if self.arch in ("topk", "batchtopk"):
+        arch = architecture(self.arch)
+        if arch.knob == "k":
             return [TrainSpec(k=k, **common) for k in self.k]
-        return [TrainSpec(coefficient=c, decoder_norm="unit" if self.arch == "relu" else "weighted",
-                          coefficient_warmup_steps=self.steps // 10, **common) for c in self.l1]
+        norm = {"decoder_norm": "unit"} if "decoder_norm" in arch.settings else {}  # unit rows where it applies
+        return [TrainSpec(coefficient=c, coefficient_warmup_steps=self.steps // 10, **norm, **common) for c in self.l1]
 
 
 def mlp_hooks(layer: int) -> tuple[str, str]:

@@ -1,14 +1,18 @@
 """The SAE folder: `cfg.json` + `sae_weights.safetensors`, in the layout SAELens reads and writes.
 
-Weights: `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_out)`, `b_dec (d_out,)`, and
-`threshold (d_sae,)` for jumprelu (and batchtopk, which SAELens also stores as a jumprelu for
-inference). cfg.json carries SAELens 6's keys (with `metadata.sae_lens_version`, so SAELens keeps
+Weights: `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_out)`, `b_dec (d_out,)`, plus
+what the architecture adds: `threshold (d_sae,)` for jumprelu (and batchtopk / matryoshka, which
+SAELens also stores as a jumprelu for inference); gated saves b_enc as `b_gate`, plus `b_mag` and
+`r_mag`. cfg.json carries SAELens 6's keys (with `metadata.sae_lens_version`, so SAELens keeps
 our metadata), the flat keys SAELens 5 reads, and saelab's own full config under
 `metadata.saelab` so a round trip through saelab loses nothing. Loading reads saelab folders and
 SAELens ones (its current nested format and the older flat one). No pickle.
 
-SAELens has no topk transcoder: saelab writes one (architecture "topk" with `d_out`) that only
-saelab reads. Everything else loads in SAELens with identical outputs (tests/fixtures/saelens).
+This module reads and writes (SAEConfig, tensors by saved name); `SAE.save` / `SAE.load` in
+`saelab.sae.model` turn those into a module, so this module never imports the model. Each
+architecture class names its SAELens architecture; SAELens has no topk or gated transcoder, so
+saelab writes those under the SAE name with `d_out`, and only saelab reads them. Everything else
+loads in SAELens with identical outputs (tests/fixtures/saelens).
 """
 
 from __future__ import annotations
@@ -19,29 +23,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import Tensor
 
 from saelab.atomic import save_tensors, write_json
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.hook_names import parse_hook
+from saelab.sae.architectures import architecture, saelens_architecture
 from saelab.sae.config import SAEConfig
-from saelab.sae.model import SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write (nested metadata)
-
-# saelab arch -> SAELens "architecture" written to disk, for SAEs and for transcoders
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-_TO_SAELENS_TRANSCODER = {"relu": "transcoder", "topk": "topk", "batchtopk": "jumprelu_transcoder", "jumprelu": "jumprelu_transcoder"}
-# SAELens architecture -> saelab arch when reading a folder saelab did not write
-_FROM_SAELENS = {
-    "standard": "relu",
-    "topk": "topk",
-    "jumprelu": "jumprelu",
-    "transcoder": "relu",
-    "jumprelu_transcoder": "jumprelu",
-}
 
 
 def is_sae_folder(path: Path) -> bool:
@@ -60,16 +53,13 @@ def sae_folders(path: str | Path) -> list[Path]:
     return folders
 
 
-def save_sae(sae: SAE, path: str | Path) -> Path:
-    """Write the folder (weights first, then cfg.json, each atomically)."""
+def write_sae_folder(path: str | Path, cfg: SAEConfig, tensors: dict[str, Tensor]) -> Path:
+    """Write the folder: tensors (by saved name, cast to cfg.dtype) first, then cfg.json, each atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if sae.threshold is not None:
-        tensors["threshold"] = sae.threshold
-    dtype = getattr(torch, sae.cfg.dtype)
+    dtype = getattr(torch, cfg.dtype)
     save_tensors(path / WEIGHTS_FILE, {k: v.to(dtype) for k, v in tensors.items()})
-    write_json(path / CFG_FILE, saelens_cfg(sae.cfg))
+    write_json(path / CFG_FILE, saelens_cfg(cfg))
     return path
 
 
@@ -86,9 +76,9 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     }
     if cfg.hook_name_out is not None:
         metadata["hook_name_out"] = cfg.hook_name_out
-    table = _TO_SAELENS_TRANSCODER if cfg.is_transcoder else _TO_SAELENS
+    arch = architecture(cfg.arch)
     out = {
-        "architecture": table[cfg.arch],
+        "architecture": arch.saelens_architecture_name(cfg.is_transcoder),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -100,10 +90,9 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     }
     if cfg.is_transcoder:
         out["d_out"] = cfg.d_out
-    if cfg.arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
-    # flat keys SAELens 5 requires; SAELens 6 ignores them when metadata.sae_lens_version is set
+    # the architecture's own keys (topk: k), and the flat keys SAELens 5 requires (SAELens 6
+    # ignores those when metadata.sae_lens_version is set)
+    out.update(arch.saelens_keys(cfg))
     out.update(
         model_name=cfg.model_name,
         hook_name=cfg.hook_name,
@@ -111,8 +100,6 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
         hook_head_index=None,
         dataset_path=None,
         context_size=None,
-        activation_fn_str="topk" if cfg.arch == "topk" else "relu",
-        activation_fn_kwargs={"k": cfg.k} if cfg.arch == "topk" else {},
     )
     return out
 
@@ -125,8 +112,9 @@ def _layer_of(hook_name: str | None) -> int:
         return 0
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a saelab or SAELens SAE folder."""
+def read_sae_folder(path: str | Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """The config and tensors (by saved name) of a saelab or SAELens SAE folder, with SAELens
+    options that change the computation folded into the weights."""
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
     if not path.is_dir():
@@ -143,9 +131,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     except (SafetensorError, OSError, ValueError) as err:
         raise CorruptFileError(f"{weights_path} is not a readable safetensors file: {err}") from err
     cfg = config_from_dict(raw, tensors)
-    sae = SAE.from_config(cfg)
-    _assign(sae, _fold_saelens_options(raw, tensors, weights_path), weights_path)
-    return sae.to(device)
+    return cfg, _fold_saelens_options(raw, tensors, weights_path)
 
 
 def _fold_saelens_options(raw: dict, tensors: dict, where: Path) -> dict:
@@ -180,11 +166,6 @@ def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
         raise ConfigError(f"cfg.json is missing {missing}; an SAE config needs at least d_in and d_sae")
     arch_name = raw.get("architecture", "standard")
     activation_fn = raw.get("activation_fn_str", raw.get("activation_fn", "relu")) or "relu"
-    if arch_name == "batchtopk":
-        raise ConfigError(
-            "this is a SAELens batchtopk training checkpoint; load the folder SAELens writes with "
-            "save_inference_model (a jumprelu), or train the SAE with saelab"
-        )
     if arch_name == "standard" and activation_fn == "topk":  # SAELens 5: topk as an activation option
         arch_name = "topk"
     elif activation_fn not in ("relu", "topk"):
@@ -197,37 +178,16 @@ def config_from_dict(raw: dict, tensors: dict | None = None) -> SAEConfig:
             "('none'). Fold the scaling into the weights first."
         )
     d_out = raw.get("d_out") or (tensors["W_dec"].shape[1] if tensors and "W_dec" in tensors else raw["d_in"])
-    if arch_name not in _FROM_SAELENS:
-        raise ConfigError(f"SAELens architecture {arch_name!r} is not supported; saelab loads {sorted(_FROM_SAELENS)}")
-    arch = _FROM_SAELENS[arch_name]
+    arch = saelens_architecture(arch_name)
     return SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
-        arch=arch,
+        arch=arch.name,
         d_out=int(d_out),
-        k=int(k) if k is not None and arch == "topk" else None,
+        k=int(k) if k is not None and "k" in arch.settings else None,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         hook_name=raw.get("hook_name", raw.get("hook_point", meta.get("hook_name"))),
         hook_name_out=raw.get("hook_name_out", meta.get("hook_name_out")),
         model_name=raw.get("model_name", meta.get("model_name")),
         dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
     )
-
-
-def _assign(sae: SAE, tensors: dict, where: Path) -> None:
-    """Copy tensors into the module, checking every name and shape."""
-    expected = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if sae.threshold is not None:
-        expected["threshold"] = sae.threshold
-    for name, param in expected.items():
-        if name not in tensors:
-            raise CorruptFileError(f"{where} has no tensor {name!r}; it has {sorted(tensors)}")
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise CorruptFileError(
-                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {tuple(param.shape)}"
-            )
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(tensors[name].float())
-        if sae.threshold is not None:
-            sae.activation.set_threshold(tensors["threshold"].float())

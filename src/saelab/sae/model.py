@@ -5,14 +5,16 @@
     x_hat = f @ W_dec + b_dec                                           (N, d_out)
 
 `x` has shape `(..., d_in)`. A transcoder predicts another activation (`d_out`, `hook_name_out`)
-and never subtracts `b_dec` from its input; nothing else differs. The architecture (`act` and
-its penalty) comes from `saelab.sae.activations`. Training loss, per token then averaged:
+and never subtracts `b_dec` from its input; nothing else differs. The architecture (`act`, its
+penalty, its extra loss terms, its policies) is a class from `saelab.sae.architectures`, held as
+`sae.activation`. Training loss, per token then averaged:
 
-    loss = ||y - x_hat||^2 + coefficient * penalty(z, f) + aux_coefficient * aux
+    loss = ||y - x_hat||^2 + coefficient * penalty(z, f) + aux
 
-where `aux` is the auxiliary-k loss of topk/batchtopk (dead features reconstruct the residual).
-Weights use the SAELens layout (`W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`); the folder
-format lives in `saelab.sae.format`.
+where `aux` holds the architecture's extra terms (aux-k over dead features for topk/batchtopk,
+gated's frozen-decoder reconstruction, matryoshka's inner prefixes). Weights use the SAELens
+layout (`W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`); the folder format lives in
+`saelab.sae.format`, which reads and writes (SAEConfig, tensors) and never imports this module.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, DataError
-from saelab.sae.activations import ACTIVATIONS
+from saelab.errors import ConfigError, CorruptFileError, DataError
+from saelab.sae.activations import AuxInputs
+from saelab.sae.architectures import architecture
 from saelab.sae.config import SAEConfig
+from saelab.sae.format import WEIGHTS_FILE, read_sae_folder, write_sae_folder
+
 
 class ForwardOutput(NamedTuple):
     """Everything one training step needs from an SAE, for a batch of N tokens."""
@@ -35,8 +40,8 @@ class ForwardOutput(NamedTuple):
     feature_acts: Tensor | None  # (N, d_sae) feature activations f; None where computed sparsely (topk)
     loss: Tensor  # scalar: mse + sparsity + aux
     mse: Tensor  # scalar: mean over tokens of the squared error summed over dimensions
-    sparsity: Tensor  # scalar: coefficient * mean penalty (weighted L1 for relu, L0 for jumprelu)
-    aux: Tensor  # scalar: aux_coefficient * auxiliary-k loss (topk / batchtopk), else 0
+    sparsity: Tensor  # scalar: coefficient * mean penalty (weighted L1 for relu, L0 for jumprelu, ...)
+    aux: Tensor  # scalar: the architecture's extra terms (aux-k, gated's aux, matryoshka's prefixes), else 0
     fired: Tensor  # (d_sae,) bool: which features were active on at least one of the N tokens
     l0: Tensor | None  # scalar: mean active features per token (None unless measured, see `loss`)
 
@@ -50,38 +55,36 @@ class SparseCode(NamedTuple):
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder or transcoder. See the module docstring for the formula."""
+    """A sparse autoencoder or transcoder. See the module docstring for the formula.
 
-    def __init__(self, d_in: int, d_sae: int, arch: str = "relu", d_out: int | None = None, **options):
+    Two ways to build one: `SAE(cfg)` from an SAEConfig, or `SAE(d_in, d_sae, arch=..., **options)`,
+    which is `SAE(SAEConfig(d_in, d_sae, arch=..., **options))`."""
+
+    def __init__(self, *args, **options):
         super().__init__()
-        cfg = options.pop("cfg", None) or SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, d_out=d_out, **options)
+        if any(isinstance(a, SAEConfig) for a in (*args, *options.values())):
+            if len(args) != 1 or options:
+                raise TypeError("SAE takes an SAEConfig alone, or d_in, d_sae and options (arch=..., k=...)")
+            cfg = args[0]
+        else:
+            cfg = SAEConfig(*args, **options)
         self.cfg = cfg
-        d_out = cfg.d_out
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out))
-        self.b_dec = nn.Parameter(torch.zeros(d_out))
-        self.activation = self._make_activation(cfg)
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        self.activation = architecture(cfg.arch).from_config(cfg)
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> "SAE":
-        return cls(cfg.d_in, cfg.d_sae, cfg=cfg)
-
-    @staticmethod
-    def _make_activation(cfg: SAEConfig):
-        kind = ACTIVATIONS[cfg.arch]
-        if cfg.arch == "jumprelu":
-            return kind(cfg.d_sae, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
-        if kind.uses_k:
-            return kind(cfg.d_sae, cfg.k)
-        return kind()
+        return cls(cfg)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Tied init: random decoder rows (unit norm for `unit`, norm 0.1 otherwise), W_enc = W_dec^T."""
+        """Tied init: random decoder rows at the architecture's initial norm, W_enc = W_dec^T."""
         nn.init.kaiming_uniform_(self.W_dec)
-        norm = 1.0 if self.cfg.decoder_norm == "unit" or self.cfg.arch != "relu" else 0.1
+        norm = self.activation.decoder_init_norm(self.cfg)
         self.W_dec.mul_(norm / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
         self.tie_encoder()
         self.b_enc.zero_()
@@ -118,7 +121,7 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f, shape (..., d_sae)."""
         z = self.pre_acts(x.reshape(-1, x.shape[-1]))
-        return self.activation(z).view(*x.shape[:-1], self.cfg.d_sae)
+        return self.activation.features(z, self.b_enc).view(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction f @ W_dec + b_dec, shape (..., d_out)."""
@@ -128,17 +131,11 @@ class SAE(nn.Module):
     def encode_sparse(self, x: Tensor) -> SparseCode:
         """The active features of x (..., d_in), rows flattened to N: (values, indices) (N, k).
 
-        Architectures with a fixed k per token (topk) give exactly their k slots and never build
-        the dense (N, d_sae) matrix; the others give as many slots as the busiest token needs,
-        zero-padded, so `decode_sparse(encode_sparse(x)) == forward(x)` for every architecture."""
-        x = x.reshape(-1, x.shape[-1])
-        z = self.pre_acts(x)
-        if self.activation.sparse is not None:
-            return SparseCode(*self.activation.sparse(z))
-        f = self.activation(z)
-        width = max(1, int((f > 0).sum(-1).max())) if f.numel() else 1
-        top = torch.topk(f, min(width, self.cfg.d_sae), dim=-1, sorted=False)
-        return SparseCode(top.values, top.indices)
+        Architectures with a fixed k per token (topk, `per_token_k`) give exactly their k slots and
+        never build the dense (N, d_sae) matrix; the others give as many slots as the busiest token
+        needs, zero-padded, so `decode_sparse(encode_sparse(x)) == forward(x)` for every architecture."""
+        z = self.pre_acts(x.reshape(-1, x.shape[-1]))
+        return SparseCode(*self.activation.sparse_code(z, self.b_enc))
 
     def decode_sparse(self, code: SparseCode) -> Tensor:
         """Reconstruction from (values, indices) (N, k): sum_j values_j W_dec[indices_j] + b_dec,
@@ -150,6 +147,7 @@ class SAE(nn.Module):
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (..., d_in) -> x_hat (..., d_out): decode(encode(x))."""
         return self.decode(self.encode(x))
 
     def loss(
@@ -164,54 +162,52 @@ class SAE(nn.Module):
     ) -> ForwardOutput:
         """Training loss on a batch x (N, d_in) against target (N, d_out), default x itself.
 
-        `dead_mask` (d_sae,) marks features the trainer considers dead; for topk/batchtopk they
-        reconstruct the residual through their own top-`aux_k` pre-activations (Gao et al.).
-        `measure_l0=False` skips counting active features (a full pass over f for dense
-        architectures), which a trainer needs only on logging steps."""
+        `dead_mask` (d_sae,) marks features the trainer considers dead; for the aux-k architectures
+        (topk, batchtopk, matryoshka) they reconstruct the residual through their own top-`aux_k`
+        pre-activations (Gao et al.). `measure_l0=False` skips counting active features (a full
+        pass over f for dense architectures), which a trainer needs only on logging steps."""
         y = x if target is None else target
         self._check_input(y, self.cfg.d_out, "target")
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         z = self.pre_acts(x)
-        act, f = self.activation, None
-        sparsity = z.new_zeros(())
-        if act.sparse is not None:
-            values, indices = act.sparse(z)
-            x_hat = self.decode_sparse(SparseCode(values, indices))
-            active = values.detach() > 0
-            fired = torch.bincount(indices[active], minlength=self.cfg.d_sae) > 0
-            l0 = active.sum() / x.shape[0]
+        if self.activation.per_token_k:
+            x_hat, f, sparsity, fired, l0 = self._sparse_step(z)
         else:
-            f = act(z)
-            if act.weighted_l1 and coefficient:
-                # the penalty f @ ||W_dec rows|| as one more output column of the decoder product
-                norms = self.W_dec.norm(dim=1, keepdim=True)
-                out = f @ torch.cat([self.W_dec, norms], dim=1)
-                x_hat, sparsity = out[:, :-1] + self.b_dec, coefficient * out[:, -1].mean()
-            else:
-                x_hat = f @ self.W_dec + self.b_dec
-                if coefficient:
-                    sparsity = coefficient * act.penalty(z, f, self.W_dec.norm(dim=1)).mean()
-            with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
-                fired = f.sum(0) > 0
-                l0 = (f > 0).sum() / x.shape[0] if measure_l0 else None
+            x_hat, f, sparsity, fired, l0 = self._dense_step(z, coefficient, measure_l0)
         err = y - x_hat
         mse = err.pow(2).sum(-1).mean()
-        aux = mse.new_zeros(())
-        if act.uses_k and dead_mask is not None and bool(dead_mask.any()):
-            aux = aux_coefficient * self._aux_loss(z, err.detach(), dead_mask, aux_k or self.cfg.d_in // 2)
+        aux = self.activation.aux_loss(self, AuxInputs(z, f, y, err.detach(), dead_mask, aux_k, aux_coefficient))
         return ForwardOutput(x_hat, f, mse + sparsity + aux, mse, sparsity, aux, fired, l0)
 
-    def _aux_loss(self, z: Tensor, residual: Tensor, dead_mask: Tensor, aux_k: int) -> Tensor:
-        """Normalised MSE of the residual's reconstruction by the top-aux_k dead features."""
-        k = min(aux_k, int(dead_mask.sum()))
-        dead_z = torch.where(dead_mask, z, torch.full_like(z, -torch.inf))
-        top = torch.topk(dead_z, k, dim=-1, sorted=False)
-        f_aux = torch.zeros_like(z).scatter_(-1, top.indices, torch.relu(top.values))
-        r_hat = f_aux @ self.W_dec
-        total = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return (residual - r_hat).pow(2).sum(-1).mean() / total
+    def _sparse_step(self, z: Tensor) -> tuple:
+        """Decode through the native sparse code (per_token_k: k slots per token, no penalty):
+        x_hat, f (None), sparsity (0), fired, l0."""
+        code = SparseCode(*self.activation.sparse_code(z))
+        x_hat = self.decode_sparse(code)
+        active = code.values.detach() > 0
+        fired = torch.bincount(code.indices[active], minlength=self.cfg.d_sae) > 0
+        return x_hat, None, z.new_zeros(()), fired, active.sum() / z.shape[0]
 
-    # ---- decoder-norm constraint (relu with decoder_norm="unit") -----------------------
+    def _dense_step(self, z: Tensor, coefficient: float, measure_l0: bool) -> tuple:
+        """Decode the dense f, with the penalty: x_hat, f, sparsity, fired, l0. A penalty linear in f
+        (the architecture's penalty_column, e.g. relu's decoder norms) rides in the decoder GEMM
+        as one more output column."""
+        act, sparsity = self.activation, z.new_zeros(())
+        f = act.features(z, self.b_enc)
+        column = act.penalty_column(self.W_dec) if coefficient else None
+        if column is not None:
+            out = f @ torch.cat([self.W_dec, column], dim=1)
+            x_hat, sparsity = out[:, :-1] + self.b_dec, coefficient * out[:, -1].mean()
+        else:
+            x_hat = f @ self.W_dec + self.b_dec
+            if coefficient:
+                sparsity = coefficient * act.penalty(z, f, self.W_dec).mean()
+        with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
+            fired = f.sum(0) > 0
+            l0 = (f > 0).sum() / z.shape[0] if measure_l0 else None
+        return x_hat, f, sparsity, fired, l0
+
+    # ---- decoder-norm constraint (the architecture's unit_norm_decoder) ----------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -228,9 +224,10 @@ class SAE(nn.Module):
     # ---- initialisation from data -------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x: Tensor, b_dec: str = "mean", decoder: bool = False, generator=None) -> None:
-        """Data-aware init. `b_dec`: "mean", "geometric_median" or "zeros" of the sample x (N, d_in)
-        (autoencoders only). `decoder=True`: decoder rows are random samples of x (centred by
-        b_dec, unit-norm, scaled like the default init) and W_enc is tied to them."""
+        """Data-aware init. `b_dec`: "mean", "geometric_median" or "zeros" of the sample x (N, d_in);
+        a transcoder's b_dec is an output bias, so it stays 0 whatever `b_dec` says (this is the
+        one place that rule lives). `decoder=True` (autoencoders only): decoder rows are random
+        samples of x (centred by b_dec, unit-norm, scaled like the default init), W_enc tied to them."""
         if not torch.isfinite(x).all():
             raise DataError("initialisation sample contains NaN or Inf")
         if b_dec not in ("mean", "geometric_median", "zeros"):
@@ -240,10 +237,10 @@ class SAE(nn.Module):
             centre = x.mean(0) if b_dec == "mean" else geometric_median(x)
             self.b_dec.copy_(centre.to(self.b_dec))
         if decoder:
-            idx = torch.randint(0, x.shape[0], (self.cfg.d_sae,), generator=generator)
-            rows = x[idx] - (self.b_dec if not self.cfg.is_transcoder else 0)
             if self.cfg.is_transcoder:
                 raise ConfigError("data-sample decoder init needs an autoencoder (d_out == d_in)")
+            idx = torch.randint(0, x.shape[0], (self.cfg.d_sae,), generator=generator)
+            rows = x[idx] - self.b_dec
             norm = self.W_dec.norm(dim=1, keepdim=True)
             self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8) * norm)
             self.tie_encoder()
@@ -261,21 +258,56 @@ class SAE(nn.Module):
         self.b_dec.div_(scale_out)
 
     # ---- persistence -----------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        from saelab.sae.format import save_sae
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """The SAE folder's tensors by their saved names: W_enc, b_enc, W_dec, b_dec (an
+        architecture may save one under another name: gated's b_enc is b_gate) and the
+        architecture's own (a threshold; gated's b_mag and r_mag)."""
+        names = self.activation.saved_names
+        core = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return {names.get(k, k): v for k, v in core.items()} | self.activation.saved_tensors()
 
-        return save_sae(self, path)
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor], where: str | Path = "the tensors") -> None:
+        """Set every parameter from `tensors` (saved names, as `saved_tensors` gives them),
+        checking each name and shape; extra tensors are ignored."""
+        for name, param in self.saved_tensors().items():
+            if name not in tensors:
+                raise CorruptFileError(f"{where} has no tensor {name!r}; it has {sorted(tensors)}")
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise CorruptFileError(
+                    f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {tuple(param.shape)}"
+                )
+        names = self.activation.saved_names
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(self, name).copy_(tensors[names.get(name, name)].float())
+        self.activation.load_saved_tensors(tensors)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the SAE folder (cfg.json + sae_weights.safetensors, SAELens-compatible)."""
+        return write_sae_folder(path, self.cfg, self.saved_tensors())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        from saelab.sae.format import load_sae
-
-        return load_sae(path, device=device)
+        """Load a saelab or SAELens SAE folder."""
+        cfg, tensors = read_sae_folder(path)
+        sae = cls(cfg)
+        sae.load_tensors(tensors, Path(path) / WEIGHTS_FILE)
+        return sae.to(device)
 
     def extra_repr(self) -> str:
         c = self.cfg
         k = f", k={c.k}" if c.k else ""
         return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}{k}"
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a saelab or SAELens SAE folder (SAE.load)."""
+    return SAE.load(path, device)
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write an SAE folder (SAE.save)."""
+    return sae.save(path)
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:

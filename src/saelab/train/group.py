@@ -204,7 +204,7 @@ class GroupTrainer:
             spec = trainer.spec
             trainer.sae.init_from_data(
                 sample,
-                b_dec=spec.b_dec_init if not trainer.sae.cfg.is_transcoder else "zeros",
+                b_dec=spec.b_dec_init,
                 decoder=spec.init == "data",
                 generator=trainer.generator,
             )

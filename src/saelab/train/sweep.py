@@ -1,9 +1,9 @@
 """A sweep's grid: every architecture at every width, at each of its knob values, as TrainSpecs.
 
-An architecture's knob is `k` when its activation class says `uses_k` (topk, batchtopk, ...)
-and the sparsity `coefficient` otherwise (relu's L1, jumprelu's L0, ...): the registry
-(`saelab.sae.activations.ACTIVATIONS`) is asked, never a list of names, so a new architecture
-joins sweeps by being registered.
+An architecture's knob is `k` when its class says `knob = "k"` (topk, batchtopk, ...) and the
+sparsity `coefficient` otherwise (relu's L1, jumprelu's L0, ...); which other settings it takes
+is `saelab.sae.architectures.reads`. The registry is asked, never a list of names, so a new
+architecture joins sweeps by being registered.
 
 The grid also fills a few training settings from the number of steps (`sweep_defaults`): they
 are what `saelab train` and `saelab quickstart` have always used, and any field given
@@ -16,13 +16,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from saelab.errors import ConfigError
-from saelab.sae.activations import ACTIVATIONS
+from saelab.sae.architectures import ACTIVATIONS, architecture, reads
 from saelab.train.spec import TrainSpec
-
-# TrainSpec fields that mean something only for architectures with k, or only without (a
-# sparsity coefficient): set on the specs they apply to, an error when none of a sweep's do
-K_FIELDS = ("k", "aux_k", "aux_coefficient")
-PENALTY_FIELDS = ("coefficient", "coefficient_warmup_steps")
 
 # what sweep_defaults sets, as --help shows it
 SWEEP_DEFAULTS_HELP = {
@@ -48,18 +43,13 @@ class SweepGrid:
 def uses_k(arch: str) -> bool:
     """Whether `arch` is swept over k (else over the sparsity coefficient); unknown names are
     an error listing the registered ones."""
-    if arch not in ACTIVATIONS:
-        raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(ACTIVATIONS)}")
-    return bool(ACTIVATIONS[arch].uses_k)
+    return architecture(arch).knob == "k"
 
 
 def applies(name: str, arch: str) -> bool:
-    """Whether TrainSpec field `name` means something for `arch`."""
-    if name in K_FIELDS:
-        return uses_k(arch)
-    if name in PENALTY_FIELDS:
-        return not uses_k(arch)
-    return True
+    """Whether TrainSpec field `name` means something for `arch` (its class says:
+    `saelab.sae.architectures.reads`)."""
+    return reads(architecture(arch), name)
 
 
 def check_applies(names: Iterable[str], archs: Iterable[str]) -> None:

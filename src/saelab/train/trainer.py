@@ -10,19 +10,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.errors import ConfigError
 from saelab.evals import metrics
 from saelab.sae.model import SAE
 from saelab.train.spec import TrainSpec
 
 
 class SAETrainer:
+    """Trains one SAE: Adam on `sae.loss` with the spec's lr and coefficient schedules, and the
+    architecture's policies — unit-norm decoder rows (`unit_norm_decoder`), the aux-k loss over
+    dead features (`uses_aux_k`), Anthropic resampling every `resample_every` steps (`resamples`).
+    A feature is dead once it has not fired for `spec.dead_tokens` tokens."""
+
     def __init__(self, spec: TrainSpec, sae: SAE, total_steps: int, generator: torch.Generator):
         self.spec, self.sae, self.total_steps, self.generator = spec, sae, total_steps, generator
+        act = sae.activation
+        if spec.resample_every and not act.resamples:
+            raise ConfigError(f"resample_every={spec.resample_every}, but {sae.cfg.arch} SAEs do not resample dead "
+                              "features; set resample_every=0 (aux-k architectures train dead features through aux_k)")
         kwargs = {"fused": True} if _fused_adam_ok(sae) else {}
         self.opt = torch.optim.Adam(sae.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
         # tokens since each feature last fired: dead features (aux-k, resampling) are read off it
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
-        self.unit_norm = sae.cfg.arch == "relu" and sae.cfg.decoder_norm == "unit"
+        self.unit_norm = act.unit_norm_decoder(sae.cfg)
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.spec.dead_tokens
@@ -34,7 +44,7 @@ class SAETrainer:
         lr, coefficient = spec.lr_at(step, self.total_steps), spec.coefficient_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        dead = self.dead_mask() if sae.activation.uses_k else None
+        dead = self.dead_mask() if sae.activation.uses_aux_k else None
         out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
