@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from saelab.data.cache import format as fmt
+import saelab.data.cache.format as fmt
 from saelab.data.cache.shuffle import ShuffledBatches, window_contexts_for
 from saelab.errors import CorruptFileError, DataError, MissingFileError
 

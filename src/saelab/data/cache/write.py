@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+import saelab.data.cache.format as fmt
 from saelab.atomic import write_json
-from saelab.data.cache import format as fmt
 from saelab.errors import ConfigError, DataError
 from saelab.progress import progress_bar
 
