@@ -169,7 +169,7 @@ BAD = [
     (["sparse-mlp", "--arch", "relu", "--k", "4"], "k applies only to"),
     (["sparse-mlp", "--arch", "mystery"], "invalid choice: 'mystery'"),
     (["sparse-mlp", "--d-sae", "64", "--expansion", "4"], "--d-sae or as --expansion, not both"),
-    (["toy", "--arch-k", "relu"], "invalid choice: 'relu' (choose from 'topk', 'batchtopk'"),
+    (["toy", "--arch", "relu2"], "invalid choice: 'relu2' (choose from 'relu', 'topk'"),
     (["dashboard", "x", "--device", "cuda:banana"], "unknown device 'cuda:banana'"),
     (["dashboard", "x", "--contexts", "5"], "unrecognized arguments: --contexts 5"),
     (["cache", "--hooks", "h", "--out", "o", "--keep-bos"], "unrecognized arguments: --keep-bos"),

@@ -1,7 +1,7 @@
 """`saelab toy`: train a small sweep on synthetic data with known features and report recovery:
-relu SAEs at each --coefficient and SAEs of one k architecture at each --k, on activations made
-of known sparse features in superposition; each SAE's MMCS against the true features and the
-share it recovers.
+every --arch (relu, topk, gated, ... all six) at each of its --coefficient or --k values, on
+activations made of known sparse features in superposition; each SAE's MMCS against the true
+features and the share it recovers.
 
 Writes the run folder (--out; resumes if it holds a checkpoint): saes/<label>/, metrics.json,
 config.json (every setting, the data's included) and log.jsonl; prints the table."""
@@ -30,10 +30,9 @@ def register(sub) -> None:
     g.add_argument("--uncorrelated", action="store_true", help="features fire independently")
     g = p.add_argument_group("the sweep")
     g.add_argument("--width", type=options.positive_int, default=d.width, help=f"SAE width d_sae (default: {d.width})")
-    options.add_coefficients(g, d.l1)
+    options.add_arch(g, d.arch)
+    options.add_coefficients(g, d.coefficient)
     options.add_ks(g, d.k)
-    g.add_argument("--arch-k", choices=options.k_archs(), default=d.arch_k,
-                   help=f"architecture for the --k values (default: {d.arch_k}); the --coefficient values train relu")
     options.add_steps(g, d.steps)
     options.add_batch_tokens(g, d.data.batch_size)
     options.add_spec_options(g, ["lr"], defaults={"lr": d.lr})
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_tokens,
         seed=args.seed,
     )
-    cfg = ToySweepConfig(data=data, width=args.width, l1=args.coefficient, k=args.k, arch_k=args.arch_k,
+    cfg = ToySweepConfig(data=data, width=args.width, arch=args.arch, coefficient=args.coefficient, k=args.k,
                          steps=args.steps, lr=args.lr, seed=args.seed)
     out = options.output_folder(args)
     start = time.perf_counter()

@@ -25,32 +25,35 @@ from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.shard import TrainedSAE
 from saelab.train.spec import TrainSpec
+from saelab.train.sweep import SweepGrid, sweep_specs
+
+
+# on toy data dead latents are the main thing between an aux-k SAE and full recovery: they
+# count as dead sooner and their auxiliary loss weighs more than on a real model
+TOY_DEFAULTS = {"warmup_steps": 50, "dead_tokens": 50_000, "aux_coefficient": 0.25}
 
 
 @dataclass
 class ToySweepConfig:
+    """The toy data and the sweep: every architecture in `arch` at width `width`, at each of its
+    `coefficient` values (penalty architectures) or `k` values (k architectures)."""
+
     data: ToyDataConfig = field(default_factory=lambda: ToyDataConfig(d=64, n_features=256, mean_active=5, batch_size=1024))
     width: int = 256
-    l1: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.6])
+    arch: list[str] = field(default_factory=lambda: ["relu", "topk"])
+    coefficient: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.6])
     k: list[int] = field(default_factory=lambda: [5])
-    arch_k: str = "topk"
-    decoder_norm: str = "weighted"
     steps: int = 1500
     lr: float = 5e-3
     eval_batches: int = 4
     seed: int = 0
 
     def specs(self) -> list[TrainSpec]:
-        """relu at each L1 coefficient (weighted by decoder norms, the coefficient warmed up over
-        the first tenth), and topk at each k with a strong auxiliary loss: on toy data dead
-        latents are the main thing between a topk SAE and full recovery."""
-        common = dict(d_sae=self.width, lr=self.lr, warmup_steps=50)
-        relu = [
-            TrainSpec(arch="relu", coefficient=c, decoder_norm=self.decoder_norm, coefficient_warmup_steps=self.steps // 10, **common)
-            for c in self.l1
-        ]
-        topk = [TrainSpec(arch=self.arch_k, k=k, dead_tokens=50_000, aux_coefficient=0.25, **common) for k in self.k]
-        return relu + topk
+        """The grid through `saelab.train.sweep` (the one sweep builder), with TOY_DEFAULTS
+        where an architecture reads them (coefficients warm up over the first tenth)."""
+        grid = SweepGrid(arch=list(self.arch), expansion=[], d_sae=[self.width],
+                         coefficient=list(self.coefficient), k=list(self.k))
+        return sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr)
 
 
 @dataclass

@@ -72,10 +72,10 @@ def sweep_defaults(arch: str, steps: int) -> dict:
     return out
 
 
-def sweep_specs(grid: SweepGrid, steps: int, **fields) -> list[TrainSpec]:
+def sweep_specs(grid: SweepGrid, steps: int, defaults: dict | None = None, **fields) -> list[TrainSpec]:
     """One TrainSpec per width x architecture x knob value, in that nesting order. `fields`
-    (any TrainSpec fields but the axes) are set on every spec they apply to, over
-    `sweep_defaults`."""
+    (any TrainSpec fields but the axes) are set on every spec they apply to, over a caller's
+    `defaults` (set where they apply, never an error), over `sweep_defaults`."""
     axes = {"arch", "expansion", "d_sae", "coefficient", "k"} & set(fields)
     if axes:
         raise ConfigError(f"{sorted(axes)} are the grid's axes; set them on the SweepGrid")
@@ -90,7 +90,8 @@ def sweep_specs(grid: SweepGrid, steps: int, **fields) -> list[TrainSpec]:
             if not knobs:
                 raise ConfigError(f"{arch} is swept over {'k' if uses_k(arch) else 'coefficient'}, "
                                   "and the grid gives no values")
-            settings = {**sweep_defaults(arch, steps), **{n: v for n, v in fields.items() if applies(n, arch)}}
+            given = {**(defaults or {}), **fields}
+            settings = {**sweep_defaults(arch, steps), **{n: v for n, v in given.items() if applies(n, arch)}}
             specs += [TrainSpec(arch=arch, **width, **knob, **settings) for knob in knobs]
     return specs
 
