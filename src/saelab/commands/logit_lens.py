@@ -14,8 +14,6 @@ from pathlib import Path
 from saelab.commands import options
 from saelab.interpret.lens import PARTITION_KURTOSIS, PREDICTION_KURTOSIS, SKEW_THRESHOLD, feature_lens
 from saelab.interpret.vocab import token_mask, token_strings
-from saelab.lm.resolve import check_sae_fits, load_lm
-from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
@@ -31,10 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sae = SAE.load(args.sae).eval()
-    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
-    sae.to(lm.device)
-    check_sae_fits(lm, sae)
+    sae, lm = options.sae_and_lm(args)
     mask = token_mask(lm, lm.d_vocab, lm.W_U, drop_unused=args.drop_unused, high_norm_z=args.drop_high_norm)
     res = feature_lens(sae, lm, args.feature, k=args.k, mask=mask, fold_norm=not args.no_fold_norm)
     vocab = token_strings(lm.tokenizer, lm.d_vocab)

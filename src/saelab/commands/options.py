@@ -19,7 +19,8 @@ from pathlib import Path
 
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import heldout_contexts, load_lm
+from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
+from saelab.sae import SAE
 from saelab.sae.architectures import ACTIVATIONS
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SWEEP_DEFAULTS_HELP
@@ -150,6 +151,15 @@ def lm_and_eval_contexts(args: argparse.Namespace, sae=None) -> tuple[HookedLM, 
     model) on --device at --dtype, and --eval-contexts of --source's held-out split."""
     lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
     return lm, heldout_contexts(lm, args.source, args.eval_contexts, args.context_length)
+
+
+def sae_and_lm(args: argparse.Namespace):
+    """(SAE, HookedLM) of a command's SAE argument: the SAE in eval mode on the LM's device,
+    checked to fit the LM (--model, else the SAE's own, on --device at --dtype)."""
+    sae = SAE.load(args.sae).eval()
+    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+    check_sae_fits(lm, sae)
+    return sae.to(lm.device), lm
 
 
 # ---- lists of tokens (logit lens, embedding space) -----------------------------------------

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from saelab.commands import options
-from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config
-from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
-from saelab.tables import format_rows
+from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, run_sweep
 from saelab.train.sweep import SweepGrid
 
 GRID = SweepGrid(arch=["relu", "topk"], expansion=[4, 8], coefficient=[2.0, 5.0], k=[16, 32])
@@ -30,13 +27,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cfg = config_from_args(args)
-    if options.given(args).get("print_config"):
-        print_config(cfg)
+    ran = run_sweep(args)
+    if ran is None:
         return 0
-    out = options.output_folder(args)
-    entries = run_lm_sweep(cfg, out)
-    print(format_rows(entries, TABLE_COLUMNS))
+    entries, out = ran
     best = max(entries, key=lambda e: e.get("loss_recovered", float("-inf")))
     print(f"\nbest loss recovered: {best['name']} {100 * best['loss_recovered']:.1f}% at L0 {best['l0']:.1f}")
     print(f"finished in {time.perf_counter() - start:.0f} s")

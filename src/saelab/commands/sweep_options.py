@@ -18,7 +18,8 @@ from pathlib import Path
 
 from saelab.commands import options
 from saelab.errors import ConfigError, MissingFileError
-from saelab.pipelines.train_lm import LMSweepConfig
+from saelab.pipelines.train_lm import TABLE_COLUMNS, LMSweepConfig, run_lm_sweep
+from saelab.tables import format_rows
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SweepGrid, applies, check_applies, sweep_specs
 
@@ -170,6 +171,19 @@ def _json_types(hint) -> tuple | None:
 
 def print_config(cfg: LMSweepConfig) -> None:
     print(json.dumps(cfg.to_dict(), indent=1))
+
+
+def run_sweep(args: argparse.Namespace):
+    """What `train` and `quickstart` run: the sweep their options give, into --out, its table
+    printed; returns (rows, run folder), or None after --print-config (nothing trained)."""
+    cfg = config_from_args(args)
+    if options.given(args).get("print_config"):
+        print_config(cfg)
+        return None
+    out = options.output_folder(args)
+    rows = run_lm_sweep(cfg, out)
+    print(format_rows(rows, TABLE_COLUMNS))
+    return rows, out
 
 
 def _pipeline_defaults() -> dict:

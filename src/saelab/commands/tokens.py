@@ -16,8 +16,6 @@ from pathlib import Path
 from saelab.commands import options
 from saelab.interpret.embedding import DEFAULT_PROMPT, definition_tree, feature_vectors, nearest_tokens
 from saelab.interpret.vocab import token_mask, token_strings
-from saelab.lm.resolve import check_sae_fits, load_lm
-from saelab.sae import SAE
 
 
 def register(subparsers) -> None:
@@ -39,10 +37,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sae = SAE.load(args.sae).eval()
-    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
-    sae.to(lm.device)
-    check_sae_fits(lm, sae)
+    sae, lm = options.sae_and_lm(args)
     vocab = token_strings(lm.tokenizer, lm.W_E.shape[0])
     mask = token_mask(lm, lm.W_E.shape[0], lm.W_E.T, drop_unused=args.drop_unused, high_norm_z=args.drop_high_norm)
     which = ("encoder", "decoder") if args.vector == "both" else (args.vector,)

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.commands import options
-from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, config_from_args, print_config
-from saelab.pipelines.train_lm import TABLE_COLUMNS, run_lm_sweep
-from saelab.tables import format_rows
+from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, run_sweep
 from saelab.train.sweep import SweepGrid
 
 
@@ -27,12 +24,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if options.given(args).get("print_config"):
-        print_config(cfg)
+    ran = run_sweep(args)
+    if ran is None:
         return 0
-    out = options.output_folder(args)
-    entries = run_lm_sweep(cfg, out)
-    print(format_rows(entries, TABLE_COLUMNS))
+    out = ran[1]
     print(f"\nrun folder: {out} (metrics.json, log.jsonl, saes/, l0_vs_loss_recovered.png)")
     return 0
