@@ -79,8 +79,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: which LM runs, where, at what precision."""
     g = p.add_argument_group("language model")
     g.add_argument("--model", default=None,
-                   help="Hugging Face model folder, hub id, or 'default' (the offline default LM) "
-                        "(default: for an SAE, the model it records; else the offline default LM, built on first use)")
+                   help="Hugging Face model folder, hub id, a .gguf file, a named model (smollm2-135m; see "
+                        "`saelab models`), or 'default' (the offline default LM) (default: for an SAE, the model "
+                        "it records; else the offline default LM, built on first use)")
     g.add_argument("--device", type=_device, default="cpu",
                    help="where the LM runs (and, for training, the SAEs): cpu, cuda, cuda:N, mps (default: cpu)")
     g.add_argument("--dtype", choices=LM_DTYPES, default="float32",
@@ -93,7 +94,8 @@ def text_group(p: argparse.ArgumentParser):
 
 def add_source(g, default: str = "stdlib") -> None:
     g.add_argument("--source", default=default,
-                   help=f"text: 'stdlib', 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
+                   help=f"text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
+                        f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
 
 
 def add_context_length(g, default: int | None) -> None:
