@@ -17,6 +17,7 @@ import types
 import typing
 from pathlib import Path
 
+from saelab.data.toy import ToyDataConfig
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
@@ -162,6 +163,26 @@ def sae_and_lm(args: argparse.Namespace):
     lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
     check_sae_fits(lm, sae)
     return sae.to(lm.device), lm
+
+
+# ---- toy data (saelab toy, saelab count --toy) ------------------------------------------------
+def add_toy_data(g, default: ToyDataConfig, n_features: bool = True) -> None:
+    """--d, --n-features (unless the command takes the count elsewhere), --mean-active and
+    --uncorrelated: the toy generator's settings (saelab.data.toy)."""
+    g.add_argument("--d", type=positive_int, default=default.d, help=f"activation dimension (default: {default.d})")
+    if n_features:
+        g.add_argument("--n-features", type=positive_int, default=default.n_features,
+                       help=f"ground-truth features (> d: superposition) (default: {default.n_features})")
+    g.add_argument("--mean-active", type=float, default=float(default.mean_active),
+                   help=f"expected true features active per sample (default: {default.mean_active})")
+    g.add_argument("--uncorrelated", action="store_true", help="features fire independently")
+
+
+def toy_data(args: argparse.Namespace, n_features: int | None = None) -> ToyDataConfig:
+    """The toy data the options above (and --batch-tokens, --seed) describe; `n_features`
+    where the command takes the count elsewhere (saelab count --toy N)."""
+    return ToyDataConfig(d=args.d, n_features=n_features or args.n_features, mean_active=args.mean_active,
+                         correlated=not args.uncorrelated, batch_size=args.batch_tokens, seed=args.seed)
 
 
 # ---- lists of tokens (logit lens, embedding space) -----------------------------------------

@@ -410,3 +410,21 @@ def max_cosine(learned: torch.Tensor, reference: torch.Tensor,
 def mmcs(learned: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean max cosine similarity: mean over reference rows of max_cosine(learned, reference)."""
     return max_cosine(learned, reference).mean().item()
+
+
+@torch.no_grad()
+def distinct_rows(directions: torch.Tensor, threshold: float, chunk: int = 2048) -> torch.Tensor:
+    """(n,) bool: rows with no earlier row above cosine `threshold` (signed, as max_cosine).
+
+    A dictionary wider than the features its data holds learns some twice; counting its
+    features without these duplicates is what lets a feature count level off. Zero rows are
+    distinct (cosine 0 with everything). Rows are compared `chunk` at a time."""
+    u = _unit_rows(directions, "directions")
+    n = u.shape[0]
+    later = torch.arange(n, device=u.device)
+    duplicate = torch.zeros(n, dtype=torch.bool, device=u.device)
+    for i in range(0, n, chunk):
+        block = u[i:i + chunk] @ u.T  # (c, n): rows i.. against every row
+        after = later[None, :] > later[i:i + chunk, None]
+        duplicate |= ((block > threshold) & after).any(0)
+    return ~duplicate

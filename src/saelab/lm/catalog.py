@@ -1,7 +1,8 @@
 """What models this machine can run without the internet, for `saelab models`.
 
-Three kinds: the offline default LM (built on first use), named models from installed pip
-packages (`saelab.lm.gguf.NAMED_MODELS`), and the folders saelab has built or converted under
+Three kinds: the offline default LM and the other named builds such as the minuscule LM
+(`saelab.lm.default.LM_CONFIGS`, built on first use), named models from installed pip packages
+(`saelab.lm.gguf.NAMED_MODELS`), and the folders saelab has built or converted under
 `$SAELAB_HOME/models`. Sizes are bytes on disk; nothing is loaded or built to list them."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from saelab.paths import models_dir
 @dataclass
 class ModelEntry:
     name: str  # what `--model` takes
-    kind: str  # "default", "named" or "converted"
+    kind: str  # "default", "built" (another named build), "named" or "converted"
     status: str  # "ready", "built on first use", "converted on first use", "not installed: <how>"
     path: str | None  # the folder or file behind it
     size_bytes: int | None
@@ -29,14 +30,12 @@ class ModelEntry:
 
 
 def list_models() -> list[ModelEntry]:
-    """The default LM, every named model, and every other built folder under models_dir()."""
-    from saelab.lm.default import BUILD_INFO, DefaultLMConfig
+    """The default LM and the other named builds (the minuscule LM), every named model, and
+    every other built folder under models_dir()."""
+    from saelab.lm.default import BUILD_INFO
 
-    default = models_dir() / DefaultLMConfig().folder_name()
-    built = (default / BUILD_INFO).exists()
-    entries = [ModelEntry("default", "default", "ready" if built else "built on first use (~2-4 min, offline)",
-                          str(default), folder_size(default) if built else None)]
-    listed = {default}
+    entries = _build_entries()
+    listed = {Path(e.path) for e in entries}
     for name, named in NAMED_MODELS.items():
         entries.append(_named_entry(name, named.install))
         if entries[-1].path and entries[-1].status == "ready":
@@ -46,6 +45,20 @@ def list_models() -> list[ModelEntry]:
             done = (folder / CONVERT_INFO).exists() or (folder / BUILD_INFO).exists()
             entries.append(ModelEntry(str(folder), "converted", "ready" if done else "incomplete",
                                       str(folder), folder_size(folder)))
+    return entries
+
+
+def _build_entries() -> list[ModelEntry]:
+    """One entry per named build (`saelab.lm.default.LM_CONFIGS`): ready, or built on first use."""
+    from saelab.lm.default import BUILD_INFO, LM_BUILD_TIMES, LM_CONFIGS
+
+    entries = []
+    for name, config in LM_CONFIGS.items():
+        folder = models_dir() / config.folder_name()
+        built = (folder / BUILD_INFO).exists()
+        status = "ready" if built else f"built on first use ({LM_BUILD_TIMES[name]}, offline)"
+        entries.append(ModelEntry(name, "default" if name == "default" else "built", status, str(folder),
+                                  folder_size(folder) if built else None))
     return entries
 
 

@@ -66,9 +66,11 @@ class DefaultLMConfig:
             raise ConfigError("d_model must divide by n_heads; steps, batch_size, n_layers >= 1")
 
     def folder_name(self) -> str:
-        """`default-lm-v1` for the defaults, else a name keyed by a hash of the config."""
-        if self == DefaultLMConfig():
-            return "default-lm-v1"
+        """`<name>-lm-v1` for a named config (`default-lm-v1` for the defaults), else a name
+        keyed by a hash of the config."""
+        for name, named in LM_CONFIGS.items():
+            if self == named:
+                return f"{name}{NAMED_SUFFIX}"
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return f"default-lm-v1-{hashlib.sha256(blob).hexdigest()[:10]}"
 
@@ -79,6 +81,33 @@ TINY_CONFIG = DefaultLMConfig(vocab_size=512, d_model=32, n_heads=2, d_mlp=128,
                               context_length=32, batch_size=16, steps=300, lr=3e-3,
                               warmup_steps=10, holdout_frac=0.2, eval_contexts=32,
                               max_bytes=300_000)
+
+
+# Seed 001's "minuscule language model (residual size = 16; 6 layers)", whose third layer's MLP
+# (d_mlp 64) the notes count features in (`saelab count --model minuscule --hook
+# blocks.2.mlp.hook_post`). Two heads, so each has 8 dimensions (rotary on 2 of them). Same
+# tokenizer and corpus as the default LM; sized to build in about a minute on 2 CPU cores.
+MINUSCULE_CONFIG = DefaultLMConfig(n_layers=6, d_model=16, n_heads=2, d_mlp=64)
+
+# The named builds: `--model NAME` and `load_lm(NAME)` build (once) and load these; "default"
+# is the shipped default LM. `LM_BUILD_TIMES` is what `saelab models` says a build takes.
+LM_CONFIGS = {"default": DefaultLMConfig(), "minuscule": MINUSCULE_CONFIG}
+LM_BUILD_TIMES = {"default": "~2-4 min", "minuscule": "~1-2 min"}
+NAMED_SUFFIX = "-lm-v1"
+
+
+def named_config(name: str) -> DefaultLMConfig:
+    """The config of the named build `name` (a key of LM_CONFIGS); else a ConfigError."""
+    if name not in LM_CONFIGS:
+        raise ConfigError(f"no built LM is named {name!r}; named builds: {', '.join(LM_CONFIGS)}")
+    return LM_CONFIGS[name]
+
+
+def built_name(folder: str | Path) -> str | None:
+    """The named build whose folder name `folder` has (`minuscule-lm-v1` -> "minuscule"), else None."""
+    stem = Path(folder).name
+    name = stem[:-len(NAMED_SUFFIX)] if stem.endswith(NAMED_SUFFIX) else None
+    return name if name in LM_CONFIGS else None
 
 
 def default_lm_path(build: bool = True, config: DefaultLMConfig | None = None,

@@ -2,10 +2,11 @@
 
 One rule for every command, so `prune`, `perturb`, `dashboard` and the rest never disagree:
 `model` (a HookedLM, a local folder, a hub name, a .gguf file, a named model such as
-"smollm2-135m", or "default") wins; without it the SAE's
+"smollm2-135m", a named build such as "minuscule", or "default") wins; without it the SAE's
 recorded `model_name` is loaded (a folder, or a hub name, which fails clearly when offline);
 the offline default LM serves when nothing names a model, or when the SAE names a default-LM
-folder that is not here (another machine's or user's cache: the same seed builds the same model)."""
+folder that is not here (another machine's or user's cache: the same seed builds the same model);
+a named build's folder that is not here stands for that build, by the same reasoning."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from saelab.data.corpus import token_contexts
 from saelab.errors import ConfigError
+from saelab.lm.default import LM_CONFIGS, built_name
 from saelab.lm.gguf import NAMED_MODELS, gguf_folder, named_model_file
 from saelab.lm.hooked import HookedLM
 
@@ -25,20 +27,20 @@ DEFAULT_FOLDER_PREFIX = "default-lm-"
 def model_name_for(model: str | None = None, sae=None) -> str | None:
     """The name `load_lm` loads; None stands for the offline default LM."""
     name = model or (sae.cfg.model_name if sae is not None else None) or None
-    if name == DEFAULT:
-        return None
-    if name is not None and Path(name).name.startswith(DEFAULT_FOLDER_PREFIX) and not Path(name).expanduser().is_dir():
-        return None
-    return name
+    if name is not None and not Path(name).expanduser().is_dir():  # a build from another cache
+        folder = Path(name).name
+        name = built_name(folder) or (DEFAULT if folder.startswith(DEFAULT_FOLDER_PREFIX) else name)
+    return None if name == DEFAULT else name
 
 
 def load_lm(model=None, sae=None, device: str = "cpu", dtype: str | torch.dtype = "float32") -> HookedLM:
     """The HookedLM by the rule above, on `device`, its parameters cast to `dtype` (a torch
     dtype or its name: "float32", "bfloat16", "float16"). A HookedLM given is returned as is.
     Besides HF folders and hub ids, `model` may be a `.gguf` file or a named model
-    (`saelab.lm.gguf.NAMED_MODELS`, e.g. "smollm2-135m"), converted once into the user cache;
-    the LM's `name` is then the name given, so SAEs trained on it record a name every command
-    resolves again."""
+    (`saelab.lm.gguf.NAMED_MODELS`, e.g. "smollm2-135m"), converted once into the user cache,
+    or a named build (`saelab.lm.default.LM_CONFIGS`, e.g. "minuscule"), built once; the LM's
+    `name` is then the name given, so SAEs trained on it record a name every command resolves
+    again."""
     if isinstance(model, HookedLM):
         return model
     if isinstance(dtype, str):
@@ -46,11 +48,13 @@ def load_lm(model=None, sae=None, device: str = "cpu", dtype: str | torch.dtype 
             raise ConfigError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
         dtype = getattr(torch, dtype)
     name = model_name_for(model, sae)
-    if name is None:
-        from saelab.lm.default import load_default_lm
+    if name is None or name in LM_CONFIGS:
+        from saelab.lm import default
 
-        lm = load_default_lm(device=device)
+        lm = default.load_default_lm(device=device) if name is None else \
+            default.load_default_lm(device=device, config=default.named_config(name))
         lm.model.to(dtype=dtype)
+        lm.name = name or lm.name  # a named build records its name: it resolves on any machine
         return lm
     if name in NAMED_MODELS or name.endswith(".gguf"):
         folder = gguf_folder(named_model_file(name) if name in NAMED_MODELS else name)

@@ -7,10 +7,17 @@ its knob (L1 coefficient or k), L0, FVU, MMCS against the ground truth, the frac
 features recovered above 0.9 cosine, and dead features. Everything lands in the run folder:
 config.json (with this sweep's settings, the toy data's included, under "pipeline"), the log,
 saes/ and metrics.json (one row per SAE, with `mmcs` and `recovered`).
+
+Seed 001's data-sample initialisation: `init` lists decoder inits ("tied", "data"); with more
+than the default, every SAE of the sweep is trained once per init (labels end in `_<init>`),
+and `curve_every` > 0 records each SAE's recovery every that many steps from its initial state
+(`saelab.pipelines.recovery_curve`: recovery_curve.json and .png). `width` may be a list: a
+width sweep, as `saelab count` trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from saelab.data.toy import ToyDataConfig, ToyDataSource
 from saelab.evals.entry import MetricsEntry, write_metrics
 from saelab.evals.metrics import max_cosine, mmcs
 from saelab.evals.reconstruction import evaluate_saes
+from saelab.pipelines.recovery_curve import CURVE_FILE, RecoveryCurve, plot_recovery_curves
 from saelab.sae import SAE
 from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
@@ -39,7 +47,7 @@ class ToySweepConfig:
     `coefficient` values (penalty architectures) or `k` values (k architectures)."""
 
     data: ToyDataConfig = field(default_factory=lambda: ToyDataConfig(d=64, n_features=256, mean_active=5, batch_size=1024))
-    width: int = 256
+    width: int | list[int] = 256
     arch: list[str] = field(default_factory=lambda: ["relu", "topk"])
     coefficient: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.6])
     k: list[int] = field(default_factory=lambda: [5])
@@ -47,13 +55,21 @@ class ToySweepConfig:
     lr: float = 5e-3
     eval_batches: int = 4
     seed: int = 0
+    init: list[str] = field(default_factory=lambda: ["tied"])  # decoder inits: each SAE once per init
+    curve_every: int = 0  # > 0: recovery against the ground truth every that many steps
 
     def specs(self) -> list[TrainSpec]:
         """The grid through `saelab.train.sweep` (the one sweep builder), with TOY_DEFAULTS
-        where an architecture reads them (coefficients warm up over the first tenth)."""
-        grid = SweepGrid(arch=list(self.arch), expansion=[], d_sae=[self.width],
+        where an architecture reads them (coefficients warm up over the first tenth); once per
+        init, labelled `<label>_<init>`, unless the init is only the default ("tied")."""
+        widths = [self.width] if isinstance(self.width, int) else list(self.width)
+        grid = SweepGrid(arch=list(self.arch), expansion=[], d_sae=widths,
                          coefficient=list(self.coefficient), k=list(self.k))
-        return sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr)
+        if list(self.init) == ["tied"]:
+            return sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr)
+        return [dataclasses.replace(spec, name=f"{spec.label(self.data.d)}_{init}")
+                for init in dict.fromkeys(self.init)
+                for spec in sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr, init=init)]
 
 
 @dataclass
@@ -75,7 +91,15 @@ def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[MetricsEntry
     source = ToyDataSource(cfg.data)
     held_out = [source.batch(10_000_000 + i) for i in range(cfg.eval_batches)]
     tcfg = TrainConfig(total_steps=cfg.steps, checkpoint_every=500, log_every=50, seed=cfg.seed)
-    result = GroupTrainer(cfg.specs(), cfg.data.d, run_dir, tcfg, pipeline=asdict(cfg)).fit(source)
+    trainer = GroupTrainer(cfg.specs(), cfg.data.d, run_dir, tcfg, pipeline=asdict(cfg))
+    curve = None
+    if cfg.curve_every:
+        curve = RecoveryCurve(trainer, lambda sae: ground_truth_recovery(sae, source.features), cfg.curve_every,
+                              run_dir / CURVE_FILE).attach()
+    result = trainer.fit(source)
+    if curve is not None and result.writes:
+        plot_recovery_curves(curve.to_dict(), run_dir / "recovery_curve.png",
+                             title=f"toy d={cfg.data.d}, {cfg.data.n_features} true features: MMCS during training")
 
     def rows(mine: list[TrainedSAE]) -> list[MetricsEntry]:
         recon = evaluate_saes([t.sae for t in mine], held_out)

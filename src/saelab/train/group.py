@@ -94,6 +94,7 @@ class GroupTrainer:
         model_name: str | None = None,
         on_step: Callable[[int, list[dict | None]], None] | None = None,
         pipeline: dict | None = None,
+        on_start: Callable[[int], None] | None = None,
     ):
         if not specs:
             raise ConfigError("give at least one TrainSpec")
@@ -105,7 +106,8 @@ class GroupTrainer:
         self.labels = [s.label(d_in) for s in self.specs]
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"two specs share a label: {self.labels}; give them distinct `name`s")
-        self.on_step = on_step
+        self.on_step = on_step  # after every step: (steps done, this rank's log entries or Nones)
+        self.on_start = on_start  # once per fit, before the first step: (the step it starts from)
         self.shard = Shard(len(self.specs))
         torch.manual_seed(self.config.seed)
         saes = [SAE.from_config(s.sae_config(d_in, self.d_out, **self.where)) for s in self.specs]  # all: same init on any rank
@@ -142,6 +144,8 @@ class GroupTrainer:
         if not self._load_checkpoint():
             self._initialise(source)
         self._truncate_log()
+        if self.on_start is not None:  # the SAEs as initialised (or resumed), e.g. to measure them
+            self.on_start(self.step)
         cfg, writes = self.config, self.shard.writes
         batches = _batches_from(source, self.step)
         bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
