@@ -80,7 +80,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: which LM runs, where, at what precision."""
     g = p.add_argument_group("language model")
     g.add_argument("--model", default=None,
-                   help="Hugging Face model folder, hub id, a .gguf file, a named model (smollm2-135m; see "
+                   help="Hugging Face model folder, hub id, a .gguf file, a named model (smollm2-135m) or build (minuscule; see "
                         "`saelab models`), or 'default' (the offline default LM) (default: for an SAE, the model "
                         "it records; else the offline default LM, built on first use)")
     g.add_argument("--device", type=_device, default="cpu",
@@ -97,6 +97,12 @@ def add_source(g, default: str = "stdlib") -> None:
     g.add_argument("--source", default=default,
                    help=f"text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
                         f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
+
+
+def add_hook(g, default: str | None = None) -> None:
+    g.add_argument("--hook", default=default,
+                   help="TransformerLens hook name, e.g. blocks.2.mlp.hook_post (default: "
+                        f"{default or 'resid_post of the middle layer'})")
 
 
 def add_context_length(g, default: int | None) -> None:
@@ -241,9 +247,10 @@ def add_steps(g, default: int) -> None:
     g.add_argument("--steps", type=positive_int, default=default, help=f"training steps (default: {default})")
 
 
-def add_batch_tokens(g, default: int) -> None:
+def add_batch_tokens(g, default: int | None, shown: str | None = None) -> None:
+    """`shown`: the default in words, where it depends on other options (`default` is then None)."""
     g.add_argument("--batch-tokens", type=positive_int, default=default,
-                   help=f"activation vectors (tokens) per training step of every SAE (default: {default})")
+                   help=f"activation vectors (tokens) per training step of every SAE (default: {shown or default})")
 
 
 def add_spec_options(g, names=None, defaults: dict | None = None) -> None:

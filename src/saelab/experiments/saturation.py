@@ -12,8 +12,8 @@ with two parameters: the plateau N (the estimate) and the knee's sharpness a (a 
 harmonic knee; a -> inf: min(w, N)). Why this curve: on toy data the knee is sharp (at d=64,
 N=256, relu: m = 55, 127, 235, 264 at w = 64 ... 512, i.e. a ~ 7), and the N(1 - exp(-c w / N))
 saturation, whose knee shape is fixed, puts N at 377 there (+47%) where the soft minimum gives
-264. The fit minimises squared log errors (counts span decades, so relative errors), by a grid
-over (log N, log a) refined around its best cell: deterministic, no optimiser library.
+264. The fit minimises squared log errors (counts span decades, so relative errors): a grid over
+(log N, log a), then a pattern search from its best cell; deterministic, no optimiser library.
 
 The fit is only as good as the widths: N is identified once the widest pair is past the knee.
 `Saturation.saturated` says so when the widest pair's count reaches SATURATED of the fitted N;
@@ -71,13 +71,20 @@ def fit_saturation(widths: Sequence[float], matched: Sequence[float]) -> Saturat
         raise ConfigError(f"widths must grow; got {list(w)}")
     log_n = np.linspace(*np.log([_N_RANGE[0] * m.max(), _N_RANGE[1] * w.max()]), 801)
     log_a = np.linspace(*np.log(_A_RANGE), 161)
-    for _ in range(6):  # refine: each round zooms on the best cell of the last grid
-        err = _errors(w, m, log_n[:, None], log_a[None, :])
+    err = _errors(w, m, log_n[:, None], log_a[None, :])
+    i, j = np.unravel_index(np.argmin(err), err.shape)
+    n, a = log_n[i], log_a[j]
+    half = np.array([log_n[1] - log_n[0], log_a[1] - log_a[0]]) * 2
+    for _ in range(200):  # pattern search: follow the best of a small grid; shrink it once the best is inside
+        grid_n, grid_a = np.linspace(n - half[0], n + half[0], 9), np.linspace(a - half[1], a + half[1], 9)
+        err = _errors(w, m, grid_n[:, None], grid_a[None, :])
         i, j = np.unravel_index(np.argmin(err), err.shape)
-        dn, da = log_n[1] - log_n[0], log_a[1] - log_a[0]
-        log_n = np.linspace(log_n[i] - 2 * dn, log_n[i] + 2 * dn, 41)
-        log_a = np.linspace(log_a[j] - 2 * da, log_a[j] + 2 * da, 41)
-    n, a = float(np.exp(log_n[20])), float(np.exp(log_a[20]))
+        n, a = grid_n[i], grid_a[j]
+        if 0 < i < 8 and 0 < j < 8:
+            half /= 4
+        if half.max() < 1e-9:
+            break
+    n, a = float(np.exp(n)), float(np.exp(a))
     rms = float(np.sqrt(_errors(w, m, np.log(n), np.log(a)) / len(w)))
     return Saturation(n, a, rms, float(m[-1]), bool(m[-1] >= SATURATED * n))
 

@@ -85,9 +85,12 @@ TINY_CONFIG = DefaultLMConfig(vocab_size=512, d_model=32, n_heads=2, d_mlp=128,
 
 # Seed 001's "minuscule language model (residual size = 16; 6 layers)", whose third layer's MLP
 # (d_mlp 64) the notes count features in (`saelab count --model minuscule --hook
-# blocks.2.mlp.hook_post`). Two heads, so each has 8 dimensions (rotary on 2 of them). Same
-# tokenizer and corpus as the default LM; sized to build in about a minute on 2 CPU cores.
-MINUSCULE_CONFIG = DefaultLMConfig(n_layers=6, d_model=16, n_heads=2, d_mlp=64)
+# blocks.2.mlp.hook_post`). Two heads of 8 dimensions (rotary on 2). At d_model 16 the
+# unembedding dominates a step, so the vocabulary is 2048 (its own tokenizer, same corpus);
+# 600 steps at a higher lr: built in 126 s on one thread of a shared 2-core machine, held-out
+# loss 4.39 against the unigram's 6.35.
+MINUSCULE_CONFIG = DefaultLMConfig(vocab_size=2048, n_layers=6, d_model=16, n_heads=2, d_mlp=64, steps=600,
+                                   lr=5e-3, warmup_steps=30)
 
 # The named builds: `--model NAME` and `load_lm(NAME)` build (once) and load these; "default"
 # is the shipped default LM. `LM_BUILD_TIMES` is what `saelab models` says a build takes.

@@ -1,0 +1,188 @@
+"""How many features a layer holds (seed 001: "the layer had somewhere between 512-1024
+features"): dictionaries of growing width on the same activations, each width's features
+matched in the next, and the width where the matched count levels off.
+
+A dictionary narrower than the N features the data holds spends nearly every latent on a real
+feature, and the next width finds them again; a wider one adds duplicates, splits and dead
+latents, not features. So m(w), the distinct features of width w that width w' (the next)
+also has, grows like w and then levels off near N. Per sparsity setting (knob):
+
+1. one GroupTrainer pass trains every width (default 1x, 2x, 4x, 8x d_in): the toy pipeline
+   for `saelab count --toy N`, the LM pipeline for `--model/--hook/--source`;
+2. per width w and the next, each of w's decoder directions' best cosine in w'
+   (`evals.metrics.max_cosine`, as `saelab compare`): MMCS, and m(w) = the *distinct*
+   directions of w (`evals.metrics.distinct_rows`: a near-copy of an earlier direction counts
+   once, else duplicates keep m(w) growing past N) whose match is above the threshold;
+3. the estimate: `experiments.saturation`'s soft-min fit of m(w), whose plateau is N (why that
+   curve, and when the fit is only an extrapolation: there).
+
+On toy data the same run has the truth, so `saelab count --toy N` prints the estimate beside N
+and each width's true features recovered beside m(w): how far to trust the estimate elsewhere.
+Writes count.json (`CountResult`), count.txt (the table) and count.png beside the sweep's run
+folder files (saes/, metrics.json, config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from saelab.atomic import write_json, write_text
+from saelab.data.toy import ToyDataConfig
+from saelab.errors import ConfigError
+from saelab.evals.entry import MetricsEntry
+from saelab.evals.metrics import distinct_rows, max_cosine
+from saelab.experiments.compare import directions
+from saelab.experiments.saturation import SATURATED, Saturation, fit_saturation
+from saelab.pipelines.toy import ToySweepConfig, run_toy_sweep
+from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
+from saelab.sae import SAE
+from saelab.sae.architectures import architecture
+from saelab.train.spec import TrainSpec
+from saelab.train.sweep import SweepGrid, sweep_specs
+
+ESTIMATOR = ("soft-min saturation fit m(w) = (w^-a + N^-a)^(-1/a) of the distinct features matched in the next "
+             "width; N is the estimate (a narrow dictionary's features are nearly all real, a wide one adds "
+             "duplicates, not features; the knee's sharpness a is fitted, since on toy data a fixed-shape "
+             "N(1 - exp(-w/N)) overshoots N by ~45%)")
+
+
+@dataclass
+class CountConfig:
+    """The width sweep (multiples of d_in, growing) at each knob value of one architecture, and
+    the cosine above which a feature counts as found in the next width."""
+
+    widths: list[float] = field(default_factory=lambda: [1, 2, 4, 8])
+    arch: str = "relu"
+    coefficient: list[float] = field(default_factory=lambda: [0.3])  # architectures without k
+    k: list[int] = field(default_factory=lambda: [5])  # k architectures
+    threshold: float = 0.9
+    steps: int = 1500
+    lr: float | None = None  # None: the pipeline's (toy 5e-3; the LM sweep's 1e-3)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        w = list(self.widths)
+        if len(w) < 3:
+            raise ConfigError(f"--widths needs at least three widths (two width-to-next pairs to fit); got {w}")
+        if any(b <= a for a, b in zip(w, w[1:])) or w[0] <= 0:
+            raise ConfigError(f"--widths must grow, each wider than the one before; got {' '.join(f'{x:g}' for x in w)}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"the threshold is a cosine in (0, 1), got {self.threshold}")
+        architecture(self.arch)  # an unknown name is an error listing the registered ones
+
+    def grid(self, d_sae: list[int] | None = None) -> SweepGrid:
+        """The sweep: the widths as multiples of d_in, or as `d_sae` values when given."""
+        return SweepGrid(arch=[self.arch], expansion=[] if d_sae else list(self.widths), d_sae=d_sae or [],
+                         coefficient=list(self.coefficient), k=list(self.k))
+
+
+@dataclass
+class WidthCount:
+    """One dictionary of the sweep: how many of its features the next width has (None for the
+    widest), its reconstruction, and on toy data its ground-truth recovery."""
+
+    width: int
+    next_width: int | None
+    mmcs_next: float | None  # mean over its directions of the best cosine in the next width
+    distinct: int  # directions not duplicating an earlier one above the threshold
+    matched: int | None  # distinct directions found in the next width above the threshold
+    mmcs_widest: float | None  # MMCS against the widest dictionary (the LM's stand-in for the truth)
+    l0: float
+    fvu: float
+    dead: int
+    truth_mmcs: float | None = None  # toy: MMCS against the true features
+    truth_recovered: int | None = None  # toy: true features recovered above 0.9
+
+
+@dataclass
+class KnobCount:
+    """The width sweep at one knob value (`knob`: "c0.3", "k5"; `value`: 0.3, 5) and its estimate."""
+
+    knob: str
+    value: float
+    widths: list[WidthCount]
+    estimate: Saturation
+
+
+@dataclass
+class CountResult:
+    source: str  # "toy: d=64, 256 true features" or "<model> <hook>"
+    d_in: int
+    arch: str
+    threshold: float
+    truth: int | None  # toy: the number of true features
+    counts: list[KnobCount]
+    config: dict
+    run_dir: Path
+    estimator: str = ESTIMATOR
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["run_dir"] = str(self.run_dir)
+        for count, knob in zip(out["counts"], self.counts):
+            count["estimate"] = knob.estimate.to_dict()
+        return out
+
+
+def run_count_toy(cfg: CountConfig, data: ToyDataConfig, run_dir: str | Path) -> CountResult:
+    """The count on toy data with `data.n_features` true features (resuming what is there)."""
+    run_dir = Path(run_dir)
+    widths = [int(round(w * data.d)) for w in cfg.widths]
+    if len(set(widths)) < len(widths):
+        raise ConfigError(f"--widths {cfg.widths} round to repeated widths {widths} at d={data.d}")
+    toy = ToySweepConfig(data=data, width=widths, arch=[cfg.arch], coefficient=list(cfg.coefficient), k=list(cfg.k),
+                         steps=cfg.steps, seed=cfg.seed, **({"lr": cfg.lr} if cfg.lr else {}))
+    rows = run_toy_sweep(toy, run_dir)
+    source = f"toy: d={data.d}, {data.n_features} true features, {data.mean_active:g} active on average"
+    return count_features(cfg, rows, run_dir, source, truth=data.n_features)
+
+
+def run_count_lm(cfg: CountConfig, sweep: LMSweepConfig, run_dir: str | Path, lm=None) -> CountResult:
+    """The count on a language model's activations: `sweep` says where (model, hook, text,
+    contexts, batch size); its specs are replaced by the width sweep. Resumes what is there."""
+    run_dir = Path(run_dir)
+    specs = sweep_specs(cfg.grid(), cfg.steps, **({"lr": cfg.lr} if cfg.lr else {}))
+    rows = run_lm_sweep(dataclasses.replace(sweep, specs=specs, steps=cfg.steps, seed=cfg.seed), run_dir, lm)
+    first = SAE.load(run_dir / "saes" / rows[0].name)
+    source = f"{Path(first.cfg.model_name or 'default').name} {first.cfg.hook_name}"
+    return count_features(cfg, rows, run_dir, source)
+
+
+def count_features(cfg: CountConfig, rows: list[MetricsEntry], run_dir: Path, source: str,
+                   truth: int | None = None) -> CountResult:
+    """Match each width in the next, per knob, fit the estimate, and write count.json."""
+    groups: dict[str, list[MetricsEntry]] = {}
+    for row in rows:
+        groups.setdefault(TrainSpec.from_dict(row.spec).knob(), []).append(row)
+    counts = [_knob_count(cfg, knob, sorted(members, key=lambda r: r.recon.d_sae), run_dir, truth)
+              for knob, members in groups.items()]
+    d_in = SAE.load(run_dir / "saes" / rows[0].name).cfg.d_in
+    result = CountResult(source, d_in, cfg.arch, cfg.threshold, truth, counts, dataclasses.asdict(cfg), run_dir)
+    write_json(run_dir / "count.json", result.to_dict())
+    return result
+
+
+def _knob_count(cfg: CountConfig, knob: str, rows: list[MetricsEntry], run_dir: Path, truth: int | None) -> KnobCount:
+    """One knob's widths: each matched in the next, and the fit of the matched counts."""
+    dirs = [directions(SAE.load(run_dir / "saes" / row.name)) for row in rows]
+    widths = []
+    for i, (row, here) in enumerate(zip(rows, dirs)):
+        distinct = distinct_rows(here, cfg.threshold)
+        best = max_cosine(dirs[i + 1], here) if i + 1 < len(dirs) else None
+        values = row.to_dict()  # toy rows carry ground-truth recovery: mmcs, recovered (a share)
+        widths.append(WidthCount(
+            width=here.shape[0], next_width=dirs[i + 1].shape[0] if best is not None else None,
+            mmcs_next=None if best is None else best.mean().item(), distinct=int(distinct.sum()),
+            matched=None if best is None else int(((best > cfg.threshold) & distinct).sum()),
+            mmcs_widest=None if best is None else max_cosine(dirs[-1], here).mean().item(),
+            l0=row.recon.l0, fvu=row.recon.fvu, dead=row.recon.dead, truth_mmcs=values.get("mmcs"),
+            truth_recovered=None if truth is None else int(round(values["recovered"] * truth))))
+    spec = TrainSpec.from_dict(rows[0].spec)
+    estimate = fit_saturation([w.width for w in widths[:-1]], [w.matched for w in widths[:-1]])
+    return KnobCount(knob, float(spec.k if spec.k is not None else spec.coefficient), widths, estimate)
+
+
+__all__ = ["CountConfig", "CountResult", "KnobCount", "WidthCount", "SATURATED", "count_features",
+           "run_count_lm", "run_count_toy"]
