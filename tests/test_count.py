@@ -11,38 +11,57 @@ from saelab.cli import main
 from saelab.errors import ConfigError
 from saelab.evals.metrics import distinct_rows
 from saelab.experiments.count import CountConfig
-from saelab.experiments.saturation import SATURATED, fit_saturation, soft_min
+from saelab.experiments.saturation import doubling_gains, estimate_count
 
 WIDTHS = [64, 128, 256, 512]
 
 
-@pytest.mark.parametrize("n,a", [(300, 3.0), (150, 1.5), (100, 8.0), (90, 1.0), (420, 5.0)])
-def test_the_fit_recovers_n_of_a_synthetic_saturation_curve(n, a):
-    fit = fit_saturation(WIDTHS, soft_min(WIDTHS, n, a))
-    assert fit.n == pytest.approx(n, rel=1e-4) and fit.a == pytest.approx(a, rel=1e-3)
-    assert fit.rms_log_error < 1e-6 and fit.saturated
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_the_estimate_is_the_count_where_doubling_stops_finding_features(n):
+    """Counts min(w, N) with a creep of 10% per doubling past N: the estimate is N exactly."""
+    est = estimate_count(WIDTHS, _creeping(n))
+    assert est.saturated and est.at == n and est.n == n
 
 
-def test_a_knee_past_the_widths_is_flagged_though_the_fit_finds_it():
-    fit = fit_saturation(WIDTHS, soft_min(WIDTHS, 700, 8.0))  # the widest pair sees 73% of N
-    assert fit.n == pytest.approx(700, rel=1e-2) and not fit.saturated and fit.lower_bound < 700  # a flat valley
+def _creeping(n, widths=WIDTHS):
+    return [min(w, n) * (1 + 0.1 * max(0.0, np.log2(w / n))) for w in widths]
 
 
-def test_a_curve_still_growing_is_a_lower_bound_not_an_estimate():
-    fit = fit_saturation(WIDTHS, [60, 120, 240, 480])  # no knee within the widths
-    assert not fit.saturated and fit.lower_bound == 480 and fit.n > 480 / SATURATED
+def test_a_knee_between_widths_is_read_at_a_width_of_the_sweep_and_finer_widths_read_closer():
+    """The rule's resolution is the width grid: N = 220 is read at 256 (a little creep), N = 180
+    at 128 (short: the step to 256 grew under 50%); widths 1.5x apart read 180 at 192."""
+    assert estimate_count(WIDTHS, _creeping(220)).n == pytest.approx(_creeping(220)[2])
+    assert estimate_count(WIDTHS, _creeping(180)).n == 128
+    fine = [64, 96, 128, 192, 256, 384, 512]
+    est = estimate_count(fine, _creeping(180, fine))
+    assert est.at == 192 and est.n == pytest.approx(_creeping(180, fine)[3]) and 1 < est.n / 180 < 1.02
 
 
-def test_a_hard_plateau_is_found_exactly():
-    fit = fit_saturation(WIDTHS, [64, 128, 200, 200])
-    assert fit.n == pytest.approx(200, rel=2e-3) and fit.saturated
+def test_the_toy_runs_measured_give_the_estimates_the_docstring_states():
+    """m(w) of seven measured toy runs (true N: counts at 1x, 2x, ... of d): 0.91-1.00 of N."""
+    runs = [(256, [55, 127, 235, 264]), (256, [54, 124, 243, 258]), (128, [59, 125, 142]), (64, [22, 62, 78]),
+            (48, [24, 48, 61]), (24, [13, 24, 28]), (24, [11, 22, 27])]
+    for n, matched in runs:
+        est = estimate_count([2 ** i for i in range(len(matched))], matched)
+        assert est.saturated and 0.91 <= est.n / n <= 1.0, (n, est)
 
 
-def test_the_fit_refuses_widths_that_do_not_grow_or_too_few_points():
+def test_a_count_still_growing_is_a_lower_bound():
+    est = estimate_count(WIDTHS, [60, 120, 240, 470])
+    assert not est.saturated and est.n == 470 and est.at is None
+    assert est.gains == pytest.approx([1.0, 1.0, 470 / 240 - 1])
+
+
+def test_gains_are_per_doubling_whatever_the_width_steps():
+    assert doubling_gains([64, 256], [100, 400]) == pytest.approx([1.0])  # x4 width, x4 count: +100% per doubling
+    assert doubling_gains([64, 128], [0, 10]) == [np.inf]
+
+
+def test_the_estimate_refuses_widths_that_do_not_grow_or_too_few_points():
     with pytest.raises(ConfigError, match="must grow"):
-        fit_saturation([64, 64, 128], [10, 20, 30])
+        estimate_count([64, 64, 128], [10, 20, 30])
     with pytest.raises(ConfigError, match="at least two"):
-        fit_saturation([64], [10])
+        estimate_count([64], [10])
 
 
 def test_widths_that_do_not_grow_are_an_error():
@@ -65,3 +84,21 @@ def test_distinct_rows_count_near_copies_once():
     assert distinct_rows(w, 0.9).tolist() == [True, True, False, True, True, False]
     big = torch.randn(300, 4)
     assert torch.equal(distinct_rows(big, 0.95, chunk=7), distinct_rows(big, 0.95))
+
+
+def test_count_on_toy_data_finds_the_true_number_of_features(tmp_path, capsys):
+    """d=16, 24 independent features, 2 active: estimated 24, 25, 24 over seeds 0-2 (measured);
+    the four widths train in one run (one config.json, four specs)."""
+    out = tmp_path / "count"
+    code = main(["count", "--toy", "24", "--d", "16", "--mean-active", "2", "--uncorrelated", "--steps", "600",
+                 "--batch-tokens", "256", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "true N = 24" in printed and "N ~ 24" in printed
+    result = json.loads((out / "count.json").read_text())
+    (knob,) = result["counts"]
+    assert knob["estimate"]["saturated"] and 0.9 <= knob["estimate"]["n"] / 24 <= 1.1
+    assert [w["width"] for w in knob["widths"]] == [16, 32, 64, 128] and knob["widths"][-1]["matched"] is None
+    assert all(w["truth_recovered"] == 24 for w in knob["widths"][1:])
+    assert len(json.loads((out / "config.json").read_text())["specs"]) == 4
+    assert (out / "count.png").stat().st_size > 0 and (out / "count.txt").exists()

@@ -3,9 +3,10 @@ features"): dictionaries of growing width on the same activations, each width's 
 matched in the next, and the width where the matched count levels off.
 
 A dictionary narrower than the N features the data holds spends nearly every latent on a real
-feature, and the next width finds them again; a wider one adds duplicates, splits and dead
-latents, not features. So m(w), the distinct features of width w that width w' (the next)
-also has, grows like w and then levels off near N. Per sparsity setting (knob):
+feature, and the next width finds them again; a wider one adds duplicates, splits, composites
+and dead latents, few features the next width agrees on. So m(w), the distinct features of
+width w that width w' (the next) also has, grows fast with w and then nearly stops near N. Per
+sparsity setting (knob):
 
 1. one GroupTrainer pass trains every width (default 1x, 2x, 4x, 8x d_in): the toy pipeline
    for `saelab count --toy N`, the LM pipeline for `--model/--hook/--source`;
@@ -13,8 +14,11 @@ also has, grows like w and then levels off near N. Per sparsity setting (knob):
    (`evals.metrics.max_cosine`, as `saelab compare`): MMCS, and m(w) = the *distinct*
    directions of w (`evals.metrics.distinct_rows`: a near-copy of an earlier direction counts
    once, else duplicates keep m(w) growing past N) whose match is above the threshold;
-3. the estimate: `experiments.saturation`'s soft-min fit of m(w), whose plateau is N (why that
-   curve, and when the fit is only an extrapolation: there).
+3. the estimate (`experiments.saturation`): m(w*) at the first width w* whose next doubling
+   adds under 50% new matched features, bracketed by the next count (why this rule and not a
+   fitted plateau: there). The count levels off only past N, so the sweep sees N only if N is
+   at most its third-widest width: with 1x-8x, N <= 2 d_in; for the 512-1024 features seed
+   001 reports in 64 MLP dimensions, widths up to 32x.
 
 On toy data the same run has the truth, so `saelab count --toy N` prints the estimate beside N
 and each width's true features recovered beside m(w): how far to trust the estimate elsewhere.
@@ -34,7 +38,7 @@ from saelab.errors import ConfigError
 from saelab.evals.entry import MetricsEntry
 from saelab.evals.metrics import distinct_rows, max_cosine
 from saelab.experiments.compare import directions
-from saelab.experiments.saturation import SATURATED, Saturation, fit_saturation
+from saelab.experiments.saturation import GAIN, Saturation, estimate_count
 from saelab.pipelines.toy import ToySweepConfig, run_toy_sweep
 from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
 from saelab.sae import SAE
@@ -42,10 +46,9 @@ from saelab.sae.architectures import architecture
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SweepGrid, sweep_specs
 
-ESTIMATOR = ("soft-min saturation fit m(w) = (w^-a + N^-a)^(-1/a) of the distinct features matched in the next "
-             "width; N is the estimate (a narrow dictionary's features are nearly all real, a wide one adds "
-             "duplicates, not features; the knee's sharpness a is fitted, since on toy data a fixed-shape "
-             "N(1 - exp(-w/N)) overshoots N by ~45%)")
+ESTIMATOR = (f"N = m(w*), the distinct features of width w* matched in the next width, w* the first width whose "
+             f"next doubling adds under {GAIN:.0%} new matched features (below N counts grew 85-180% per doubling "
+             f"on toy data, past N 6-27%: a fitted plateau overshoots by that creep, 3-45%)")
 
 
 @dataclass
@@ -65,7 +68,7 @@ class CountConfig:
     def __post_init__(self) -> None:
         w = list(self.widths)
         if len(w) < 3:
-            raise ConfigError(f"--widths needs at least three widths (two width-to-next pairs to fit); got {w}")
+            raise ConfigError(f"--widths needs at least three widths (two width-to-next counts to compare); got {w}")
         if any(b <= a for a, b in zip(w, w[1:])) or w[0] <= 0:
             raise ConfigError(f"--widths must grow, each wider than the one before; got {' '.join(f'{x:g}' for x in w)}")
         if not 0 < self.threshold < 1:
@@ -152,7 +155,7 @@ def run_count_lm(cfg: CountConfig, sweep: LMSweepConfig, run_dir: str | Path, lm
 
 def count_features(cfg: CountConfig, rows: list[MetricsEntry], run_dir: Path, source: str,
                    truth: int | None = None) -> CountResult:
-    """Match each width in the next, per knob, fit the estimate, and write count.json."""
+    """Match each width in the next, per knob, estimate N from the counts, and write count.json."""
     groups: dict[str, list[MetricsEntry]] = {}
     for row in rows:
         groups.setdefault(TrainSpec.from_dict(row.spec).knob(), []).append(row)
@@ -180,9 +183,8 @@ def _knob_count(cfg: CountConfig, knob: str, rows: list[MetricsEntry], run_dir: 
             l0=row.recon.l0, fvu=row.recon.fvu, dead=row.recon.dead, truth_mmcs=values.get("mmcs"),
             truth_recovered=None if truth is None else int(round(values["recovered"] * truth))))
     spec = TrainSpec.from_dict(rows[0].spec)
-    estimate = fit_saturation([w.width for w in widths[:-1]], [w.matched for w in widths[:-1]])
+    estimate = estimate_count([w.width for w in widths[:-1]], [w.matched for w in widths[:-1]])
     return KnobCount(knob, float(spec.k if spec.k is not None else spec.coefficient), widths, estimate)
 
 
-__all__ = ["CountConfig", "CountResult", "KnobCount", "WidthCount", "SATURATED", "count_features",
-           "run_count_lm", "run_count_toy"]
+__all__ = ["CountConfig", "CountResult", "KnobCount", "WidthCount", "count_features", "run_count_lm", "run_count_toy"]

@@ -1,7 +1,7 @@
 """The feature count's table, its estimate in words, and its figures (`saelab count`).
 
-count.png: matched features against width per knob, with the fitted curve, the estimate and
-(toy) the true number. With several knobs a second panel is the interim report's recovery plot:
+count.png: matched features against width per knob, with the estimate, and
+(toy) the true number and the true features each width recovered. With several knobs a second panel is the interim report's recovery plot:
 MMCS against the knob per width, against the true features on toy data and against the widest
 dictionary on a language model (its stand-in for the truth). `plot_beside` puts an LM's and a
 toy run's recovery panels side by side, as seed 001's notes compare them.
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from saelab.experiments.count import CountResult, KnobCount
-from saelab.experiments.saturation import SATURATED, soft_min
+from saelab.experiments.saturation import GAIN
 from saelab.plots import save_figure
 from saelab.tables import Column, format_rows
 
@@ -35,32 +33,31 @@ def format_count(result: CountResult) -> str:
 
 
 def estimate_line(count: KnobCount, truth: int | None = None) -> str:
-    """The estimate in words: N if the widest pair reached the plateau, else a lower bound."""
-    fit, pair = count.estimate, count.widths[-2]
-    where = f"the widest pair ({pair.width} in {pair.next_width}) matched {pair.matched}"
-    if fit.saturated:
-        text = (f"  {count.knob}: N ~ {fit.n:.0f}; saturated: {where} = {pair.matched / fit.n:.0%} of N "
-                f"(a = {fit.a:.2g}, rms log error {fit.rms_log_error:.3f})")
+    """The estimate in words: N where the count levelled off, else a lower bound."""
+    est = count.estimate
+    gains = ", ".join(f"{g:+.0%}" for g in est.gains)
+    if est.saturated:
+        text = (f"  {count.knob}: N ~ {est.n:.0f}: from width {est.at:.0f} a doubling stopped adding {GAIN:.0%} new "
+                f"matched features (gains per doubling: {gains})")
     else:
-        text = (f"  {count.knob}: at least {pair.matched} features; not saturated: {where}, under "
-                f"{SATURATED:.0%} of the fit's N = {fit.n:.0f} (an extrapolation): add wider dictionaries")
+        text = (f"  {count.knob}: at least {est.n:.0f} features; not levelled off: every doubling still added "
+                f"{GAIN:.0%} or more ({gains}): add wider dictionaries")
     if truth is not None:
-        text += f"; true N = {truth} (estimate / true = {(fit.n if fit.saturated else pair.matched) / truth:.2f})"
+        text += f"; true N = {truth} (estimate / true = {est.n / truth:.2f})"
     return text
 
 
 def matched_panel(ax, result: CountResult) -> None:
-    """Matched features against width (log-log), the fitted curves, estimates and truth."""
+    """Matched features against width (log-log), each knob's estimate, and the truth."""
     for i, count in enumerate(result.counts):
-        colour, pairs = f"C{i}", count.widths[:-1]
-        ws = np.geomspace(pairs[0].width / 2, pairs[-1].width * 4, 200)
-        ax.plot([p.width for p in pairs], [p.matched for p in pairs], "o", color=colour, label=f"{count.knob} matched")
-        ax.plot(ws, soft_min(ws, count.estimate.n, count.estimate.a), "--", color=colour, lw=1,
-                label=f"{count.knob} fit: N ~ {count.estimate.n:.0f}" + ("" if count.estimate.saturated else " (extrapolated)"))
+        colour, pairs, est = f"C{i}", count.widths[:-1], count.estimate
+        ax.plot([p.width for p in pairs], [p.matched for p in pairs], "o-", color=colour, label=f"{count.knob} matched")
+        if est.saturated:
+            ax.axhline(est.n, color=colour, ls="--", lw=1, label=f"{count.knob} estimate: N ~ {est.n:.0f}")
         if result.truth is not None:
             ax.plot([p.width for p in pairs], [p.truth_recovered for p in pairs], "x", color=colour,
                     label=f"{count.knob} true features recovered")
-    ends = [result.counts[0].widths[0].width / 2, result.counts[0].widths[-2].width * 4]
+    ends = [result.counts[0].widths[0].width / 1.5, result.counts[0].widths[-2].width * 1.5]
     ax.plot(ends, ends, color="0.7", lw=0.8, label="matched = width")
     if result.truth is not None:
         ax.axhline(result.truth, color="k", lw=1, label=f"true N = {result.truth}")
