@@ -10,10 +10,11 @@ sparsity setting (knob):
 
 1. one GroupTrainer pass trains every width (default 1x, 2x, 4x, 8x d_in): the toy pipeline
    for `saelab count --toy N`, the LM pipeline for `--model/--hook/--source`;
-2. per width w and the next, each of w's decoder directions' best cosine in w'
-   (`evals.metrics.max_cosine`, as `saelab compare`): MMCS, and m(w) = the *distinct*
-   directions of w (`evals.metrics.distinct_rows`: a near-copy of an earlier direction counts
-   once, else duplicates keep m(w) growing past N) whose match is above the threshold;
+2. per width w and the next, each of w's alive decoder directions' (latents that fired on the
+   held-out data) best cosine among w''s (`evals.metrics.max_cosine`, as `saelab compare`):
+   MMCS, and m(w) = the *distinct* directions of w (`evals.metrics.distinct_rows`: a near-copy
+   of an earlier direction counts once, else duplicates keep m(w) growing past N) whose match
+   is above the threshold;
 3. the estimate (`experiments.saturation`): m(w*) at the first width w* whose next doubling
    adds under 50% new matched features, bracketed by the next count (why this rule and not a
    fitted plateau: there). The count levels off only past N, so the sweep sees N only if N is
@@ -31,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from saelab.atomic import write_json, write_text
 from saelab.data.toy import ToyDataConfig
@@ -88,8 +91,9 @@ class WidthCount:
 
     width: int
     next_width: int | None
-    mmcs_next: float | None  # mean over its directions of the best cosine in the next width
-    distinct: int  # directions not duplicating an earlier one above the threshold
+    mmcs_next: float | None  # mean over its alive directions of the best cosine among the next's alive ones
+    alive: int  # latents that fired on the held-out data (the only ones counted)
+    distinct: int  # alive directions not duplicating an earlier one above the threshold
     matched: int | None  # distinct directions found in the next width above the threshold
     mmcs_widest: float | None  # MMCS against the widest dictionary (the LM's stand-in for the truth)
     l0: float
@@ -168,23 +172,46 @@ def count_features(cfg: CountConfig, rows: list[MetricsEntry], run_dir: Path, so
 
 
 def _knob_count(cfg: CountConfig, knob: str, rows: list[MetricsEntry], run_dir: Path, truth: int | None) -> KnobCount:
-    """One knob's widths: each matched in the next, and the fit of the matched counts."""
-    dirs = [directions(SAE.load(run_dir / "saes" / row.name)) for row in rows]
+    """One knob's widths: each one's alive directions matched in the next's, and the estimate."""
+    dirs = [_alive_directions(row, run_dir) for row in rows]
     widths = []
     for i, (row, here) in enumerate(zip(rows, dirs)):
-        distinct = distinct_rows(here, cfg.threshold)
-        best = max_cosine(dirs[i + 1], here) if i + 1 < len(dirs) else None
+        nxt = dirs[i + 1] if i + 1 < len(dirs) else None
+        distinct = distinct_rows(here, cfg.threshold) if len(here) else torch.zeros(0, dtype=torch.bool)
+        best = _best(nxt, here)
         values = row.to_dict()  # toy rows carry ground-truth recovery: mmcs, recovered (a share)
         widths.append(WidthCount(
-            width=here.shape[0], next_width=dirs[i + 1].shape[0] if best is not None else None,
-            mmcs_next=None if best is None else best.mean().item(), distinct=int(distinct.sum()),
+            width=row.recon.d_sae, next_width=None if nxt is None else rows[i + 1].recon.d_sae,
+            mmcs_next=None if best is None else _mean(best), alive=len(here), distinct=int(distinct.sum()),
             matched=None if best is None else int(((best > cfg.threshold) & distinct).sum()),
-            mmcs_widest=None if best is None else max_cosine(dirs[-1], here).mean().item(),
+            mmcs_widest=None if nxt is None else _mean(_best(dirs[-1], here)),
             l0=row.recon.l0, fvu=row.recon.fvu, dead=row.recon.dead, truth_mmcs=values.get("mmcs"),
             truth_recovered=None if truth is None else int(round(values["recovered"] * truth))))
     spec = TrainSpec.from_dict(rows[0].spec)
     estimate = estimate_count([w.width for w in widths[:-1]], [w.matched for w in widths[:-1]])
     return KnobCount(knob, float(spec.k if spec.k is not None else spec.coefficient), widths, estimate)
+
+
+def _alive_directions(row: MetricsEntry, run_dir: Path) -> torch.Tensor:
+    """The decoder directions of the row's SAE that fired on the held-out data: a dead latent
+    is no feature of the data (and SAEs that died early share directions, which would match)."""
+    dirs = directions(SAE.load(run_dir / "saes" / row.name))
+    density = row.recon.density
+    return dirs if density is None else dirs[density.to(dirs.device) > 0]
+
+
+def _best(learned: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | None:
+    """Each reference direction's best cosine among `learned` (None without a next width; 0
+    when one side has no alive direction)."""
+    if learned is None:
+        return None
+    if len(learned) == 0 or len(reference) == 0:
+        return torch.zeros(len(reference))
+    return max_cosine(learned, reference)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return values.mean().item() if len(values) else None
 
 
 __all__ = ["CountConfig", "CountResult", "KnobCount", "WidthCount", "count_features", "run_count_lm", "run_count_toy"]

@@ -17,7 +17,7 @@ from saelab.plots import save_figure
 from saelab.tables import Column, format_rows
 
 TABLE = (Column("knob"), Column("width"), Column("next_width", "next"), Column("mmcs_next", "MMCS next", ".3f"),
-         Column("distinct"), Column("matched"), Column("l0", "L0", ".2f"), Column("fvu", "FVU", ".3f"), Column("dead"))
+         Column("alive"), Column("distinct"), Column("matched"), Column("l0", "L0", ".2f"), Column("fvu", "FVU", ".3f"), Column("dead"))
 TRUTH = (Column("truth_mmcs", "MMCS truth", ".3f"), Column("truth_recovered", "true found"))
 
 
@@ -61,8 +61,12 @@ def matched_panel(ax, result: CountResult) -> None:
     ax.plot(ends, ends, color="0.7", lw=0.8, label="matched = width")
     if result.truth is not None:
         ax.axhline(result.truth, color="k", lw=1, label=f"true N = {result.truth}")
+    import matplotlib.ticker as ticker
+
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("dictionary width")
     ax.set_ylabel(f"distinct features found in the next width (cos > {result.threshold:g})")
     ax.grid(True, alpha=0.3)
