@@ -19,9 +19,10 @@ import time
 
 from saelab.commands import options
 from saelab.data.toy import ToyDataConfig
-from saelab.experiments.count import CountConfig, run_count_lm, run_count_toy
+from saelab.experiments.count import LM_KNOBS, TOY_KNOBS, CountConfig, run_count_lm, run_count_toy
 from saelab.experiments.count_report import plot_beside, write_report
 from saelab.pipelines.train_lm import LMSweepConfig
+from saelab.train.sweep import check_applies
 
 TOY_BATCH = 1024  # toy rows per step (as `saelab toy`)
 LM = LMSweepConfig(specs=[], train_contexts=2048, batch_size=2048)  # an LM run's defaults
@@ -36,8 +37,8 @@ def register(sub) -> None:
     g.add_argument("--widths", type=float, nargs="+", default=d.widths,
                    help=f"dictionary widths as multiples of d_in, growing (default: {options.shown(d.widths)})")
     options.add_arch(g, d.arch, many=False)
-    options.add_coefficients(g, d.coefficient)
-    options.add_ks(g, d.k)
+    options.add_coefficients(g, None, _shown(TOY_KNOBS["coefficient"], LM_KNOBS["coefficient"]))
+    options.add_ks(g, None, _shown(TOY_KNOBS["k"], LM_KNOBS["k"]))
     g.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"cosine above which a feature counts as found in the next width (default: {d.threshold})")
     options.add_steps(g, d.steps)
@@ -60,7 +61,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _shown(toy: list, lm: list) -> str:
+    return f"{options.shown(toy)} on toy data, {options.shown(lm)} on a model"
+
+
 def run(args: argparse.Namespace) -> int:
+    check_applies([name for name in ("coefficient", "k") if getattr(args, name) is not None], [args.arch])
     cfg = CountConfig(widths=args.widths, arch=args.arch, coefficient=args.coefficient, k=args.k,
                       threshold=args.threshold, steps=args.steps, lr=args.lr, seed=args.seed)
     out, start = options.output_folder(args), time.perf_counter()

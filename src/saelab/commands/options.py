@@ -222,16 +222,18 @@ def add_arch(g, default, many: bool = True) -> None:
                         f"(default: {shown(default)})")
 
 
-def add_coefficients(g, default) -> None:
+def add_coefficients(g, default, said: str | None = None) -> None:
+    """`said`: the default in words, where it depends on other options (`default` is then None)."""
     g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="+", default=default,
                    metavar="C", help="sparsity coefficients of architectures without k (relu's L1, jumprelu's "
-                                     f"L0, ...); several make a sweep (default: {shown(default)})")
+                                     f"L0, ...); several make a sweep (default: {said or shown(default)})")
 
 
-def add_ks(g, default) -> None:
+def add_ks(g, default, said: str | None = None) -> None:
+    """`said`: as add_coefficients'."""
     g.add_argument("--k", type=positive_int, nargs="+", default=default,
                    help=f"active features per token of k architectures ({', '.join(k_archs())}); several make "
-                        f"a sweep (default: {shown(default)})")
+                        f"a sweep (default: {said or shown(default)})")
 
 
 def add_widths(g, expansion, d_sae, many: bool = True) -> None:
@@ -247,10 +249,10 @@ def add_steps(g, default: int) -> None:
     g.add_argument("--steps", type=positive_int, default=default, help=f"training steps (default: {default})")
 
 
-def add_batch_tokens(g, default: int | None, shown: str | None = None) -> None:
-    """`shown`: the default in words, where it depends on other options (`default` is then None)."""
+def add_batch_tokens(g, default: int | None, said: str | None = None) -> None:
+    """`said`: as add_coefficients'."""
     g.add_argument("--batch-tokens", type=positive_int, default=default,
-                   help=f"activation vectors (tokens) per training step of every SAE (default: {shown or default})")
+                   help=f"activation vectors (tokens) per training step of every SAE (default: {said or default})")
 
 
 def add_spec_options(g, names=None, defaults: dict | None = None) -> None:

@@ -54,15 +54,23 @@ ESTIMATOR = (f"N = m(w*), the distinct features of width w* matched in the next 
              f"on toy data, past N 6-27%: a fitted plateau overshoots by that creep, 3-45%)")
 
 
+# Each data kind's sparsity where none is given. Toy: the toy sweep's middle L1 and its true L0.
+# A model's activations (normalised to mean norm sqrt(d_in)): L1 3 gave L0 10-22 and FVU 0.20-0.27
+# at 1x-4x on the default LM's residual stream (L1 1: L0 27-58; L1 10: FVU 0.65-0.75, clumped).
+TOY_KNOBS = {"coefficient": [0.3], "k": [5]}
+LM_KNOBS = {"coefficient": [3.0], "k": [16]}
+
+
 @dataclass
 class CountConfig:
     """The width sweep (multiples of d_in, growing) at each knob value of one architecture, and
-    the cosine above which a feature counts as found in the next width."""
+    the cosine above which a feature counts as found in the next width. `coefficient` / `k`
+    None: the data kind's own (TOY_KNOBS, LM_KNOBS)."""
 
     widths: list[float] = field(default_factory=lambda: [1, 2, 4, 8])
     arch: str = "relu"
-    coefficient: list[float] = field(default_factory=lambda: [0.3])  # architectures without k
-    k: list[int] = field(default_factory=lambda: [5])  # k architectures
+    coefficient: list[float] | None = None  # architectures without k
+    k: list[int] | None = None  # k architectures
     threshold: float = 0.9
     steps: int = 1500
     lr: float | None = None  # None: the pipeline's (toy 5e-3; the LM sweep's 1e-3)
@@ -78,10 +86,10 @@ class CountConfig:
             raise ConfigError(f"the threshold is a cosine in (0, 1), got {self.threshold}")
         architecture(self.arch)  # an unknown name is an error listing the registered ones
 
-    def grid(self, d_sae: list[int] | None = None) -> SweepGrid:
-        """The sweep: the widths as multiples of d_in, or as `d_sae` values when given."""
-        return SweepGrid(arch=[self.arch], expansion=[] if d_sae else list(self.widths), d_sae=d_sae or [],
-                         coefficient=list(self.coefficient), k=list(self.k))
+    def knobs(self, toy: bool) -> dict[str, list]:
+        """{"coefficient": [...], "k": [...]}: the values given, else the data kind's."""
+        own = TOY_KNOBS if toy else LM_KNOBS
+        return {name: list(own[name] if getattr(self, name) is None else getattr(self, name)) for name in own}
 
 
 @dataclass
@@ -139,8 +147,8 @@ def run_count_toy(cfg: CountConfig, data: ToyDataConfig, run_dir: str | Path) ->
     widths = [int(round(w * data.d)) for w in cfg.widths]
     if len(set(widths)) < len(widths):
         raise ConfigError(f"--widths {cfg.widths} round to repeated widths {widths} at d={data.d}")
-    toy = ToySweepConfig(data=data, width=widths, arch=[cfg.arch], coefficient=list(cfg.coefficient), k=list(cfg.k),
-                         steps=cfg.steps, seed=cfg.seed, **({"lr": cfg.lr} if cfg.lr else {}))
+    toy = ToySweepConfig(data=data, width=widths, arch=[cfg.arch], **cfg.knobs(toy=True), steps=cfg.steps,
+                         seed=cfg.seed, **({"lr": cfg.lr} if cfg.lr else {}))
     rows = run_toy_sweep(toy, run_dir)
     source = f"toy: d={data.d}, {data.n_features} true features, {data.mean_active:g} active on average"
     return count_features(cfg, rows, run_dir, source, truth=data.n_features)
@@ -150,7 +158,8 @@ def run_count_lm(cfg: CountConfig, sweep: LMSweepConfig, run_dir: str | Path, lm
     """The count on a language model's activations: `sweep` says where (model, hook, text,
     contexts, batch size); its specs are replaced by the width sweep. Resumes what is there."""
     run_dir = Path(run_dir)
-    specs = sweep_specs(cfg.grid(), cfg.steps, **({"lr": cfg.lr} if cfg.lr else {}))
+    grid = SweepGrid(arch=[cfg.arch], expansion=list(cfg.widths), d_sae=[], **cfg.knobs(toy=False))
+    specs = sweep_specs(grid, cfg.steps, **({"lr": cfg.lr} if cfg.lr else {}))
     rows = run_lm_sweep(dataclasses.replace(sweep, specs=specs, steps=cfg.steps, seed=cfg.seed), run_dir, lm)
     first = SAE.load(run_dir / "saes" / rows[0].name)
     source = f"{Path(first.cfg.model_name or 'default').name} {first.cfg.hook_name}"
