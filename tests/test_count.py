@@ -102,3 +102,24 @@ def test_count_on_toy_data_finds_the_true_number_of_features(tmp_path, capsys):
     assert all(w["truth_recovered"] == 24 for w in knob["widths"][1:])
     assert len(json.loads((out / "config.json").read_text())["specs"]) == 4
     assert (out / "count.png").stat().st_size > 0 and (out / "count.txt").exists()
+
+
+def test_count_on_a_model_with_the_toy_beside_it(tmp_path, tiny_lm_path, capsys):
+    """The LM path end to end on the tiny LM (too short to count anything: the wiring), with
+    --beside-toy: the toy sweep at the hook's width, its L1 scaled to the toy's, and the
+    side-by-side recovery figure."""
+    out = tmp_path / "lm"
+    code = main(["count", "--model", str(tiny_lm_path), "--hook", "blocks.0.mlp.hook_post", "--widths", "1", "2", "4",
+                 "--coefficient", "1.5", "3", "--steps", "20", "--batch-tokens", "128", "--train-contexts", "32",
+                 "--eval-contexts", "4", "--beside-toy", "64", "--out", str(out)])
+    assert code == 0
+    lm = json.loads((out / "count.json").read_text())
+    assert lm["d_in"] == 128 and lm["source"].endswith("blocks.0.mlp.hook_post") and lm["truth"] is None
+    assert [c["knob"] for c in lm["counts"]] == ["c1.5", "c3"]
+    widths = lm["counts"][0]["widths"]
+    assert [w["width"] for w in widths] == [128, 256, 512] and widths[0]["mmcs_widest"] is not None
+    assert widths[-1]["mmcs_widest"] is None and widths[0]["truth_mmcs"] is None
+    toy = json.loads((out / "toy" / "count.json").read_text())
+    assert toy["truth"] == 64 and toy["d_in"] == 128 and [c["value"] for c in toy["counts"]] == pytest.approx([0.15, 0.3])
+    assert (out / "beside_toy.png").stat().st_size > 0 and (out / "count.png").stat().st_size > 0
+    assert "true N = 64" in capsys.readouterr().out

@@ -15,6 +15,7 @@ metrics.json, config.json, ...), count.json, count.txt and count.png; prints the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from saelab.commands import options
@@ -48,8 +49,9 @@ def register(sub) -> None:
     g = p.add_argument_group("toy data (--toy N: count where the answer is known)")
     g.add_argument("--toy", type=options.positive_int, metavar="N", help="run on toy data with N true features")
     g.add_argument("--beside-toy", type=options.positive_int, metavar="N",
-                   help="on a model: also run the sweep on toy data of the hook's width with N true features and "
-                        "plot both recovery panels side by side (beside_toy.png)")
+                   help="on a model: also run the sweep on toy data of the hook's width with N true features (its "
+                        "L1 coefficients scaled by 0.3 / 3, the two defaults; k as given) into OUT/toy, and plot "
+                        "both recovery panels side by side (beside_toy.png)")
     options.add_toy_data(g, ToyDataConfig(d=64, mean_active=5), n_features=False)
     options.add_model_options(p)
     g = options.text_group(p)
@@ -59,6 +61,15 @@ def register(sub) -> None:
     options.add_eval_contexts(g, LM.eval_contexts)
     options.add_context_length(g, LM.context_length)
     p.set_defaults(func=run)
+
+
+def toy_sweep(cfg: CountConfig) -> CountConfig:
+    """The sweep of --beside-toy: the model's, its coefficients scaled by the two data kinds'
+    defaults (toy activations are not normalised: L1 1.5 3 6 on a model is 0.15 0.3 0.6 on toy)."""
+    if cfg.coefficient is None:
+        return cfg
+    scale = TOY_KNOBS["coefficient"][0] / LM_KNOBS["coefficient"][0]
+    return dataclasses.replace(cfg, coefficient=[c * scale for c in cfg.coefficient])
 
 
 def _shown(toy: list, lm: list) -> str:
@@ -82,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     print(write_report(result))
     if args.beside_toy and not args.toy:
         args.d, args.batch_tokens = result.d_in, TOY_BATCH
-        toy = run_count_toy(cfg, options.toy_data(args, args.beside_toy), out / "toy")
+        toy = run_count_toy(toy_sweep(cfg), options.toy_data(args, args.beside_toy), out / "toy")
         print("\n" + write_report(toy))
         print(f"\nwrote {plot_beside(result, toy, out / 'beside_toy.png')}")
     print(f"\ntook {time.perf_counter() - start:.0f} s; run folder: {out} (count.json, count.txt, count.png)")
