@@ -28,22 +28,28 @@ def _creeping(n, widths=WIDTHS):
 
 
 def test_a_knee_between_widths_is_read_at_a_width_of_the_sweep_and_finer_widths_read_closer():
-    """The rule's resolution is the width grid: N = 220 is read at 256 (a little creep), N = 180
-    at 128 (short: the step to 256 grew under 50%); widths 1.5x apart read 180 at 192."""
-    assert estimate_count(WIDTHS, _creeping(220)).n == pytest.approx(_creeping(220)[2])
-    assert estimate_count(WIDTHS, _creeping(180)).n == 128
+    """The rule's resolution is the width grid: N = 200 is read at 256 (a little creep), N = 160
+    at 128 (short: the step to 256 grew under 40%); widths 1.5x apart read 160 at 192."""
+    assert estimate_count(WIDTHS, _creeping(200)).n == pytest.approx(_creeping(200)[2])
+    assert estimate_count(WIDTHS, _creeping(160)).n == 128
     fine = [64, 96, 128, 192, 256, 384, 512]
-    est = estimate_count(fine, _creeping(180, fine))
-    assert est.at == 192 and est.n == pytest.approx(_creeping(180, fine)[3]) and 1 < est.n / 180 < 1.02
+    est = estimate_count(fine, _creeping(160, fine))
+    assert est.at == 192 and est.n == pytest.approx(_creeping(160, fine)[3]) and 1 < est.n / 160 < 1.03
 
 
 def test_the_toy_runs_measured_give_the_estimates_the_docstring_states():
-    """m(w) of seven measured toy runs (true N: counts at 1x, 2x, ... of d): 0.91-1.00 of N."""
+    """m(w) of nine measured toy runs (true N: counts at 1x, 2x, ... of d): 0.91-1.04 of N."""
     runs = [(256, [55, 127, 235, 264]), (256, [54, 124, 243, 258]), (128, [59, 125, 142]), (64, [22, 62, 78]),
-            (48, [24, 48, 61]), (24, [13, 24, 28]), (24, [11, 22, 27])]
+            (48, [24, 48, 61]), (24, [13, 24, 28]), (24, [11, 22, 27]), (24, [15, 25, 30]), (24, [12, 24, 31])]
     for n, matched in runs:
         est = estimate_count([2 ** i for i in range(len(matched))], matched)
-        assert est.saturated and 0.91 <= est.n / n <= 1.0, (n, est)
+        assert est.saturated and 0.91 <= est.n / n <= 1.05, (n, est)
+
+
+def test_a_decelerating_count_is_still_rising():
+    """The default LM's residual stream (measured): +80%, then +47% per doubling: not levelled off."""
+    est = estimate_count([128, 256, 512], [82, 148, 218])
+    assert not est.saturated and est.n == 218
 
 
 def test_a_count_still_growing_is_a_lower_bound():

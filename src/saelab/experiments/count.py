@@ -16,8 +16,7 @@ sparsity setting (knob):
    of an earlier direction counts once, else duplicates keep m(w) growing past N) whose match
    is above the threshold;
 3. the estimate (`experiments.saturation`): m(w*) at the first width w* whose next doubling
-   adds under 50% new matched features, bracketed by the next count (why this rule and not a
-   fitted plateau: there). The count levels off only past N, so the sweep sees N only if N is
+   adds under 40% new matched features (why this rule and not a fitted plateau: there). The count levels off only past N, so the sweep sees N only if N is
    at most its third-widest width: with 1x-8x, N <= 2 d_in; for the 512-1024 features seed
    001 reports in 64 MLP dimensions, widths up to 32x.
 
@@ -50,8 +49,8 @@ from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SweepGrid, sweep_specs
 
 ESTIMATOR = (f"N = m(w*), the distinct features of width w* matched in the next width, w* the first width whose "
-             f"next doubling adds under {GAIN:.0%} new matched features (below N counts grew 85-180% per doubling "
-             f"on toy data, past N 6-27%: a fitted plateau overshoots by that creep, 3-45%)")
+             f"next doubling adds under {GAIN:.0%} new matched features (below N counts grew 67-182% per doubling "
+             f"on toy data, past N 6-29%: a fitted plateau overshoots by that creep, 3-45%)")
 
 
 # Each data kind's sparsity where none is given. Toy: the toy sweep's middle L1 and its true L0.
