@@ -17,6 +17,7 @@ import types
 import typing
 from pathlib import Path
 
+from saelab.data.outliers import OutlierRule
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
@@ -116,6 +117,23 @@ def add_include_bos(g) -> None:
     g.add_argument("--include-bos", action="store_true",
                    help="keep the BOS position (position 0) in what is cached, scanned, trained on, "
                         "averaged and spliced (default: left out, as in evaluation)")
+
+
+def outlier_multiple(text: str) -> float | None:
+    """--outlier-multiple's value: a number > 1, or 0 / none to turn the rule off."""
+    try:
+        return OutlierRule.parse(text).multiple
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_outlier_multiple(g, default: float | None, what: str, from_sae: bool = False) -> None:
+    """--outlier-multiple: rows whose norm is above X times the median row norm are outliers
+    (saelab.data.outliers); `what` says what happens to them in this command."""
+    default_text = f"the SAE's recorded rule, else {shown(default)}" if from_sae else shown(default)
+    g.add_argument("--outlier-multiple", type=outlier_multiple, default=default, metavar="X",
+                   help=f"activation rows with norm above X times the median row norm are outliers: {what}; "
+                        f"0 or none turns this off (default: {default_text})")
 
 
 def add_lm_batch_size(g, default: int) -> None:
