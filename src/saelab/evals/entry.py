@@ -180,6 +180,17 @@ class MetricsEntry:
         return self.to_dict().get(key, default)
 
 
+# shown beside a table's columns when some row had outlier rows: how many, and FVU and loss
+# recovered with them replaced too
+OUTLIER_COLUMNS = ("outliers", "fvu_all", "loss_recovered_all")
+
+
+def with_outlier_columns(columns: Sequence, rows: Sequence) -> tuple:
+    """`columns`, and OUTLIER_COLUMNS after them when some row had outlier rows: a model without
+    massive activations gets the table it always had."""
+    return tuple(columns) + (OUTLIER_COLUMNS if any(row.get("outliers") for row in rows) else ())
+
+
 def write_metrics(run_dir: str | Path, rows: Sequence[MetricsEntry]) -> Path:
     """Write `rows` as run_dir/metrics.json, atomically (a crash leaves the old file or the new)."""
     return write_json(Path(run_dir) / METRICS_FILE, [row.to_dict() for row in rows])

@@ -31,7 +31,7 @@ from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import heldout_contexts, load_lm
@@ -44,8 +44,6 @@ from saelab.train.spec import TrainSpec
 # CE increase (nats) and KL beside loss recovered: on a real model zero ablation is far worse
 # than unigram, so a high loss recovered alone flatters an SAE
 TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
-# shown when some row had outlier rows: how many, and FVU and loss recovered with them replaced too
-OUTLIER_COLUMNS = ("outliers", "fvu_all", "loss_recovered_all")
 
 
 @dataclass
@@ -103,9 +101,8 @@ class SweepColumns:
 
 
 def table_columns(rows) -> tuple[str, ...]:
-    """TABLE_COLUMNS, and OUTLIER_COLUMNS when some row had outlier rows (a model without
-    massive activations gets the table it always had)."""
-    return TABLE_COLUMNS + (OUTLIER_COLUMNS if any(row.get("outliers") for row in rows) else ())
+    """The table's columns: TABLE_COLUMNS, with the outlier columns when some row had outliers."""
+    return with_outlier_columns(TABLE_COLUMNS, rows)
 
 
 def middle_hook(lm: HookedLM) -> str:
