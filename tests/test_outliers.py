@@ -273,3 +273,23 @@ def test_scan_skips_flagged_rows():
     top = lambda scan: {(r, p) for j in range(16) for _, r, p in scan.top_examples(j)}  # noqa: E731
     assert (1, 4) in top(everything) and (1, 4) not in top(skipped)
     assert skipped.count.sum() < everything.count.sum()
+
+
+# ---- the option --------------------------------------------------------------------------------
+def test_outlier_multiple_option_and_config(capsys, tmp_path):
+    from saelab.cli import main
+    from saelab.pipelines.train_lm import LMSweepConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--outlier-multiple", "-1", "--print-config"])
+    assert exit_.value.code == 2 and "the outlier multiple must be > 1" in capsys.readouterr().err
+    for typed, want in ((["--outlier-multiple", "0"], None), (["--outlier-multiple", "25"], 25.0), ([], 10.0)):
+        assert main(["train", *typed, "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["outlier_multiple"] == want
+    (tmp_path / "run.json").write_text(json.dumps({"outlier_multiple": None}))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["outlier_multiple"] is None
+    with pytest.raises(ConfigError, match="outlier multiple"):
+        LMSweepConfig(specs=[], outlier_multiple=-2)
+    with pytest.raises(ConfigError, match="outlier multiple"):
+        TrainConfig(outlier_multiple=0.9)
