@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -90,6 +91,19 @@ class OutlierRule:
         if not isinstance(data, dict) or "multiple" not in data:
             raise ConfigError(f"an outlier rule is recorded as {{'multiple': number or null}}, got {data!r}")
         return cls(data["multiple"])
+
+
+Rules = OutlierRule | Sequence[OutlierRule] | None  # one rule for every SAE, one per SAE, or none
+
+
+def one_per(rules: Rules, n: int) -> list[OutlierRule | None]:
+    """`rules` (one rule or None for all n SAEs, or a sequence of one per SAE) as a list of n."""
+    if rules is None or isinstance(rules, OutlierRule):
+        return [rules] * n
+    rules = list(rules)
+    if len(rules) != n:
+        raise ConfigError(f"{len(rules)} outlier rules for {n} SAEs; give one rule, or one per SAE")
+    return rules
 
 
 class OutlierTally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saelab.data.outliers import OutlierRule
+from saelab.data.outliers import OutlierRule, Rules, one_per
 from saelab.errors import ConfigError
 from saelab.sae.config import PROVENANCE
 
@@ -53,3 +53,8 @@ def rule_for(sae, given: OutlierRule | None = None) -> OutlierRule:
     if given is not None:
         return given
     return Provenance.of(sae).outliers or OutlierRule()
+
+
+def rules_for(saes, given: Rules = None) -> list[OutlierRule]:
+    """`rule_for` each SAE, `given` being one rule, one per SAE, or None."""
+    return [rule_for(sae, rule) for sae, rule in zip(saes, one_per(given, len(saes)))]

@@ -42,8 +42,8 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from saelab.data.cache.shuffle import hook_rows
-from saelab.data.outliers import OutlierRule
-from saelab.data.provenance import rule_for
+from saelab.data.outliers import OutlierRule, Rules
+from saelab.data.provenance import rules_for
 from saelab.errors import ConfigError, DataError
 from saelab.evals.entry import Ablation, AllPositions, DownstreamMetrics
 from saelab.lm.hooked import HookedLM, Splice, next_token_logprobs, next_token_nll
@@ -241,7 +241,7 @@ def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> flo
 def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 16,
                         exclude_bos: bool = False, ablations: Sequence[str] = ABLATIONS,
                         means: Mapping[str, torch.Tensor] | None = None,
-                        outliers: OutlierRule | Sequence[OutlierRule] | None = None,
+                        outliers: Rules = None,
                         progress: bool | None = None) -> list[DownstreamMetrics]:
     """Loss recovered, CE and KL for several SAEs at once: one `DownstreamMetrics` per SAE
     (CE of the clean and the spliced LM, KL, and an `Ablation` per kind in `ablations`).
@@ -252,9 +252,7 @@ def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size
     for kind in ablations:
         ablation_splice(kind, torch.zeros(1))  # validates the name
     hooks = [check_sae_fits(lm, sae) for sae in saes]
-    rules = [outliers] * len(saes) if outliers is None or isinstance(outliers, OutlierRule) else list(outliers)
-    if len(rules) != len(saes):
-        raise ConfigError(f"{len(rules)} outlier rules for {len(saes)} SAEs; give one rule, or one per SAE")
+    rules = rules_for(saes, outliers)
     targets = list(dict.fromkeys(out for _, out in hooks))
     means = dict(means or {})
     if "mean" in ablations and any(t not in means for t in targets):
@@ -266,7 +264,6 @@ def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size
             variants[f"{kind}@{t}"] = {t: ablation_splice(kind, means.get(t))}
     keeps, same_as = {}, {}
     for i, (sae, rule) in enumerate(zip(saes, rules)):
-        rule = rule_for(sae, rule)
         keeps[i] = KeepFlagged(rule, int(exclude_bos)) if rule.enabled else None
         variants[f"sae{i}"] = sae_splices(lm, sae, keep=keeps[i])
         if keeps[i] is not None:

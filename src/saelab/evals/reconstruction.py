@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import torch
 
 from saelab.data.cache.shuffle import as_pair, hook_rows
-from saelab.data.outliers import OutlierRule, OutlierTally
-from saelab.data.provenance import rule_for
+from saelab.data.outliers import OutlierRule, OutlierTally, Rules, one_per
+from saelab.data.provenance import rules_for
 from saelab.errors import DataError
 from saelab.evals.downstream import evaluate_downstream, token_batches
 from saelab.evals.entry import DownstreamMetrics
@@ -37,9 +37,6 @@ from saelab.evals.metrics import DENSE_THRESHOLD, MetricsAccumulator, OutlierRep
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
-
-Rules = OutlierRule | Sequence[OutlierRule] | None  # one rule for every SAE, or one per SAE
-
 
 class RowsAt(NamedTuple):
     """Where a batch's rows came from: each row's position in its context and its token id."""
@@ -107,7 +104,7 @@ def evaluate_saes(saes: Sequence[SAE], batches: Iterable, dense_threshold: float
     their own device; rows are compared in float32 against the SAE's target. With `outliers`
     (a rule, or one per SAE) the rows it flags in each batch are left out and reported
     (`SAEMetrics.outliers`; `token_text` turns the token ids of `RowsAt` into text)."""
-    rules = _rule_list(outliers, len(saes))
+    rules = one_per(outliers, len(saes))
     tallies = [_SAETally(dense_threshold, rule) for rule in rules]
     for sae in saes:
         sae.eval()
@@ -116,15 +113,6 @@ def evaluate_saes(saes: Sequence[SAE], batches: Iterable, dense_threshold: float
         for sae, tally, (x, y) in zip(saes, tallies, _per_sae(batch, len(saes))):
             tally.update(sae, x, y, at)
     return [tally.result(token_text) for tally in tallies]
-
-
-def _rule_list(outliers: Rules, n: int) -> list[OutlierRule | None]:
-    if outliers is None or isinstance(outliers, OutlierRule):
-        return [outliers] * n
-    rules = list(outliers)
-    if len(rules) != n:
-        raise DataError(f"{len(rules)} outlier rules for {n} SAEs; give one rule, or one per SAE")
-    return rules
 
 
 def _per_sae(batch, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,7 +149,7 @@ def evaluate_on_lm(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int
     are judged by `outliers` (one rule, or one per SAE), else each SAE's recorded rule, else the
     default: left out of the metrics and reported, and kept clean in the splice (with a splice
     of every position reported beside it; saelab.evals.downstream)."""
-    rules = [rule_for(sae, rule) for sae, rule in zip(saes, _rule_list(outliers, len(saes)))]
+    rules = rules_for(saes, outliers)
     batches = lm_batches(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos)
     recon = evaluate_saes(saes, batches, outliers=rules, token_text=lambda i: _token_text(lm, i))
     if not downstream:

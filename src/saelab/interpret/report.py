@@ -137,8 +137,9 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     `cache` (instead of contexts): an activation cache (ActivationCache or folder) of held-out
     text made by `model` with the SAE's hook; its first `n_contexts` (None: all) contexts are
     scanned, and examples' activations read, from it (a dropped BOS position is not scanned).
-    The model still runs for the logit lens, ablation and trees. The SAE is moved to the
-    model's device."""
+    The model still runs for the logit lens, ablation and trees. Activation rows the outlier
+    rule flags (`outliers`: the SAE's recorded rule unless given) are not scanned, and read as 0
+    in examples; `Report.outliers` counts them. The SAE is moved to the model's device."""
     opts = _options(options, overrides)
     sae, sae_path = _sae_and_path(sae)
     opts = dataclasses.replace(opts, outliers=rule_for(sae, opts.outliers))
