@@ -17,6 +17,8 @@ import types
 import typing
 from pathlib import Path
 
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
@@ -92,16 +94,21 @@ def text_group(p: argparse.ArgumentParser):
     return p.add_argument_group("text")
 
 
-def add_source(g, default: str = "stdlib") -> None:
+def _from_sae(default_text: str, from_sae: bool) -> str:
+    """A default as --help shows it, for an option that defaults to the SAE's recorded value."""
+    return f"the SAE's recorded one, else {default_text}" if from_sae else default_text
+
+
+def add_source(g, default: str = "stdlib", from_sae: bool = False) -> None:
     g.add_argument("--source", default=default,
-                   help=f"text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
-                        f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
+                   help="text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
+                        f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {_from_sae(default, from_sae)})")
 
 
-def add_context_length(g, default: int | None) -> None:
+def add_context_length(g, default: int | None, from_sae: bool = False) -> None:
     shown = "min(128, the model's)" if default is None else f"{default}, at most the model's"
     g.add_argument("--context-length", type=positive_int, default=default,
-                   help=f"tokens per context (default: {shown})")
+                   help=f"tokens per context (default: {_from_sae(shown, from_sae)})")
 
 
 def add_eval_contexts(g, default: int) -> None:
@@ -114,10 +121,26 @@ def add_train_contexts(g, default: int) -> None:
                    help=f"training contexts (their activations are what the SAEs train on) (default: {default})")
 
 
-def add_include_bos(g) -> None:
+def add_include_bos(g, from_sae: bool = False) -> None:
     g.add_argument("--include-bos", action="store_true",
                    help="keep the BOS position (position 0) in what is cached, scanned, trained on, "
-                        "averaged and spliced (default: left out, as in evaluation)")
+                        f"averaged and spliced (default: {_from_sae('left out, as in evaluation', from_sae)})")
+
+
+def outlier_multiple(text: str) -> float | None:
+    """--outlier-multiple's value: a number > 1, or 0 / none to turn the rule off."""
+    try:
+        return OutlierRule.parse(text).multiple
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_outlier_multiple(g, default: float | None, what: str, from_sae: bool = False) -> None:
+    """--outlier-multiple: rows whose norm is above X times the median row norm are outliers
+    (saelab.data.outliers); `what` says what happens to them in this command."""
+    g.add_argument("--outlier-multiple", type=outlier_multiple, default=default, metavar="X",
+                   help=f"activation rows with norm above X times the median row norm are outliers: {what}; "
+                        f"0 or none turns this off (default: {_from_sae(shown(default), from_sae)})")
 
 
 def add_lm_batch_size(g, default: int) -> None:
@@ -290,3 +313,24 @@ def given(args: argparse.Namespace) -> dict:
 def filled(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with the defaults of the options not typed filled back in."""
     return argparse.Namespace(**{**args.option_defaults, **vars(args)})
+
+
+# ---- what an SAE records about its training text ---------------------------------------------
+def recorded(sae) -> dict:
+    """The option values an SAE's provenance records (saelab.data.provenance), by option dest:
+    source, context_length, include_bos, outlier_multiple; those it does not record are absent."""
+    prov = Provenance.of(sae)
+    out = {"source": prov.source, "context_length": prov.context_length,
+           "include_bos": None if prov.exclude_bos is None else not prov.exclude_bos}
+    out = {k: v for k, v in out.items() if v is not None}
+    if prov.outliers is not None:
+        out["outlier_multiple"] = prov.outliers.multiple
+    return out
+
+
+def for_sae(args: argparse.Namespace, sae) -> argparse.Namespace:
+    """`args` (of a command whose defaults `defaults_apart` set apart) for one SAE: each option
+    as typed, else as the SAE records it (`recorded`), else the command's default. The one
+    place commands that run an SAE on text take its training text's settings."""
+    from_sae = {k: v for k, v in recorded(sae).items() if k in args.option_dests}
+    return argparse.Namespace(**{**args.option_defaults, **from_sae, **vars(args)})

@@ -13,7 +13,10 @@ with n = |x_hat| per token (or |x| with norm="input"). Variants:
     random_matched  per token, c = cos(x, x_hat) and n = |x_hat|: the SAE's error, made random
     random          each fixed c in `cos_targets`: the curve KL(c)
 
-A transcoder's "activation" is its output hook (the MLP output it replaces). Output: a table
+A transcoder's "activation" is its output hook (the MLP output it replaces). Positions the
+outlier rule flags in the SAE's input (massive activations, saelab.data.outliers) keep their
+clean activation in every variant, as in the loss-recovered splice; `outliers_kept` counts them
+(the cosines and norm ratios are those of the activations spliced in). Output: a table
 (perturb.json, table.md) and a plot of KL (log scale) against cosine, with the SAE's point.
 """
 
@@ -27,7 +30,9 @@ import torch
 
 from saelab.atomic import write_json, write_text
 from saelab.errors import ConfigError, DataError
-from saelab.evals.downstream import compare_splices, sae_splices
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import rule_for
+from saelab.evals.downstream import KeepFlagged, compare_splices, sae_splices
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits
 from saelab.plots import save_figure
@@ -44,6 +49,7 @@ class PerturbConfig:
     batch_size: int = 16
     exclude_bos: bool = True
     seed: int = 0
+    outliers: OutlierRule | None = None  # flagged positions keep their clean activation; None: the SAE's rule
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -116,22 +122,27 @@ def _combines(cfg: PerturbConfig) -> dict[str, tuple[dict, callable]]:
 
 def perturbation_table(lm: HookedLM, sae: SAE, tokens, cfg: PerturbConfig | None = None,
                        progress: bool | None = None) -> dict:
-    """{"ce_clean", "hook", "n_tokens", "rows": [{variant, cos_target, cos, norm_ratio, ce,
-    kl, ce_delta}]} over `tokens`, all variants sharing one clean pass per batch."""
+    """{"ce_clean", "hook", "n_tokens", "outlier_multiple", "outliers_kept", "rows": [{variant,
+    cos_target, cos, norm_ratio, ce, kl, ce_delta}]} over `tokens`, all variants sharing one
+    clean pass per batch."""
     cfg = cfg or PerturbConfig()
     _, hook_out = check_sae_fits(lm, sae)
-    variants, meters, fields = {}, {}, {}
+    rule = rule_for(sae, cfg.outliers)
+    variants, meters, fields, keeps = {}, {}, {}, {}
     for name, (row, combine) in _combines(cfg).items():
         meter = _Meter(cfg.exclude_bos)
-        variants[name] = sae_splices(lm, sae, lambda act, x_hat, f=combine, m=meter: m(act, f(act, x_hat)))
-        meters[name], fields[name] = meter, row
+        keeps[name] = KeepFlagged(rule, int(cfg.exclude_bos)) if rule.enabled else None
+        splices = sae_splices(lm, sae, combine, keep=keeps[name])
+        splices[hook_out] = lambda act, fn=splices[hook_out], m=meter: m(act, fn(act))
+        variants[name], meters[name], fields[name] = splices, meter, row
     res = compare_splices(lm, tokens, variants, batch_size=cfg.batch_size,
                           exclude_bos=cfg.exclude_bos, progress=progress)
     clean = res["clean"]["ce"]
     rows = [{**fields[k], **meters[k].result(), "ce": res[k]["ce"], "kl": res[k]["kl"],
              "ce_delta": res[k]["ce"] - clean} for k in variants]
     return {"ce_clean": clean, "hook": hook_out, "n_tokens": res["clean"]["n_tokens"],
-            "config": asdict(cfg), "rows": rows}
+            "outlier_multiple": rule.multiple, "outliers_kept": None if keeps["sae"] is None else keeps["sae"].total,
+            "config": {**asdict(cfg), "outliers": rule.to_dict()}, "rows": rows}
 
 
 TABLE = (Column("variant"), Column("cos_target", "cos target", "g"), Column("cos", fmt=".4f"),
@@ -142,6 +153,9 @@ TABLE = (Column("variant"), Column("cos_target", "cos target", "g"), Column("cos
 def format_table(result: dict) -> str:
     """The clean CE, then a Markdown table of the rows."""
     head = f"Hook `{result['hook']}`, clean CE {result['ce_clean']:.4f} nats over {result['n_tokens']} tokens."
+    if result.get("outliers_kept"):
+        head += (f" {result['outliers_kept']} positions (norm above {result['outlier_multiple']:g}x the median) kept "
+                 "their clean activation in every variant.")
     return f"{head}\n\n{format_rows(result['rows'], TABLE, style='markdown')}\n"
 
 

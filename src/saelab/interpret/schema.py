@@ -8,9 +8,11 @@ index), and features/<i>.json, one `FeatureDetail` each (a summary's fields plus
 memory `Report.features` holds a `FeatureDetail` for each feature given detail. Floats are
 rounded to 4 significant digits by the writer, null where not finite.
 
-Versions: 2 added `dense_threshold` and `options`. Schema-1 reports are still read: their dense
-threshold was the renderer's fixed 0.1, their options were not recorded, and a tree held as
-"vector" + "root" becomes "roots". Other versions are refused.
+Versions: 2 added `dense_threshold` and `options`; 3 added `outliers` (the rows an outlier rule
+kept out of the scan; absent when no rule was applied). Schema-1 reports are still read: their
+dense threshold was the renderer's fixed 0.1, their options were not recorded, and a tree held
+as "vector" + "root" becomes "roots". Schema-2 reports read as they are. Other versions are
+refused.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field
 from saelab.errors import DataError
 from saelab.interpret.records import OMIT_NONE, Record, dump_fields, json_schema
 
-SCHEMA = 2
-READS = (1, 2)
+SCHEMA = 3
+READS = (1, 2, 3)
 SCHEMA_FILE = "report.schema.json"
 V1_DENSE_THRESHOLD = 0.1  # schema 1 carried no threshold: its renderer counted density > 0.1 as dense
 
@@ -217,6 +219,25 @@ class ReportStats:
 
 
 @dataclass
+class TokenTally(Record):
+    """A token and how many rows it was at."""
+
+    token: str
+    count: int
+
+
+@dataclass
+class SkippedRows(Record):
+    """Activation rows an outlier rule (saelab.data.outliers) kept out of the scan: not
+    examples, not counted in densities or `n_tokens`."""
+
+    multiple: float | None  # rows with norm above this times the batch's median norm (None: no rule)
+    skipped: int
+    positions: list[list[int]]  # [[context position, rows skipped there], ...] most frequent first
+    tokens: list[TokenTally]  # the tokens at those rows, most frequent first
+
+
+@dataclass
 class Report(Record):
     """Everything known about each feature of one SAE."""
 
@@ -227,6 +248,7 @@ class Report(Record):
     density_hist: Histogram  # of log10(density); dead features in the first bin
     options: dict | None  # the ReportOptions it was built with, as JSON (None: not recorded)
     features: list[FeatureSummary]  # one per feature of the SAE
+    outliers: SkippedRows | None = field(default=None, metadata=OMIT_NONE)  # None: no outlier rule applied
 
     def __post_init__(self):
         seen = set()
@@ -244,7 +266,7 @@ class Report(Record):
         if version not in READS:
             raise DataError(f"feature report schema {version!r} is not supported; this saelab reads "
                             f"schemas {', '.join(map(str, READS))}")
-        return super().from_dict(_from_v1(data) if version == 1 else data, where)
+        return super().from_dict(_from_v1(data) if version == 1 else {**data, "schema": SCHEMA}, where)
 
     def index_dict(self) -> dict:
         """report.json: the report with the features' summaries only."""
