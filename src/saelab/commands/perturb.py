@@ -23,7 +23,7 @@ from saelab.commands import options
 from saelab.errors import ConfigError
 from saelab.experiments.perturb import (NORMS, PerturbConfig, format_hook_table, format_table, run_hook_perturb,
                                         run_perturb)
-from saelab.lm.hook_names import LAYER_SET, expand_hooks
+from saelab.lm.hook_names import LAYER_SET
 from saelab.lm.resolve import check_one_model
 from saelab.sae import SAE
 from saelab.sae.format import folder_labels, sae_folders
@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(result), end="")
     else:
         out = args.out or Path(MANY_OUT)
-        hooks = expand_hooks(args.hooks, lm.n_layers)
-        result = run_hook_perturb(lm, tokens, out, hooks, saes, cfg, {k: str(f) for k, f in folders.items()})
+        result = run_hook_perturb(lm, tokens, out, args.hooks, saes, cfg, {k: str(f) for k, f in folders.items()})
         print(format_hook_table(result), end="")
     print(f"wrote {out}/perturb.json, table.md, kl_vs_cos.png")
     return 0

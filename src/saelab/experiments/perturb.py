@@ -40,6 +40,7 @@ from saelab.atomic import write_json, write_text
 from saelab.errors import ConfigError, DataError
 from saelab.evals.downstream import compare_splices, sae_splices
 from saelab.experiments.perturb_views import format_hook_table, format_table, plot_hooks, plot_kl_vs_cos
+from saelab.lm.hook_names import expand_hooks
 from saelab.lm.hooked import HookedLM, Splice
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
@@ -166,8 +167,9 @@ def _variants(lm: HookedLM, hooks: list[str], saes: Mapping[str, SAE], cfg: Pert
 
 
 def _hook_order(lm: HookedLM, hooks: Sequence[str], saes: Mapping[str, SAE]) -> list[str]:
-    """The hooks asked for and those the SAEs replace, checked, in forward-pass order."""
-    wanted = set(hooks) | {check_sae_fits(lm, sae)[1] for sae in saes.values()}
+    """The hooks asked for (`expand_hooks`: names or the `layers` shorthand) and those the SAEs
+    replace, checked, in forward-pass order."""
+    wanted = set(expand_hooks(hooks, lm.n_layers)) | {check_sae_fits(lm, sae)[1] for sae in saes.values()}
     for hook in wanted:
         lm.hook_dim(hook)  # an unknown name: a ConfigError listing the valid ones
     if not wanted:
@@ -177,7 +179,7 @@ def _hook_order(lm: HookedLM, hooks: Sequence[str], saes: Mapping[str, SAE]) -> 
 
 def hook_perturbations(lm: HookedLM, tokens, hooks: Sequence[str] = (), saes: Mapping[str, SAE] | None = None,
                        cfg: PerturbConfig | None = None, progress: bool | None = None) -> dict:
-    """The curve KL(cos) at every hook in `hooks` and at each SAE's replaced hook, with each SAE's
+    """The curve KL(cos) at every hook in `hooks` (names, or `layers` / `layers:0,1`) and at each SAE's replaced hook, with each SAE's
     point and matched random perturbation; every variant of every hook shares one clean pass per
     batch. `saes`: label -> SAE. {"ce_clean", "n_tokens", "config", "hooks" (forward order),
     "saes": {label: hook}, "rows": [{hook, sae, variant, cos_target, cos, norm_ratio, ce, kl,
