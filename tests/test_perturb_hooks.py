@@ -79,8 +79,8 @@ def test_two_saes_at_one_hook_share_the_input_norm_curve(lm, tokens, sae):
     other = SAE(lm.d_model, 32, hook_name=HOOK)
     cfg = PerturbConfig(cos_targets=[0.5, 0.9], norm="input", batch_size=6)
     res = hook_perturbations(lm, tokens, [], {"a": sae, "b": other}, cfg)
-    assert [(r["variant"], r["sae"]) for r in res["rows"]] == [
-        ("sae", "a"), ("random_matched", "a"), ("sae", "b"), ("random_matched", "b"), ("random", None), ("random", None)]
+    assert [(r["variant"], r["sae"]) for r in res["rows"]] == [("sae", "a"), ("random_matched", "a"), ("sae", "b"),
+                                                               ("random_matched", "b"), ("random", None), ("random", None)]
     summary = summary_rows(res)
     assert [s["sae"] for s in summary] == ["a", "b"] and summary[0]["kl@0.5"] == summary[1]["kl@0.5"]
     sae_row = next(r for r in res["rows"] if r["variant"] == "sae" and r["sae"] == "b")
@@ -137,8 +137,10 @@ def test_cli(tiny_hf_model_dirs, tmp_path, capsys):
                             for d in range(1, 41)))
     out = tmp_path / "run"
     argv = ["perturb", str(tmp_path / "s1"), "--hooks", "layers:1", "--model", str(tiny_hf_model_dirs["gpt2"]),
-            "--source", str(text), "--context-length", "12", "--eval-contexts", "4", "--cos", "0.5", "0.9", "--out", str(out)]
+            "--source", str(text), "--context-length", "12", "--eval-contexts", "4", "--cos", "0.5", "0.9",
+            "--out", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| blocks.1.hook_resid_post | - | activation |" in printed and "| blocks.0.hook_resid_post | s1 | s1 output |" in printed
+    assert "| blocks.1.hook_resid_post | - | activation |" in printed
+    assert "| blocks.0.hook_resid_post | s1 | s1 output |" in printed
     assert json.loads((out / "perturb.json").read_text())["sae_paths"] == {"s1": str(tmp_path / "s1")}

@@ -179,12 +179,12 @@ def _hook_order(lm: HookedLM, hooks: Sequence[str], saes: Mapping[str, SAE]) -> 
 
 def hook_perturbations(lm: HookedLM, tokens, hooks: Sequence[str] = (), saes: Mapping[str, SAE] | None = None,
                        cfg: PerturbConfig | None = None, progress: bool | None = None) -> dict:
-    """The curve KL(cos) at every hook in `hooks` (names, or `layers` / `layers:0,1`) and at each SAE's replaced hook, with each SAE's
-    point and matched random perturbation; every variant of every hook shares one clean pass per
-    batch. `saes`: label -> SAE. {"ce_clean", "n_tokens", "config", "hooks" (forward order),
-    "saes": {label: hook}, "rows": [{hook, sae, variant, cos_target, cos, norm_ratio, ce, kl,
-    ce_delta}]}; a row's `sae` names the SAE it belongs to (for a curve: whose norm it keeps;
-    None: |x'| = |x|)."""
+    """The curve KL(cos) at every hook in `hooks` (names, or `layers` / `layers:0,1`) and at each
+    SAE's replaced hook, with each SAE's point and matched random perturbation; every variant of
+    every hook shares one clean pass per batch. `saes`: label -> SAE. Returns {"ce_clean",
+    "n_tokens", "config", "hooks" (forward order), "saes": {label: hook}, "rows": [{hook, sae,
+    variant, cos_target, cos, norm_ratio, ce, kl, ce_delta}]}; a row's `sae` names the SAE it
+    belongs to (for a curve: whose output norm it keeps; None: |x'| = |x|)."""
     cfg, saes = cfg or PerturbConfig(), dict(saes or {})
     order = _hook_order(lm, hooks, saes)
     variants = {str(i): v for i, v in enumerate(_variants(lm, order, saes, cfg))}
