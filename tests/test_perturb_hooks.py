@@ -49,15 +49,17 @@ def test_each_hook_equals_its_single_hook_run(lm, tokens, sae, norm):
     hooks = expand_hooks(["layers"], lm.n_layers)
     both = hook_perturbations(lm, tokens, hooks, {"a": sae}, cfg)
     assert both["hooks"] == hooks and both["saes"] == {"a": HOOK}  # forward order, the SAE's hook among them
-    for hook in ("blocks.0.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"):
+    for hook in ("blocks.0.hook_attn_out", HOOK, "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"):
         alone = hook_perturbations(lm, tokens, [hook], cfg=cfg)
-        assert _rows(both, hook) == alone["rows"] and alone["ce_clean"] == both["ce_clean"]
-    one = perturbation_table(lm, sae, tokens, cfg)
-    stripped = [{k: v for k, v in r.items() if k not in ("hook", "sae")} for r in _rows(both, HOOK)]
-    assert stripped == one["rows"]
-    owner = "a" if norm == "sae" else None  # whose norm the curve at the SAE's hook keeps
-    assert [(r["variant"], r["sae"]) for r in _rows(both, HOOK)] == [("sae", "a"), ("random_matched", "a"),
-                                                                      ("random", owner), ("random", owner)]
+        assert [r for r in _rows(both, hook) if r["sae"] is None] == alone["rows"]
+        assert alone["ce_clean"] == both["ce_clean"]
+    one = perturbation_table(lm, sae, tokens, cfg)  # the SAE alone: its point, and its curve for norm "sae"
+    mine = [r for r in _rows(both, HOOK) if r["sae"] == "a" or norm == "input" and r["variant"] == "random"]
+    assert [{k: v for k, v in r.items() if k not in ("hook", "sae")} for r in mine] == one["rows"]
+    want = [("sae", "a"), ("random_matched", "a"), ("random", None), ("random", None)]
+    want += [("random", "a"), ("random", "a")] if norm == "sae" else []  # a curve at the SAE's own norm too
+    assert [(r["variant"], r["sae"]) for r in _rows(both, HOOK)] == want
+    assert len(summary_rows(both)) == len(hooks) + (norm == "sae")  # the SAE's row (beside its hook's own curve)
 
 
 def test_random_keeps_the_norm_and_hits_the_cosine_at_every_hook(lm, tokens):

@@ -17,9 +17,9 @@ A transcoder's "activation" is its output hook (the MLP output it replaces).
 
 Across hooks (seed 002 compares the residual stream, attention and MLP outputs of early layers,
 where robustness differs a lot: GPT-2's layer-0 attention output is far less robust than the
-rest): `hook_perturbations` draws the curve at every hook asked for, with no SAE needed, and puts
-each given SAE's point on the curve of the hook it replaces. A hook without an SAE keeps the
-activation's own norm (|x'| = |x|), as does every curve with norm="input". All variants of all
+rest): `hook_perturbations` draws the curve keeping the activation's norm (|x'| = |x|) at every
+hook asked for, with no SAE needed, and puts each given SAE's point on the panel of the hook it
+replaces, with (norm="sae") a curve at the SAE's output norm beside it. All variants of all
 hooks share one clean pass per batch, and each curve draws from its own seeded generators, so a
 hook's numbers are the same whichever other hooks run beside it.
 
@@ -152,24 +152,26 @@ def _curve(lm: HookedLM, hook: str, label: str | None, sae: SAE | None, cfg: Per
     return out
 
 
-def _variants(lm: HookedLM, hooks: list[str], saes: Mapping[str, SAE], cfg: PerturbConfig) -> list[_Variant]:
-    """Per hook: each SAE replacing it (its point and matched random), then its curve(s): one
-    per SAE with norm "sae", else one with |x'| = |x| (the same for every SAE at the hook)."""
+def _variants(lm: HookedLM, hooks: list[str], asked: set[str], saes: Mapping[str, SAE],
+              cfg: PerturbConfig) -> list[_Variant]:
+    """Per hook: each SAE replacing it (its point and matched random), then its curves: the one
+    keeping the activation's norm where the hook was asked for, has no SAE, or norm is "input"
+    (the same for every SAE there), and with norm "sae" one at each SAE's output norm."""
     at = {hook: [(label, sae) for label, sae in saes.items() if check_sae_fits(lm, sae)[1] == hook]
           for hook in hooks}
     out = []
     for hook in hooks:
         for label, sae in at[hook]:
             out += _sae_points(lm, hook, label, sae, cfg)
-        for label, sae in (at[hook] if cfg.norm == "sae" and at[hook] else [(None, None)]):
+        own = at[hook] if cfg.norm == "sae" else []
+        for label, sae in ([(None, None)] if hook in asked or not own else []) + own:
             out += _curve(lm, hook, label, sae, cfg)
     return out
 
 
-def _hook_order(lm: HookedLM, hooks: Sequence[str], saes: Mapping[str, SAE]) -> list[str]:
-    """The hooks asked for (`expand_hooks`: names or the `layers` shorthand) and those the SAEs
-    replace, checked, in forward-pass order."""
-    wanted = set(expand_hooks(hooks, lm.n_layers)) | {check_sae_fits(lm, sae)[1] for sae in saes.values()}
+def _hook_order(lm: HookedLM, hooks: set[str], saes: Mapping[str, SAE]) -> list[str]:
+    """The hooks asked for and those the SAEs replace, checked, in forward-pass order."""
+    wanted = hooks | {check_sae_fits(lm, sae)[1] for sae in saes.values()}
     for hook in wanted:
         lm.hook_dim(hook)  # an unknown name: a ConfigError listing the valid ones
     if not wanted:
@@ -184,10 +186,13 @@ def hook_perturbations(lm: HookedLM, tokens, hooks: Sequence[str] = (), saes: Ma
     every hook shares one clean pass per batch. `saes`: label -> SAE. Returns {"ce_clean",
     "n_tokens", "config", "hooks" (forward order), "saes": {label: hook}, "rows": [{hook, sae,
     variant, cos_target, cos, norm_ratio, ce, kl, ce_delta}]}; a row's `sae` names the SAE it
-    belongs to (for a curve: whose output norm it keeps; None: |x'| = |x|)."""
+    belongs to (for a curve: whose output norm it keeps; None: |x'| = |x|). A hook asked for always
+    has the curve keeping the activation's norm; one reached only through SAEs has it unless every
+    SAE there draws its own (norm "sae"), as in the one-SAE table."""
     cfg, saes = cfg or PerturbConfig(), dict(saes or {})
-    order = _hook_order(lm, hooks, saes)
-    variants = {str(i): v for i, v in enumerate(_variants(lm, order, saes, cfg))}
+    asked = set(expand_hooks(hooks, lm.n_layers))
+    order = _hook_order(lm, asked, saes)
+    variants = {str(i): v for i, v in enumerate(_variants(lm, order, asked, saes, cfg))}
     res = compare_splices(lm, tokens, {k: v.splices for k, v in variants.items()}, batch_size=cfg.batch_size,
                           exclude_bos=cfg.exclude_bos, progress=progress)
     clean = res["clean"]["ce"]

@@ -28,23 +28,27 @@ def format_table(result: dict) -> str:
 
 
 def summary_rows(result: dict) -> list[dict]:
-    """One row per hook and SAE there (a hook without an SAE: one row): the norm the curve
-    keeps, KL at each target cosine ("kl@<c>"), and the SAE's cosine and KL against the KL of
-    the random error with its cosine and norm, token by token ("ratio" > 1: the SAE's error
-    hurts more than a random one)."""
-    rows, out = result["rows"], []
+    """Per hook: a row for the curve keeping the activation's norm (where drawn and no SAE's row
+    shows it), and one per SAE there with the curve it is compared to (its own output norm's where drawn, else the
+    activation's): the norm kept, KL at each target cosine ("kl@<c>"), and the SAE's cosine and
+    KL against the KL of the random error with its cosine and norm, token by token ("ratio" > 1:
+    the SAE's error hurts more than a random one)."""
+    out = []
     for hook in result["hooks"]:
-        here = [r for r in rows if r["hook"] == hook]
-        for label in [s for s, h in result["saes"].items() if h == hook] or [None]:
-            owner = label if any(r["variant"] == "random" and r["sae"] == label for r in here) else None
+        here = [r for r in result["rows"] if r["hook"] == hook]
+        curves = {r["sae"] for r in here if r["variant"] == "random"}
+        labels = [s for s, h in result["saes"].items() if h == hook]
+        shown = None in curves and all(label in curves for label in labels)  # else an SAE's row shows it
+        for label in ([None] if shown else []) + labels:
+            owner = label if label in curves else None
             row = {"hook": hook, "sae": label, "norm": f"{owner} output" if owner else "activation"}
             row.update({f"kl@{r['cos_target']:g}": r["kl"] for r in here
                         if r["variant"] == "random" and r["sae"] == owner})
-            point = {r["variant"]: r for r in here if r["sae"] == label and r["variant"] != "random"}
             if label is not None:
-                sae_kl, matched = point["sae"]["kl"], point["random_matched"]["kl"]
-                row.update(sae_cos=point["sae"]["cos"], sae_kl=sae_kl, matched_kl=matched,
-                           ratio=sae_kl / matched if matched > 0 else math.nan)
+                point = {r["variant"]: r["kl"] for r in here if r["sae"] == label and r["variant"] != "random"}
+                sae_cos = next(r["cos"] for r in here if r["sae"] == label and r["variant"] == "sae")
+                row.update(sae_cos=sae_cos, sae_kl=point["sae"], matched_kl=point["random_matched"],
+                           ratio=point["sae"] / point["random_matched"] if point["random_matched"] > 0 else math.nan)
             out.append(row)
     return out
 
