@@ -144,5 +144,5 @@ def test_cli(tiny_hf_model_dirs, tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| blocks.1.hook_resid_post | - | activation |" in printed
-    assert "| blocks.0.hook_resid_post | s1 | s1 output |" in printed
+    assert "| blocks.0.hook_resid_post | s1 | SAE output |" in printed
     assert json.loads((out / "perturb.json").read_text())["sae_paths"] == {"s1": str(tmp_path / "s1")}

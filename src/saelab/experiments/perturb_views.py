@@ -41,7 +41,7 @@ def summary_rows(result: dict) -> list[dict]:
         shown = None in curves and all(label in curves for label in labels)  # else an SAE's row shows it
         for label in ([None] if shown else []) + labels:
             owner = label if label in curves else None
-            row = {"hook": hook, "sae": label, "norm": f"{owner} output" if owner else "activation"}
+            row = {"hook": hook, "sae": label, "norm": "SAE output" if owner else "activation"}
             row.update({f"kl@{r['cos_target']:g}": r["kl"] for r in here
                         if r["variant"] == "random" and r["sae"] == owner})
             if label is not None:
@@ -75,7 +75,7 @@ def kl_panel(ax, rows: list[dict], title: str, colors: dict | None = None) -> No
     for owner in dict.fromkeys(r.get("sae") for r in rows if r["variant"] == "random"):
         curve = sorted((r["cos"], max(r["kl"], FLOOR)) for r in rows
                        if r["variant"] == "random" and r.get("sae") == owner)
-        label = "random, fixed cos" if owner is None else f"random, {owner}'s norm"
+        label = "random, activation's norm" if owner is None else f"random, {owner}'s output norm"
         ax.plot(*zip(*curve), "o-", color=colors.get(owner, "tab:gray"), label=label)
     for r in rows:
         name = r.get("sae") or "SAE"
