@@ -20,6 +20,7 @@ from pathlib import Path
 from saelab.data.outliers import OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
+from saelab.interpret.report import TREE_VECTORS, ReportOptions
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
 from saelab.sae import SAE
@@ -204,6 +205,52 @@ def add_feature_list_options(p: argparse.ArgumentParser) -> None:
                    help="leave out tokens that never occur in this text (e.g. stdlib; first 4096 contexts)")
 
 
+# ---- the feature report and its dashboard (saelab dashboard, saelab neurons) ----------------
+def add_scan_contexts(g, shown: str) -> None:
+    g.add_argument("--scan-contexts", type=positive_int, default=None,
+                   help=f"held-out contexts to scan for examples (default: {shown})")
+
+
+def add_feature_pages(p) -> None:
+    """--features and --include-dead: which features get pages (every feature is in the index)."""
+    p.add_argument("--features", type=int, nargs="+", default=None,
+                   help="features to give pages (default: all); every feature is in the index")
+    p.add_argument("--include-dead", action="store_true", help="also write pages for dead features")
+
+
+def add_report_views(g, d: ReportOptions) -> None:
+    """What each feature page shows (ReportOptions' view fields; read back by report_view_options)."""
+    g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
+    g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
+                   help="feature vector the ghost token is made of (both: two trees and their overlap)")
+    g.add_argument("--tree-depth", type=int, default=d.tree_depth)
+    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth)
+    g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
+    g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
+    g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,
+                   help="quantile examples per feature with ablated text")
+    g.add_argument("--ablate-back", type=int, default=d.ablate_max_back,
+                   help=f"earlier tokens removed in turn (0: all of them; default: {d.ablate_max_back})")
+    g.add_argument("--embedding-scale", type=float, default=d.embedding_scale,
+                   help="feature vector norm in mean token norms, for the nearest-token lists")
+    g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
+                   help="exponent on the cosine in the nearest-token score")
+    add_drop_high_norm(g, d.high_norm_z)
+    g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
+                   help="keep only these many tokens around each example (default: whole contexts)")
+
+
+def report_view_options(args: argparse.Namespace) -> dict:
+    """ReportOptions fields from the view arguments (add_report_views), --include-bos and
+    --outlier-multiple."""
+    return dict(tree=args.tree, tree_vector=args.tree_vector, tree_depth=args.tree_depth,
+                tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, n_ablate=args.ablate,
+                n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
+                embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
+                high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
+                exclude_bos=not args.include_bos, outliers=OutlierRule(args.outlier_multiple))
+
+
 # ---- what a sweep trains --------------------------------------------------------------------
 def k_archs() -> list[str]:
     return [name for name, cls in ACTIVATIONS.items() if cls.knob == "k"]
@@ -318,7 +365,10 @@ def filled(args: argparse.Namespace) -> argparse.Namespace:
 # ---- what an SAE records about its training text ---------------------------------------------
 def recorded(sae) -> dict:
     """The option values an SAE's provenance records (saelab.data.provenance), by option dest:
-    source, context_length, include_bos, outlier_multiple; those it does not record are absent."""
+    source, context_length, include_bos, outlier_multiple; those it does not record (or no SAE)
+    are absent."""
+    if sae is None:
+        return {}
     prov = Provenance.of(sae)
     out = {"source": prov.source, "context_length": prov.context_length,
            "include_bos": None if prov.exclude_bos is None else not prov.exclude_bos}

@@ -32,7 +32,7 @@ from saelab.interpret.ablate import AblationRequest, ablate_tokens
 from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
                                         feature_vectors, nearest_tokens, overlap)
 from saelab.interpret.lens import LensResult, classify, feature_lens
-from saelab.interpret.scan import FeatureScan, ScanConfig, scan_features
+from saelab.interpret.scan import SINGLE_TOKEN_SHARE, FeatureScan, ScanConfig, scan_features
 from saelab.interpret.schema import (AblationRow, Embedding, Example, FeatureDetail, FeatureSummary,
                                      Histogram, Logits, Overlap, QuantileBin, Report, SAEInfo, SkippedRows,
                                      TokenCount, TokenScore, TokenTally, TokenValue, Tree, TreeNode)
@@ -161,7 +161,7 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     return Report(sae=info, n_tokens=scan.n_tokens, dense_threshold=DENSE_THRESHOLD,
                   density_hist=Histogram(_floats(edges), counts.tolist()), options=opts.record(),
                   features=[details.get(j, s) for j, s in enumerate(summaries)],
-                  outliers=_skipped(scan, opts.outliers, inputs.vocab))
+                  outliers=_skipped(scan, opts.outliers, inputs.vocab), single_token_share=SINGLE_TOKEN_SHARE)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -248,6 +248,7 @@ def _floats(values) -> list:
 def _summaries(inputs: ReportInputs, scan: FeatureScan, lens: LensResult) -> list[FeatureSummary]:
     sae, vocab = inputs.sae, inputs.vocab
     enc_dec = enc_dec_cosine(sae).tolist() if sae.cfg.d_in == sae.cfg.d_out else None
+    share = scan.top_token_share().tolist()
     out = []
     for j in range(sae.cfg.d_sae):
         skew, kurt = float(lens.skew[j]), float(lens.kurtosis[j])
@@ -256,7 +257,8 @@ def _summaries(inputs: ReportInputs, scan: FeatureScan, lens: LensResult) -> lis
             top_logits=[vocab[t] for t in lens.top_ids[j, :INDEX_LOGITS].tolist()],
             bottom_logits=[vocab[t] for t in lens.bottom_ids[j, :INDEX_LOGITS].tolist()],
             logit_skew=_r(skew), logit_kurtosis=_r(kurt), kind=classify(skew, kurt),
-            enc_dec_cos=None if enc_dec is None else _r(enc_dec[j]), dead=bool(scan.count[j] == 0)))
+            enc_dec_cos=None if enc_dec is None else _r(enc_dec[j]), dead=bool(scan.count[j] == 0),
+            top_token_share=_r(share[j])))
     return out
 
 

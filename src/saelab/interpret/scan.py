@@ -14,7 +14,8 @@ across features, into:
   final bins are runs of fine bins, equal in width to within one fine bin (max / 32 at the
   default 64 fine bins);
 * counts / sums (density, mean activation over active tokens), the exact histogram of active
-  values over the same fine bins, and per-token-id counts and sums (top tokens): an exact dense
+  values over the same fine bins, and per-token-id counts and sums (top tokens, and the share of
+  a feature's activation mass on its top token id: single-token features): an exact dense
   (d_sae, vocab) table when d_sae * vocab <= `token_table_max`, else `token_capacity` slots per
   feature kept by count after each batch (then counts are lower bounds; the top few are right
   unless a token is frequent overall but rare in every batch).
@@ -41,6 +42,8 @@ from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
 from saelab.interpret.sources import ActiveFeatures, ContextBatch, active_features, hook_acts, nonzero_acts
 from saelab.progress import progress_bar
+
+SINGLE_TOKEN_SHARE = 0.9  # a feature with more of its activation mass on one token id is single-token
 
 
 @dataclass
@@ -221,6 +224,16 @@ class FeatureScan:
 
     def top_tokens(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
         return self.tokens.top(feature, n)
+
+    def top_token_share(self) -> Tensor:
+        """(d_sae,) share of each feature's activation mass (the sum of its activations) on the
+        one token id holding the most of it; NaN where dead. A share above SINGLE_TOKEN_SHARE
+        makes a single-token feature. Exact with the dense token table; with token slots
+        (d_sae * vocab > token_table_max) that id's mass is a lower bound, and so is the count of
+        single-token features."""
+        top = self.tokens.total.double().amax(dim=1)
+        share = (top / self.act_sum.clamp_min(1e-300)).clamp(0.0, 1.0)
+        return torch.where(self.count > 0, share, torch.full_like(share, float("nan")))
 
 
 class Quantiles(NamedTuple):

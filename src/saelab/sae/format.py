@@ -53,6 +53,15 @@ def sae_folders(path: str | Path) -> list[Path]:
     return folders
 
 
+def folder_labels(folders: list[Path]) -> dict[str, Path]:
+    """label -> folder: each folder's name, or its run's name and its own where two SAEs share a
+    name (two runs' saes/)."""
+    def label(folder: Path) -> str:
+        same = [f for f in folders if f.name == folder.name]
+        return folder.name if len(same) == 1 else f"{folder.parent.parent.name}/{folder.name}"
+    return {label(Path(f)): Path(f) for f in folders}
+
+
 def write_sae_folder(path: str | Path, cfg: SAEConfig, tensors: dict[str, Tensor]) -> Path:
     """Write the folder: tensors (by saved name, cast to cfg.dtype) first, then cfg.json, each atomically."""
     path = Path(path)
