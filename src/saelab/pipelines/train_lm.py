@@ -5,7 +5,7 @@ The whole job, resumable at every stage: tokenize the corpus -> cache activation
 (one LM pass, shared by every SAE) -> train all SAEs together on shuffled batches ->
 evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text. The run
 folder holds config.json (the trainer's config with this sweep's settings under "pipeline"),
-log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live`),
+log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live` or `cache_dir`),
 metrics.json (one row per SAE, with train_tokens and the stage timings), table.txt and the
 L0 / loss-recovered and feature-density plots.
 
@@ -61,6 +61,8 @@ class LMSweepConfig:
     device: str = "cpu"  # where the LM runs and the SAEs train ("cuda", "cuda:1", "mps", ...)
     lm_dtype: str = "float32"  # the LM's parameter dtype ("bfloat16", "float16"); the SAEs train in float32
     live: bool = False  # batches straight from the LM (a mixing buffer, no disk cache)
+    cache_dir: str | None = None  # the activation cache's folder (default: <run>/cache); runs of one
+    # experiment that train on the same text at the same hook share one (saelab frontier)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -165,8 +167,9 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
         return live_batches(lm, contexts(), hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
-    once(lambda: cache_activations(lm, contexts(), hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta=meta))
-    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 
 
