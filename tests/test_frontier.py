@@ -112,3 +112,78 @@ def test_no_crossing_and_no_overlap():
     assert c.l0 == [] and c.better_below == "trained" and "whole shared range L0 20..50" in c.summary
     c = curve_crossing([(10.0, 0.2)], [(20.0, 0.9)], "loss_recovered", True)
     assert c.overlap is None and "do not overlap" in c.summary
+
+
+# ---- the experiment on the tiny LM ----------------------------------------------------------
+def tiny_config(corpus, **kw):
+    """Sized for the tiny LM (d_model 32, context 32): seconds per training pass."""
+    from saelab.experiments.frontier import FrontierConfig
+
+    return FrontierConfig(**{**dict(target_l0=[20.0, 27.0], expansion=2, base_coefficient=1.0, steps=50,
+                                    train_contexts=32, eval_contexts=4, batch_tokens=128, context_length=32,
+                                    search_rounds=2, tolerance=0.15, source=str(corpus)), **kw})
+
+
+@pytest.mark.slow
+def test_frontier_on_the_tiny_lm(tiny_lm, corpus, tmp_path):
+    import json
+
+    from saelab.experiments.frontier import format_frontier, run_frontier
+    from saelab.experiments.prune import PruneConfig, run_prune
+    from saelab.lm.resolve import heldout_contexts
+    from saelab.sae import SAE
+
+    cfg = tiny_config(corpus)
+    result = run_frontier(tiny_lm, tmp_path / "f", cfg)
+    # the pruned points are run_prune's on the same SAE and contexts, exactly
+    tokens = heldout_contexts(tiny_lm, cfg.source, cfg.eval_contexts, cfg.context_length)
+    ref = run_prune(tiny_lm, SAE.load(result.base_path), tokens, tmp_path / "ref", PruneConfig(target_l0=cfg.target_l0))
+    pruned = result.family("pruned")
+    assert [r.recon.to_dict() for r in pruned] == [r.recon.to_dict() for r in ref.rows[1:]]
+    assert [r.downstream.to_dict() for r in pruned] == [r.downstream.to_dict() for r in ref.rows[1:]]
+    assert result.family("base")[0].recon.to_dict() == ref.rows[0].recon.to_dict()
+    # trained: one per target; a converged search ran at the full length, so its row is that run's
+    trained = result.family("trained")
+    assert [r["target_l0"] for r in trained] == cfg.target_l0 and any(s.converged for s in result.searches)
+    for row, s in zip(trained, result.searches):
+        assert row["coefficient"] == s.coefficient and row.spec["coefficient"] == s.coefficient
+        if s.converged:
+            assert row.recon.l0 == row["search_l0"] == pytest.approx(s.target_l0, rel=cfg.tolerance)
+        assert SAE.load(row["sae_path"]).cfg.d_sae == 64  # same width as the base
+    saved = json.loads((tmp_path / "f" / "frontier.json").read_text())
+    assert len(saved["crossings"]) == 3 and len(saved["rows"]) == 1 + 2 * len(cfg.target_l0)
+    assert (tmp_path / "f" / "frontier.png").stat().st_size > 0
+    assert "loss_recovered: " in format_frontier(result)
+
+
+def random_sae(lm, **kw):
+    """An untrained SAE on the tiny LM's layer-0 residual stream (L0 about half its features)."""
+    import torch
+
+    from saelab.sae import SAE
+
+    torch.manual_seed(0)
+    return SAE(lm.d_model, 64, hook_name="blocks.0.hook_resid_post", **kw).eval()
+
+
+def test_unreachable_and_refused_before_any_training(tiny_lm, corpus, tmp_path):
+    from saelab.experiments.frontier import run_frontier
+
+    sae = random_sae(tiny_lm)
+    sae_path = sae.save(tmp_path / "sae")
+    with pytest.raises(ConfigError, match="cannot be reached by pruning: the base SAE's L0 is"):
+        run_frontier(tiny_lm, tmp_path / "a", tiny_config(corpus, target_l0=[5.0, 1000.0]), sae=sae, sae_path=sae_path)
+    with pytest.raises(ConfigError, match="records no training coefficient"):
+        run_frontier(tiny_lm, tmp_path / "b", tiny_config(corpus, target_l0=[5.0]), sae=sae, sae_path=sae_path)
+    with pytest.raises(ConfigError, match="would hold the SAE it reads"):
+        run_frontier(tiny_lm, tmp_path, tiny_config(corpus), sae=sae, sae_path=sae_path)
+    with pytest.raises(ConfigError, match="set their L0 with k"):
+        run_frontier(tiny_lm, tmp_path / "c", tiny_config(corpus), sae=random_sae(tiny_lm, arch="topk", k=4))
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))  # nothing trained or written
+
+
+def test_cli_refuses_base_options_beside_an_sae(tmp_path, capsys):
+    from saelab.cli import main
+
+    assert main(["frontier", str(tmp_path / "sae"), "--arch", "jumprelu"]) == 2
+    assert "error: --arch: these set the base trained here" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def config_from_args(args: argparse.Namespace) -> FrontierConfig:
     typed = [name for name in BASE_ONLY if getattr(args, name) != getattr(d, name)]
     if args.sae is not None and typed:
         names = ", ".join("--" + n.replace("_", "-") for n in typed)
-        raise ConfigError(f"{names} describe a base trained here; the SAE given fixes its architecture, width and hook")
+        raise ConfigError(f"{names}: these set the base trained here, and the SAE given fixes its architecture, "
+                          "width and hook")
     base = {name: getattr(args, name) for name in BASE_ONLY}
     return FrontierConfig(target_l0=list(args.target_l0), coefficient_range=args.coefficient_range,
                           search_steps=args.search_steps, search_rounds=args.search_rounds, tolerance=args.tolerance,

@@ -248,11 +248,10 @@ def _rows(pruned: list[MetricsEntry], trained: list[MetricsEntry], searches: lis
     def tagged(row: MetricsEntry, name: str, columns: FrontierColumns) -> MetricsEntry:
         return dataclasses.replace(row, name=name, extra=[*row.extra, columns])
     rows = [tagged(pruned[0], "base", FrontierColumns("base", coefficient=base_c))]
-    short, full = runs.cfg.short_steps, runs.cfg.steps
     for p, t, s in zip(pruned[1:], trained, searches):
-        search_l0 = runs.known[(s.coefficient, short)][0].recon.l0 if (s.coefficient, short) in runs.known else None
+        search_l0 = next((l0 for c, l0 in s.points if c == s.coefficient), None)  # None: interpolated, not measured
         columns = FrontierColumns("trained", s.target_l0, s.coefficient, search_l0, s.converged,
-                                  str(runs.sae_path(s.coefficient, full)))
+                                  str(runs.sae_path(s.coefficient, runs.cfg.steps)))
         rows += [tagged(p, p.name, FrontierColumns("pruned")), tagged(t, f"trained_l0~{s.target_l0:g}", columns)]
     return rows
 
