@@ -151,7 +151,8 @@ def test_frontier_on_the_tiny_lm(tiny_lm, corpus, tmp_path):
             assert row.recon.l0 == row["search_l0"] == pytest.approx(s.target_l0, rel=cfg.tolerance)
         assert SAE.load(row["sae_path"]).cfg.d_sae == 64  # same width as the base
     saved = json.loads((tmp_path / "f" / "frontier.json").read_text())
-    assert len(saved["crossings"]) == 3 and len(saved["rows"]) == 1 + 2 * len(cfg.target_l0)
+    assert saved["config"]["target_l0"] == cfg.target_l0 and len(saved["crossings"]) == 3
+    assert len(saved["rows"]) == 1 + 2 * len(cfg.target_l0)
     assert (tmp_path / "f" / "frontier.png").stat().st_size > 0
     assert "loss_recovered: " in format_frontier(result)
 

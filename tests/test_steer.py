@@ -58,7 +58,8 @@ def test_scale_zero_is_the_unsteered_model(tiny_lm, sae):
     ids = prompt_ids(tiny_lm, PROMPT, 6)
     zero = {sae.cfg.hook_name: steering_splice(feature_direction(sae, 3), 0.0)}
     for temperature in (0.0, 1.5):
-        assert generate(tiny_lm, ids, zero, 6, temperature, seed=7)[0] == generate(tiny_lm, ids, {}, 6, temperature, seed=7)[0]
+        steered, plain = (generate(tiny_lm, ids, sp, 6, temperature, seed=7)[0] for sp in (zero, {}))
+        assert steered == plain
     assert torch.equal(generate(tiny_lm, ids, zero, 1)[1], tiny_lm.forward(ids)[0, -1])
     result = run_steer(tiny_lm, sae, SteerConfig(feature=3, scales=[0.0, 40.0], prompt=PROMPT, max_new_tokens=6))
     at_zero, far = result.steered
@@ -111,7 +112,8 @@ def test_cli(tiny_lm_path, sae, tmp_path, capsys):
 
     path = sae.save(tmp_path / "sae")
     common = ["steer", str(path), "--model", str(tiny_lm_path), "--prompt", PROMPT]
-    assert main(common + ["--feature", "1", "--scale", "0", "8", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 0
+    out_dir = ["--out", str(tmp_path / "out")]
+    assert main(common + ["--feature", "1", "--scale", "0", "8", "--max-new-tokens", "4", *out_dir]) == 0
     out = capsys.readouterr().out
     assert "scale 8" in out and (tmp_path / "out" / "steer.json").exists()
     assert main(common + ["--feature", "999", "--scale", "1"]) == 2

@@ -75,7 +75,8 @@ def curve_crossing(pruned: Curve, trained: Curve, metric: str, higher_is_better:
     if better is None:
         return Crossing(metric, found, overlap, None, f"the two families are equal over {where}")
     if not found:
-        return Crossing(metric, [], overlap, better, f"no crossing: {better} SAEs are better over the whole shared range {where}")
+        return Crossing(metric, [], overlap, better,
+                        f"no crossing: {better} SAEs are better over the whole shared range {where}")
     if len(found) == 1:
         return Crossing(metric, found, overlap, better, f"the curves cross at L0 {found[0]:.3g} (within {where}): "
                                                         f"{better} SAEs are better below it, {other} SAEs above")

@@ -134,13 +134,15 @@ class FrontierResult:
     hook: str
     base_path: str
     out_dir: Path
+    config: dict = field(default_factory=dict)  # the FrontierConfig, as a dict
     files: list[Path] = field(default_factory=list)
 
     def family(self, name: str) -> list[MetricsEntry]:
         return [r for r in self.rows if r.get("family") == name]
 
     def to_dict(self) -> dict:
-        return {"hook": self.hook, "base": self.base_path, "searches": [s.to_dict() for s in self.searches],
+        return {"config": self.config, "hook": self.hook, "base": self.base_path,
+                "searches": [s.to_dict() for s in self.searches],
                 "crossings": [c.to_dict() for c in self.crossings], "rows": [r.to_dict() for r in self.rows]}
 
 
@@ -204,7 +206,7 @@ def run_frontier(lm: HookedLM, out_dir: str | Path, cfg: FrontierConfig, sae: SA
     rows = _rows(pruned.rows, trained, searches, runs, base_c)
     crossings = [curve_crossing(_curve(rows, "pruned", key), _curve(rows, "trained", key), key, higher)
                  for key, higher in METRICS]
-    result = FrontierResult(rows, searches, crossings, hooks[1] or hooks[0], str(sae_path), out)
+    result = FrontierResult(rows, searches, crossings, hooks[1] or hooks[0], str(sae_path), out, asdict(cfg))
     result.files = _write(result)
     return result
 
@@ -227,8 +229,8 @@ def _family(lm: HookedLM, cfg: FrontierConfig) -> Family:
 def _check_prunable(base_l0: float, targets: list[float]) -> None:
     above = [t for t in targets if t >= base_l0]
     if above:
-        raise ConfigError(f"target L0 {', '.join(f'{t:g}' for t in above)} cannot be reached by pruning: the base SAE's "
-                          f"L0 is {base_l0:.4g} on these contexts, and pruning reaches L0 below it")
+        raise ConfigError(f"target L0 {', '.join(f'{t:g}' for t in above)} cannot be reached by pruning: the base "
+                          f"SAE's L0 is {base_l0:.4g} on these contexts, and pruning reaches L0 below it")
 
 
 def _bounds(cfg: FrontierConfig, base_c: float | None, sae_path) -> tuple[float, float]:
@@ -263,7 +265,9 @@ def _curve(rows: list[MetricsEntry], family: str, key: str) -> list[tuple[float,
 def _points(rows: list[MetricsEntry], family: str) -> list[tuple]:
     """Plot points (L0, loss recovered, label, CE increase, MSE) of one family's rows."""
     def label(r: MetricsEntry) -> str:
-        return "base" if family == "base" else f"<{r['target_l0']:g}" if family == "pruned" else f"c{r['coefficient']:.3g}"
+        if family == "base":
+            return "base"
+        return f"<{r['target_l0']:g}" if family == "pruned" else f"c{r['coefficient']:.3g}"
     return [(r.recon.l0, r.get("loss_recovered"), label(r), r.get("ce_delta"), r.recon.mse)
             for r in rows if r.get("family") == family]
 
@@ -278,8 +282,9 @@ def format_frontier(result: FrontierResult) -> str:
 def _write(result: FrontierResult) -> list[Path]:
     """metrics.json, frontier.json, table.txt and frontier.png."""
     out = result.out_dir
-    series = {"pruned from the base": _points(result.rows, "pruned"), "trained to the target": _points(result.rows, "trained"),
-              "base (unpruned)": _points(result.rows, "base")}
+    series = {"pruned from the base": _points(result.rows, "pruned"),
+              "trained to the target": _points(result.rows, "trained"), "base (unpruned)": _points(result.rows, "base")}
+    title = f"pruned vs trained to each L0 at {result.hook}"
     return [write_metrics(out, result.rows), write_json(out / "frontier.json", result.to_dict()),
             write_text(out / "table.txt", format_frontier(result) + "\n"),
-            plot_l0_vs_loss_recovered(series, out / "frontier.png", title=f"pruned vs trained to each L0 at {result.hook}")]
+            plot_l0_vs_loss_recovered(series, out / "frontier.png", title=title)]
