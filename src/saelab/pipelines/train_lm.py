@@ -71,8 +71,9 @@ class LMSweepConfig:
 
     def settings(self) -> dict:
         """What config.json records under "pipeline": every field but the specs (config.json
-        holds those already). Checked on resume like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs"}
+        holds those already), and cache_dir only when set (so run folders written before it
+        existed still resume). Checked on resume like the rest of the run's config."""
+        return {k: v for k, v in self.to_dict().items() if k != "specs" and not (k == "cache_dir" and v is None)}
 
 
 @dataclass
