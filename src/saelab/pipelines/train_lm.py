@@ -9,7 +9,7 @@ training batches, leaves them out of the reconstruction metrics (reported beside
 keeps them clean in the splice; each SAE records it with the text it was trained on
 (source, context length, BOS: saelab.data.provenance). The run
 folder holds config.json (the trainer's config with this sweep's settings under "pipeline"),
-log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live`),
+log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live` or `cache_dir`),
 metrics.json (one row per SAE, with train_tokens and the stage timings), table.txt and the
 L0 / loss-recovered and feature-density plots.
 
@@ -68,6 +68,8 @@ class LMSweepConfig:
     lm_dtype: str = "float32"  # the LM's parameter dtype ("bfloat16", "float16"); the SAEs train in float32
     live: bool = False  # batches straight from the LM (a mixing buffer, no disk cache)
     outlier_multiple: float | None = DEFAULT_MULTIPLE  # rows above this x the median norm are outliers (None: off)
+    cache_dir: str | None = None  # the activation cache's folder (default: <run>/cache); runs of one
+    # experiment that train on the same text at the same hook share one (saelab frontier)
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
@@ -79,8 +81,9 @@ class LMSweepConfig:
 
     def settings(self) -> dict:
         """What config.json records under "pipeline": every field but the specs (config.json
-        holds those already). Checked on resume like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs"}
+        holds those already), and cache_dir only when set (so run folders written before it
+        existed still resume). Checked on resume like the rest of the run's config."""
+        return {k: v for k, v in self.to_dict().items() if k != "specs" and not (k == "cache_dir" and v is None)}
 
 
 @dataclass
@@ -189,8 +192,9 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
         return live_batches(lm, contexts(), hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
-    once(lambda: cache_activations(lm, contexts(), hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta=meta))
-    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 
 
