@@ -75,3 +75,21 @@ def tiny_lm(tiny_lm_path):
     from saelab.lm.hooked import HookedLM
 
     return HookedLM.load(tiny_lm_path)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A .jsonl of real text (some standard-library modules' source, in 4000-character documents):
+    a --source that loads at once, where the stdlib corpus takes a second or more per read."""
+    import inspect
+    import json
+    import argparse as a, calendar, csv, difflib, json as j, os, random, shutil, string, textwrap
+
+    mods = [a, calendar, csv, difflib, j, os, random, shutil, string, textwrap]
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    lines = []
+    for m in mods:
+        src = inspect.getsource(m)
+        lines += [json.dumps({"text": src[i:i + 4000]}) for i in range(0, len(src), 4000)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

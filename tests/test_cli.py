@@ -220,7 +220,7 @@ class _Loaded(Exception):
 
 @pytest.mark.parametrize("argv", [
     ["train"], ["quickstart"], ["cache", "--hooks", "blocks.0.hook_resid_post", "--out", "{tmp}/c"],
-    ["dashboard", "{sae}"], ["perturb", "{sae}"], ["prune", "{sae}", "--target-l0", "2"], ["sparse-mlp"],
+    ["dashboard", "{sae}"], ["neurons", "--layer", "0"], ["perturb", "{sae}"], ["perturb", "--hooks", "layers"], ["prune", "{sae}", "--target-l0", "2"], ["sparse-mlp"],
     ["logit-lens", "{sae}", "--feature", "1"], ["tokens", "{sae}", "--feature", "1"],
 ], ids=lambda argv: argv[0])
 def test_lm_commands_pass_device_and_dtype_to_load_lm(argv, tmp_path, monkeypatch):

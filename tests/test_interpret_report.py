@@ -39,8 +39,12 @@ def setup(tiny_lm):
 
 def test_schema(setup):
     lm, sae, contexts, report = setup
-    assert set(report) == {"schema", "sae", "n_tokens", "dense_threshold", "density_hist", "options", "features"}
-    assert report["schema"] == 2 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
+    assert set(report) == {"schema", "sae", "n_tokens", "dense_threshold", "density_hist", "options", "features",
+                           "outliers", "single_token_share"}
+    assert report["schema"] == 3 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
+    # the default outlier rule, applied and recorded; the tiny LM has no massive activations
+    assert report["outliers"] == {"multiple": 10.0, "skipped": 0, "positions": [], "tokens": []}
+    assert report["options"]["outliers"] == {"multiple": 10.0}
     assert report["dense_threshold"] == DENSE_THRESHOLD
     assert report["options"]["features"] == [0, 3, 7] and report["options"]["ablate_max_back"] == 5
     assert report["options"]["used_ids"] == "contexts" and report["options"]["scan"]["top_k"] == 10
@@ -52,7 +56,8 @@ def test_schema(setup):
     assert [f["index"] for f in feats] == list(range(24))
     for f in feats:
         detail = f["index"] in (0, 3, 7)
-        assert set(f) == INDEX_KEYS | (set(DETAIL_KEYS) if detail else set())
+        share = set() if f["dead"] else {"top_token_share"}  # a dead feature has no activation mass to share
+        assert set(f) == INDEX_KEYS | (set(DETAIL_KEYS) if detail else set()) | share
         assert len(f["top_logits"]) == 5 and f["kind"] in ("prediction", "suppression", "partition", "other")
     f = feats[3]
     assert set(f["logits"]) == {"top", "bottom"} and len(f["logits"]["top"]) == 10

@@ -77,6 +77,26 @@ def test_hook_points_match_hugging_face(real_lm, real_tokens):
     hooked_checks.test_block_sums_and_mlp_internals(real_lm, real_tokens)
 
 
+@pytest.mark.slow
+@needs_wheel
+def test_massive_activations_are_flagged_by_the_default_rule(real_lm):
+    """SmolLM2 at blocks.15.hook_resid_post: every context's position 0 (BOS) is hundreds of times
+    the median norm, and the rule flags it; a median row is not flagged, nor are most rows."""
+    from saelab.data.outliers import OutlierRule
+    from saelab.lm.resolve import heldout_contexts
+
+    hook = "blocks.15.hook_resid_post"
+    tokens = heldout_contexts(real_lm, "stdlib-docs", 4, 64)
+    act = real_lm.run_with_cache(tokens, [hook])[hook]
+    flagged = OutlierRule().position_mask(act)  # every position, BOS included, judged together
+    norms = act.float().norm(dim=-1).flatten()
+    assert bool(flagged[:, 0].all()) and float(norms.view(4, -1)[:, 0].min()) > 50 * float(norms.median())
+    assert not bool(flagged.flatten()[norms.argsort()[len(norms) // 2]])
+    assert int(flagged.sum()) < 0.05 * flagged.numel()
+    # without BOS (as training and evaluation see the rows) position 0 is gone and few rows remain flagged
+    assert int(OutlierRule().position_mask(act, start=1).sum()) < int(flagged.sum())
+
+
 def test_sae_trained_on_a_named_model_resolves_it_again():
     class FakeCfg:  # an SAE's config names the model it was trained on
         model_name = NAME

@@ -22,22 +22,6 @@ from saelab.sae import SAE
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A .jsonl of real text (some standard-library modules' source), one document per module."""
-    import inspect
-    import argparse as a, calendar, csv, difflib, json as j, os, random, shutil, string, textwrap
-
-    mods = [a, calendar, csv, difflib, j, os, random, shutil, string, textwrap]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    lines = []
-    for m in mods:
-        src = inspect.getsource(m)
-        lines += [json.dumps({"text": src[i:i + 4000]}) for i in range(0, len(src), 4000)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def lm(tiny_lm):
     return tiny_lm
 

@@ -9,7 +9,9 @@ from saelab.cli import main
 from saelab.evals.entry import read_metrics
 from saelab.evals.metrics import fvu
 from saelab.evals.reconstruction import evaluate_saes, lm_batches
-from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import Provenance
+from saelab.pipelines.train_lm import TABLE_COLUMNS, LMSweepConfig, run_lm_sweep
 from saelab.sae import SAE
 from saelab.train.sweep import SweepGrid, sweep_specs
 
@@ -49,6 +51,14 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
     # the saved SAE evaluates the same when loaded again
     sae = SAE.load(tmp_path / "run" / "saes" / "topk_128_k8")
     assert sae.cfg.model_name == str(tiny_lm_path) and sae.cfg.hook_name == "blocks.0.hook_resid_post"
+    # it records the text it was trained on (saelab's provenance and SAELens's keys) and the outlier rule,
+    # which flags nothing on this model: the table keeps its columns
+    assert Provenance.of(sae) == Provenance("stdlib", 32, True, True, OutlierRule(10))
+    cfg_json = json.loads((tmp_path / "run" / "saes" / "topk_128_k8" / "cfg.json").read_text())
+    assert (cfg_json["dataset_path"], cfg_json["context_size"]) == ("stdlib", 32)
+    assert all(e.recon.outliers.n_outliers == 0 and e.downstream.outliers_kept == 0 for e in entries)
+    assert all(e["train_outliers"] == 0 and e["train_tokens"] == 60 * 512 for e in entries)
+    assert (tmp_path / "run" / "table.txt").read_text().splitlines()[0].split() == list(TABLE_COLUMNS)
     # prune it to half its L0 and re-measure through the CLI
     out = tmp_path / "pruned"
     assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0].recon.l0 / 2),

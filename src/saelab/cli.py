@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saelab.commands import (cache, compare, count, dashboard, logit_lens, models, perturb, prune, quickstart,
-                             sparse_mlp, tokens, toy, train)
+from saelab.commands import (cache, compare, count, dashboard, frontier, logit_lens, models, neurons, perturb, prune,
+                             quickstart, sparse_mlp, steer, tokens, toy, train)
 from saelab.errors import SaelabError
 
-COMMANDS = [dashboard, quickstart, train, toy, count, prune, sparse_mlp, perturb, logit_lens, tokens, compare, cache,
-            models]
+COMMANDS = [dashboard, neurons, quickstart, train, toy, count, prune, frontier, sparse_mlp, perturb, steer, logit_lens,
+            tokens, compare, cache, models]
 
 
 class Parser(argparse.ArgumentParser):

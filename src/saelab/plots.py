@@ -12,19 +12,21 @@ from saelab.atomic import atomic_path
 if TYPE_CHECKING:
     from saelab.evals.entry import MetricsEntry
 
-Point = tuple  # (l0, loss_recovered), (l0, loss_recovered, label) or (l0, loss_recovered, label, ce_delta)
-# (index in a point, y-axis label, scale): loss recovered always; CE increase where points carry it
-_PANELS = ((1, "% CE loss recovered", 100), (3, "CE increase over the clean model (nats)", 1))
+Point = tuple  # (l0, loss_recovered[, label[, ce_delta[, mse]]])
+# (index in a point, y-axis label, scale): loss recovered always; MSE and CE increase where points carry them
+_PANELS = ((1, "% CE loss recovered", 100), (4, "MSE", 1), (3, "CE increase over the clean model (nats)", 1))
 
 
 def l0_vs_loss_recovered_figure(series: dict[str, list[Point]], title: str = ""):
     """One marker series per name: L0 (log x) against % loss recovered and, when the points carry
     a CE increase, a second panel of L0 against it: "95% recovered" can still be +0.5 nats on a
-    real model, whose zero-ablation CE is far above unigram. A point's optional third element
-    (e.g. "k32", "L1 2") is written beside it, so a reader can tell the SAEs apart."""
+    real model, whose zero-ablation CE is far above unigram; when they carry an MSE (fifth
+    element), a panel of L0 against it too. A point's optional third element (e.g. "k32",
+    "L1 2") is written beside it, so a reader can tell the SAEs apart."""
     from matplotlib.figure import Figure
 
-    panels = [p for p in _PANELS if p[0] < 3 or any(len(q) > 3 and q[3] is not None for pts in series.values() for q in pts)]
+    panels = [p for p in _PANELS
+              if p[0] == 1 or any(len(q) > p[0] and q[p[0]] is not None for pts in series.values() for q in pts)]
     fig = Figure(figsize=(6 * len(panels), 4.2), dpi=120)
     for ax, (index, ylabel, scale) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         _l0_panel(ax, series, index, ylabel, scale)

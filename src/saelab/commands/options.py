@@ -17,8 +17,11 @@ import types
 import typing
 from pathlib import Path
 
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import Provenance
 from saelab.data.toy import ToyDataConfig
 from saelab.errors import ConfigError
+from saelab.interpret.report import TREE_VECTORS, ReportOptions
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
 from saelab.sae import SAE
@@ -93,10 +96,15 @@ def text_group(p: argparse.ArgumentParser):
     return p.add_argument_group("text")
 
 
-def add_source(g, default: str = "stdlib") -> None:
+def _from_sae(default_text: str, from_sae: bool) -> str:
+    """A default as --help shows it, for an option that defaults to the SAE's recorded value."""
+    return f"the SAE's recorded one, else {default_text}" if from_sae else default_text
+
+
+def add_source(g, default: str = "stdlib", from_sae: bool = False) -> None:
     g.add_argument("--source", default=default,
-                   help=f"text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
-                        f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {default})")
+                   help="text: 'stdlib' (Python source), 'stdlib-docs' (English: the stdlib's docstrings and "
+                        f"reference topics), 'hf:NAME', a .txt/.jsonl file or a folder (default: {_from_sae(default, from_sae)})")
 
 
 def add_hook(g, default: str | None = None) -> None:
@@ -105,10 +113,10 @@ def add_hook(g, default: str | None = None) -> None:
                         f"{default or 'resid_post of the middle layer'})")
 
 
-def add_context_length(g, default: int | None) -> None:
+def add_context_length(g, default: int | None, from_sae: bool = False) -> None:
     shown = "min(128, the model's)" if default is None else f"{default}, at most the model's"
     g.add_argument("--context-length", type=positive_int, default=default,
-                   help=f"tokens per context (default: {shown})")
+                   help=f"tokens per context (default: {_from_sae(shown, from_sae)})")
 
 
 def add_eval_contexts(g, default: int) -> None:
@@ -121,10 +129,26 @@ def add_train_contexts(g, default: int) -> None:
                    help=f"training contexts (their activations are what the SAEs train on) (default: {default})")
 
 
-def add_include_bos(g) -> None:
+def add_include_bos(g, from_sae: bool = False) -> None:
     g.add_argument("--include-bos", action="store_true",
                    help="keep the BOS position (position 0) in what is cached, scanned, trained on, "
-                        "averaged and spliced (default: left out, as in evaluation)")
+                        f"averaged and spliced (default: {_from_sae('left out, as in evaluation', from_sae)})")
+
+
+def outlier_multiple(text: str) -> float | None:
+    """--outlier-multiple's value: a number > 1, or 0 / none to turn the rule off."""
+    try:
+        return OutlierRule.parse(text).multiple
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_outlier_multiple(g, default: float | None, what: str, from_sae: bool = False) -> None:
+    """--outlier-multiple: rows whose norm is above X times the median row norm are outliers
+    (saelab.data.outliers); `what` says what happens to them in this command."""
+    g.add_argument("--outlier-multiple", type=outlier_multiple, default=default, metavar="X",
+                   help=f"activation rows with norm above X times the median row norm are outliers: {what}; "
+                        f"0 or none turns this off (default: {_from_sae(shown(default), from_sae)})")
 
 
 def add_lm_batch_size(g, default: int) -> None:
@@ -206,6 +230,52 @@ def add_feature_list_options(p: argparse.ArgumentParser) -> None:
     add_drop_high_norm(g, None)
     g.add_argument("--drop-unused", default=None, metavar="SOURCE",
                    help="leave out tokens that never occur in this text (e.g. stdlib; first 4096 contexts)")
+
+
+# ---- the feature report and its dashboard (saelab dashboard, saelab neurons) ----------------
+def add_scan_contexts(g, shown: str) -> None:
+    g.add_argument("--scan-contexts", type=positive_int, default=None,
+                   help=f"held-out contexts to scan for examples (default: {shown})")
+
+
+def add_feature_pages(p) -> None:
+    """--features and --include-dead: which features get pages (every feature is in the index)."""
+    p.add_argument("--features", type=int, nargs="+", default=None,
+                   help="features to give pages (default: all); every feature is in the index")
+    p.add_argument("--include-dead", action="store_true", help="also write pages for dead features")
+
+
+def add_report_views(g, d: ReportOptions) -> None:
+    """What each feature page shows (ReportOptions' view fields; read back by report_view_options)."""
+    g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
+    g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
+                   help="feature vector the ghost token is made of (both: two trees and their overlap)")
+    g.add_argument("--tree-depth", type=int, default=d.tree_depth)
+    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth)
+    g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
+    g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
+    g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,
+                   help="quantile examples per feature with ablated text")
+    g.add_argument("--ablate-back", type=int, default=d.ablate_max_back,
+                   help=f"earlier tokens removed in turn (0: all of them; default: {d.ablate_max_back})")
+    g.add_argument("--embedding-scale", type=float, default=d.embedding_scale,
+                   help="feature vector norm in mean token norms, for the nearest-token lists")
+    g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
+                   help="exponent on the cosine in the nearest-token score")
+    add_drop_high_norm(g, d.high_norm_z)
+    g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
+                   help="keep only these many tokens around each example (default: whole contexts)")
+
+
+def report_view_options(args: argparse.Namespace) -> dict:
+    """ReportOptions fields from the view arguments (add_report_views), --include-bos and
+    --outlier-multiple."""
+    return dict(tree=args.tree, tree_vector=args.tree_vector, tree_depth=args.tree_depth,
+                tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, n_ablate=args.ablate,
+                n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
+                embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
+                high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
+                exclude_bos=not args.include_bos, outliers=OutlierRule(args.outlier_multiple))
 
 
 # ---- what a sweep trains --------------------------------------------------------------------
@@ -320,3 +390,27 @@ def given(args: argparse.Namespace) -> dict:
 def filled(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with the defaults of the options not typed filled back in."""
     return argparse.Namespace(**{**args.option_defaults, **vars(args)})
+
+
+# ---- what an SAE records about its training text ---------------------------------------------
+def recorded(sae) -> dict:
+    """The option values an SAE's provenance records (saelab.data.provenance), by option dest:
+    source, context_length, include_bos, outlier_multiple; those it does not record (or no SAE)
+    are absent."""
+    if sae is None:
+        return {}
+    prov = Provenance.of(sae)
+    out = {"source": prov.source, "context_length": prov.context_length,
+           "include_bos": None if prov.exclude_bos is None else not prov.exclude_bos}
+    out = {k: v for k, v in out.items() if v is not None}
+    if prov.outliers is not None:
+        out["outlier_multiple"] = prov.outliers.multiple
+    return out
+
+
+def for_sae(args: argparse.Namespace, sae) -> argparse.Namespace:
+    """`args` (of a command whose defaults `defaults_apart` set apart) for one SAE: each option
+    as typed, else as the SAE records it (`recorded`), else the command's default. The one
+    place commands that run an SAE on text take its training text's settings."""
+    from_sae = {k: v for k, v in recorded(sae).items() if k in args.option_dests}
+    return argparse.Namespace(**{**args.option_defaults, **from_sae, **vars(args)})

@@ -5,7 +5,7 @@ pruning curve: L0 against loss recovered, pruned versus trained-sparser.
 
 Writes the output folder (--out; default: beside the SAE, <SAE>-pruned): metrics.json (one entry
 per dictionary), l0_vs_loss_recovered.png and, with --save, each pruned SAE folder; prints the
-table."""
+table. Text, context length, BOS and outlier rules default to those the SAE was trained with."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from saelab.commands import options
+from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.experiments.prune import PruneConfig, format_prune, run_prune
 from saelab.sae import SAE
 
@@ -27,19 +28,25 @@ def register(sub) -> None:
     p.add_argument("--save", action="store_true", help="also save each pruned SAE folder")
     options.add_model_options(p)
     g = options.text_group(p)
-    options.add_source(g)
+    options.add_source(g, from_sae=True)
     options.add_eval_contexts(g, options.EVAL_CONTEXTS)
-    options.add_context_length(g, None)
+    options.add_context_length(g, None, from_sae=True)
+    options.add_include_bos(g, from_sae=True)
+    options.add_outlier_multiple(g, DEFAULT_MULTIPLE, "left out of the densities and metrics (reported beside "
+                                 "them) and kept clean in the splice", from_sae=True)
+    options.defaults_apart(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     sae = SAE.load(args.sae).eval()
+    args = options.for_sae(args, sae)
     lm, tokens = options.lm_and_eval_contexts(args, sae)
     sae.to(lm.device)
     out = options.output_folder(args)
     cfg = PruneConfig(target_l0=list(args.target_l0), label=Path(args.sae).name, save=args.save,
-                      compare=Path(args.compare) if args.compare else None)
+                      compare=Path(args.compare) if args.compare else None, exclude_bos=not args.include_bos,
+                      outliers=OutlierRule(args.outlier_multiple))
     print(format_prune(run_prune(lm, sae, tokens, out, cfg)))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'l0_vs_loss_recovered.png'}")
     return 0

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     options.add_context_length(g, None)
     options.add_lm_batch_size(g, d.lm_batch_size)
     options.add_include_bos(g)
+    options.add_outlier_multiple(g, d.outlier_multiple, "rows whose MLP input is one are dropped from training, "
+                                 "left out of the metrics (reported beside them) and kept clean in the splice")
     g = p.add_argument_group("the sparse MLPs (a sweep over --k or --coefficient, per layer)")
     options.add_arch(g, d.arch, many=False)
     options.add_widths(g, d.expansion, d.d_sae, many=False)
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SparseMLPConfig(layers=args.layers, arch=args.arch, d_sae=args.d_sae, expansion=args.expansion,
                           k=list(args.k), l1=list(args.coefficient), lr=args.lr, steps=args.steps,
                           batch_tokens=args.batch_tokens, exclude_bos=not args.include_bos,
-                          lm_batch_size=args.lm_batch_size, seed=args.seed)
+                          lm_batch_size=args.lm_batch_size, seed=args.seed, outlier_multiple=args.outlier_multiple,
+                          source=args.source)
     out = options.output_folder(args)
     entries = run_sparse_mlp(lm, train, held, out, cfg)
     print(format_report(entries, lm.name), end="")

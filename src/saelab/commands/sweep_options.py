@@ -18,7 +18,7 @@ from pathlib import Path
 
 from saelab.commands import options
 from saelab.errors import ConfigError, MissingFileError
-from saelab.pipelines.train_lm import TABLE_COLUMNS, LMSweepConfig, run_lm_sweep
+from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep, table_columns
 from saelab.tables import format_rows
 from saelab.train.spec import TrainSpec
 from saelab.train.sweep import SweepGrid, applies, check_applies, sweep_specs
@@ -55,6 +55,8 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, 
     options.add_train_contexts(g, d["train_contexts"])
     options.add_eval_contexts(g, d["eval_contexts"])
     options.add_cache_dtype(g, d["cache_dtype"])
+    options.add_outlier_multiple(g, d["outlier_multiple"], "dropped from training, left out of the metrics (and "
+                                 "reported beside them) and kept clean in the splice")
     g.add_argument("--live", action="store_true",
                    help="no activation cache on disk: batches come straight from the LM through a mixing buffer "
                         "(the same batches as from a cache; the LM runs again on a resumed run)")
@@ -182,7 +184,7 @@ def run_sweep(args: argparse.Namespace):
         return None
     out = options.output_folder(args)
     rows = run_lm_sweep(cfg, out)
-    print(format_rows(rows, TABLE_COLUMNS))
+    print(format_rows(rows, table_columns(rows)))
     return rows, out
 
 

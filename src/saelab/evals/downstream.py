@@ -14,6 +14,18 @@ tokens (BOS excluded from the mean when `exclude_bos`). With `exclude_bos` every
 leaves the activation at position 0 untouched: SAEs are usually trained without the BOS
 token, whose activations are outliers, and replacing it would change every later position.
 
+Massive activations elsewhere are treated the same way in the SAE's splice: with an outlier
+rule (saelab.data.outliers; the SAE's recorded one by default) the positions it flags in the
+SAE's input keep the activation the model computed (`KeepFlagged`), and `outliers_kept` says
+how many positions that was. So nobody is flattered by the exclusion, the splice with every
+position replaced (BOS still excepted with `exclude_bos`) is reported beside it:
+
+    ce_sae_all, kl_all, loss_recovered_all, loss_recovered_mean_all
+
+Its pass is skipped on a batch where the rule flagged nothing (the two splices are the same
+there), so a model without outliers pays nothing for it. Zero and mean ablations replace every
+position: they set the scale.
+
 Everything is built on `compare_splices`: one clean pass per batch, then one pass per
 variant (a mapping hook -> splice), so many SAEs, ablations and perturbations share the clean
 pass. A transcoder (sparse MLP) reads `cfg.hook_name` and replaces `cfg.hook_name_out`: its
@@ -25,13 +37,15 @@ Per-token CE is `saelab.lm.hooked.next_token_logprobs` / `next_token_nll` (defin
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from saelab.data.cache.shuffle import hook_rows
+from saelab.data.outliers import OutlierRule, Rules
+from saelab.data.provenance import rules_for
 from saelab.errors import ConfigError, DataError
-from saelab.evals.entry import Ablation, DownstreamMetrics
+from saelab.evals.entry import Ablation, AllPositions, DownstreamMetrics
 from saelab.lm.hooked import HookedLM, Splice, next_token_logprobs, next_token_nll
 from saelab.lm.resolve import check_sae_fits
 from saelab.progress import progress_bar
@@ -74,15 +88,30 @@ def token_batches(tokens, batch_size: int = 16) -> list[torch.Tensor]:
 
 
 # ---- the shared engine ----------------------------------------------------------------------
+class SameAs(NamedTuple):
+    """Declares that a variant equals an earlier one (`base`) on any batch where `same()`,
+    asked after the base's pass on that batch, says so: its pass is then skipped and the
+    base's CE and KL of that batch counted for it."""
+
+    base: str
+    same: Callable[[], bool]
+
+
 @torch.no_grad()
 def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
                     batch_size: int = 16, exclude_bos: bool = False,
+                    same_as: Mapping[str, SameAs] | None = None,
                     progress: bool | None = None) -> dict[str, dict]:
     """CE and KL(clean || variant) for each named variant, sharing one clean pass per batch.
 
-    tokens: (n, seq) tensor or iterable of (b, seq) batches. Returns {"clean": {"ce",
-    "n_tokens"}, name: {"ce", "kl", "n_tokens"} for each variant} (floats, nats)."""
+    tokens: (n, seq) tensor or iterable of (b, seq) batches. `same_as`: variants that may reuse
+    an earlier variant's pass batch by batch (`SameAs`). Returns {"clean": {"ce", "n_tokens"},
+    name: {"ce", "kl", "n_tokens"} for each variant} (floats, nats)."""
     batches = token_batches(tokens, batch_size)
+    same_as = dict(same_as or {})
+    order = list(variants)
+    if any(s.base not in order[:order.index(name)] for name, s in same_as.items()):
+        raise ConfigError("a same_as variant must name an earlier variant as its base")
     wrap = keep_bos if exclude_bos else (lambda fn: fn)
     wrapped = {name: {h: wrap(fn) for h, fn in sp.items()} for name, sp in variants.items()}
     sums = {name: [0.0, 0.0] for name in ["clean", *wrapped]}  # ce_sum, kl_sum (float64)
@@ -96,10 +125,17 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
         nll = next_token_nll(logp_clean, batch, start)
         sums["clean"][0] += nll.double().sum().item()
         n += nll.numel()
+        this_batch: dict[str, tuple[float, float]] = {}
         for name, splices in wrapped.items():
-            logq = next_token_logprobs(lm.forward(batch, splices), start)
-            sums[name][0] += next_token_nll(logq, batch, start).double().sum().item()
-            sums[name][1] += _kl(p_clean, logp_clean, logq).double().sum().item()
+            twin = same_as.get(name)
+            if twin is not None and twin.same():
+                this_batch[name] = this_batch[twin.base]
+            else:
+                logq = next_token_logprobs(lm.forward(batch, splices), start)
+                this_batch[name] = (next_token_nll(logq, batch, start).double().sum().item(),
+                                    _kl(p_clean, logp_clean, logq).double().sum().item())
+            sums[name][0] += this_batch[name][0]
+            sums[name][1] += this_batch[name][1]
     out = {"clean": {"ce": sums["clean"][0] / n, "n_tokens": n}}
     for name in wrapped:
         out[name] = {"ce": sums[name][0] / n, "kl": sums[name][1] / n, "n_tokens": n}
@@ -119,9 +155,28 @@ def splice_loss(lm: HookedLM, tokens, hook: str, fn: Splice, *, batch_size: int 
 
 
 # ---- SAE splices and ablations --------------------------------------------------------------
+class KeepFlagged:
+    """Part of an SAE splice: the positions an outlier rule flags in the SAE's input keep the
+    activation the model computed. Each batch's positions from `start` on are judged together
+    (as `lm_batches` judges evaluation rows; `start` 1 when BOS is left out). Counts the
+    positions kept: `total` over all batches, `last` in the latest one."""
+
+    def __init__(self, rule: OutlierRule, start: int = 0):
+        self.rule, self.start, self.total, self.last = rule, start, 0, 0
+
+    def __call__(self, x_in: torch.Tensor, act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """x_in: the SAE's input (B, S, d_in); act, new: the replaced hook's activation and its
+        replacement (B, S, d)."""
+        flagged = self.rule.position_mask(x_in, self.start)
+        self.last = int(flagged.sum())
+        self.total += self.last
+        return torch.where(flagged.unsqueeze(-1), act, new) if self.last else new
+
+
 def sae_splices(lm: HookedLM, sae: SAE, combine: Combine | None = None,
-                hook: str | None = None) -> dict[str, Splice]:
-    """Splices that replace the SAE's output hook by combine(act, x_hat) (default: x_hat).
+                hook: str | None = None, keep: KeepFlagged | None = None) -> dict[str, Splice]:
+    """Splices that replace the SAE's output hook by combine(act, x_hat) (default: x_hat),
+    except at the positions `keep` flags (they keep the model's activation).
 
     x_hat = sae(input activation), computed on the SAE's device and dtype and moved back. For a
     transcoder the input is recorded at hook_name earlier in the same pass."""
@@ -130,18 +185,19 @@ def sae_splices(lm: HookedLM, sae: SAE, combine: Combine | None = None,
     sae.eval()  # inference semantics (batchtopk: its threshold, not the batch's top k*N)
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return sae(x.to(device, dtype)).to(x.device, x.dtype)
+    def replace(x_in: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        new = combine(act, sae(x_in.to(device, dtype)).to(act.device, act.dtype))
+        return new if keep is None else keep(x_in, act, new)
 
     if hook_in == hook_out:
-        return {hook_in: lambda act: combine(act, predict(act))}
+        return {hook_in: lambda act: replace(act, act)}
     seen: list[torch.Tensor] = []
 
     def record(act: torch.Tensor) -> torch.Tensor:
         seen[:] = [act]
         return act
 
-    return {hook_in: record, hook_out: lambda act: combine(act, predict(seen[0]))}
+    return {hook_in: record, hook_out: lambda act: replace(seen[0], act)}
 
 
 def ablation_splice(kind: str, mean: torch.Tensor | None = None) -> Splice:
@@ -185,15 +241,18 @@ def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> flo
 def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 16,
                         exclude_bos: bool = False, ablations: Sequence[str] = ABLATIONS,
                         means: Mapping[str, torch.Tensor] | None = None,
+                        outliers: Rules = None,
                         progress: bool | None = None) -> list[DownstreamMetrics]:
     """Loss recovered, CE and KL for several SAEs at once: one `DownstreamMetrics` per SAE
     (CE of the clean and the spliced LM, KL, and an `Ablation` per kind in `ablations`).
     Clean and ablation passes are shared by SAEs replacing the same hook. `means`
-    ({hook: (d,)}) skips the pass that computes them."""
+    ({hook: (d,)}) skips the pass that computes them. `outliers` (one rule, or one per SAE;
+    default: each SAE's recorded rule, else the default rule): see the module docstring."""
     batches = token_batches(tokens, batch_size)
     for kind in ablations:
         ablation_splice(kind, torch.zeros(1))  # validates the name
     hooks = [check_sae_fits(lm, sae) for sae in saes]
+    rules = rules_for(saes, outliers)
     targets = list(dict.fromkeys(out for _, out in hooks))
     means = dict(means or {})
     if "mean" in ablations and any(t not in means for t in targets):
@@ -203,17 +262,26 @@ def evaluate_downstream(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size
     for t in targets:
         for kind in ablations:
             variants[f"{kind}@{t}"] = {t: ablation_splice(kind, means.get(t))}
-    for i, sae in enumerate(saes):
-        variants[f"sae{i}"] = sae_splices(lm, sae)
-    res = compare_splices(lm, batches, variants, exclude_bos=exclude_bos, progress=progress)
-    return [_sae_entry(res, i, target, ablations, exclude_bos)
-            for i, (_, target) in enumerate(hooks)]
+    keeps, same_as = {}, {}
+    for i, (sae, rule) in enumerate(zip(saes, rules)):
+        keeps[i] = KeepFlagged(rule, int(exclude_bos)) if rule.enabled else None
+        variants[f"sae{i}"] = sae_splices(lm, sae, keep=keeps[i])
+        if keeps[i] is not None:
+            variants[f"sae{i}_all"] = sae_splices(lm, sae)
+            same_as[f"sae{i}_all"] = SameAs(f"sae{i}", lambda keep=keeps[i]: keep.last == 0)
+    res = compare_splices(lm, batches, variants, exclude_bos=exclude_bos, same_as=same_as, progress=progress)
+    return [_sae_entry(res, i, target, ablations, exclude_bos, keeps[i]) for i, (_, target) in enumerate(hooks)]
 
 
-def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude_bos: bool) -> DownstreamMetrics:
+def _sae_entry(res: dict, i: int, target: str, ablations: Sequence[str], exclude_bos: bool,
+               keep: KeepFlagged | None) -> DownstreamMetrics:
     clean, spliced = res["clean"]["ce"], res[f"sae{i}"]
-    per_kind = {}
+    per_kind, recovered_all = {}, {}
     for kind in ablations:
         ab = res[f"{kind}@{target}"]
         per_kind[kind] = Ablation(ab["ce"], ab["kl"], loss_recovered(clean, spliced["ce"], ab["ce"]))
-    return DownstreamMetrics(clean, spliced["ce"], spliced["kl"], per_kind, spliced["n_tokens"], exclude_bos, target)
+        if keep is not None:
+            recovered_all[kind] = loss_recovered(clean, res[f"sae{i}_all"]["ce"], ab["ce"])
+    everywhere = None if keep is None else AllPositions(res[f"sae{i}_all"]["ce"], res[f"sae{i}_all"]["kl"], recovered_all)
+    return DownstreamMetrics(clean, spliced["ce"], spliced["kl"], per_kind, spliced["n_tokens"], exclude_bos, target,
+                             outliers_kept=None if keep is None else keep.total, all_positions=everywhere)

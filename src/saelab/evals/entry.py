@@ -10,9 +10,12 @@ A run folder's metrics.json is a list with one row per SAE. A row (`MetricsEntry
                  a prune plan, sparse-MLP neuron matches, ...)
 
 `to_dict()` flattens a row into the JSON entry that plots, tables, `prune --compare` and the
-dashboard read by key: name, the SAEMetrics keys, the downstream keys (ce_clean, ce_sae, kl,
-ce_delta, then ce_<a>, kl_<a> and loss_recovered (zero) / loss_recovered_<a> per ablation a,
-downstream_tokens, exclude_bos, splice_hook), spec, then the extra columns. `from_dict` reads
+dashboard read by key: name, the SAEMetrics keys (with an outlier rule: outliers,
+outlier_share, outlier_multiple, outlier_positions, outlier_tokens, mse_all, fvu_all), the
+downstream keys (ce_clean, ce_sae, kl, ce_delta, then ce_<a>, kl_<a> and loss_recovered
+(zero) / loss_recovered_<a> per ablation a, downstream_tokens, exclude_bos, splice_hook; with
+an outlier rule also outliers_kept, ce_sae_all, kl_all, ce_delta_all and loss_recovered_all /
+loss_recovered_<a>_all), spec, then the extra columns. `from_dict` reads
 one back; columns no type claims come back as `Extra`. The spec stays a plain dict so rows of
 runs made before a TrainSpec field was added or renamed still read.
 """
@@ -29,7 +32,8 @@ from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.evals.metrics import SAEMetrics
 
 METRICS_FILE = "metrics.json"
-_DOWNSTREAM_KEYS = ("ce_clean", "ce_sae", "kl", "ce_delta", "downstream_tokens", "exclude_bos", "splice_hook")
+_DOWNSTREAM_KEYS = ("ce_clean", "ce_sae", "kl", "ce_delta", "downstream_tokens", "exclude_bos", "splice_hook",
+                    "ce_sae_all", "ce_delta_all", "kl_all", "outliers_kept")
 
 
 class Columns(Protocol):
@@ -65,9 +69,21 @@ class Ablation:
 
 
 @dataclass
+class AllPositions:
+    """The SAE spliced at every position (BOS still excepted with exclude_bos), outliers
+    included: its CE, KL(clean || spliced) and loss recovered per ablation kind."""
+
+    ce: float
+    kl: float
+    loss_recovered: dict[str, float]
+
+
+@dataclass
 class DownstreamMetrics:
     """CE (nats) of the clean and the SAE-spliced LM, KL(clean || spliced), and one `Ablation`
-    per ablation kind ("zero", "mean"); see `saelab.evals.downstream` for the definitions."""
+    per ablation kind ("zero", "mean"); see `saelab.evals.downstream` for the definitions.
+    With an outlier rule, `outliers_kept` positions kept their clean activation in the splice
+    and `all_positions` is the splice without that exception."""
 
     ce_clean: float
     ce_sae: float
@@ -76,6 +92,8 @@ class DownstreamMetrics:
     downstream_tokens: int
     exclude_bos: bool
     splice_hook: str
+    outliers_kept: int | None = None
+    all_positions: AllPositions | None = None
 
     @property
     def ce_delta(self) -> float:
@@ -93,6 +111,12 @@ class DownstreamMetrics:
         for kind, ab in self.ablations.items():
             out[f"ce_{kind}"], out[f"kl_{kind}"], out[recovered_key(kind)] = ab.ce, ab.kl, ab.loss_recovered
         out.update(downstream_tokens=self.downstream_tokens, exclude_bos=self.exclude_bos, splice_hook=self.splice_hook)
+        if self.outliers_kept is not None:
+            out["outliers_kept"] = self.outliers_kept
+        if self.all_positions is not None:
+            every = self.all_positions
+            out.update(ce_sae_all=every.ce, kl_all=every.kl, ce_delta_all=every.ce - self.ce_clean)
+            out.update({recovered_key(kind) + "_all": value for kind, value in every.loss_recovered.items()})
         return out
 
     @classmethod
@@ -103,8 +127,12 @@ class DownstreamMetrics:
         kinds = [k[3:] for k in d if k.startswith("ce_") and k not in _DOWNSTREAM_KEYS
                  and f"kl_{k[3:]}" in d and recovered_key(k[3:]) in d]
         ablations = {a: Ablation(d[f"ce_{a}"], d[f"kl_{a}"], d[recovered_key(a)]) for a in kinds}
+        every = None
+        if "ce_sae_all" in d:
+            every = AllPositions(d["ce_sae_all"], d["kl_all"],
+                                 {a: d[recovered_key(a) + "_all"] for a in kinds if recovered_key(a) + "_all" in d})
         return cls(d["ce_clean"], d["ce_sae"], d["kl"], ablations, d["downstream_tokens"], d["exclude_bos"],
-                   d["splice_hook"])
+                   d["splice_hook"], d.get("outliers_kept"), every)
 
 
 @dataclass
@@ -150,6 +178,17 @@ class MetricsEntry:
 
     def get(self, key: str, default=None):
         return self.to_dict().get(key, default)
+
+
+# shown beside a table's columns when some row had outlier rows: how many, and FVU and loss
+# recovered with them replaced too
+OUTLIER_COLUMNS = ("outliers", "fvu_all", "loss_recovered_all")
+
+
+def with_outlier_columns(columns: Sequence, rows: Sequence) -> tuple:
+    """`columns`, and OUTLIER_COLUMNS after them when some row had outlier rows: a model without
+    massive activations gets the table it always had."""
+    return tuple(columns) + (OUTLIER_COLUMNS if any(row.get("outliers") for row in rows) else ())
 
 
 def write_metrics(run_dir: str | Path, rows: Sequence[MetricsEntry]) -> Path:

@@ -19,7 +19,7 @@ the scaled input with the scaled output or unscale both.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from saelab.errors import DataError
 
 __all__ = [
-    "ReconstructionStats", "SparsityStats", "MetricsAccumulator", "SAEMetrics",
+    "ReconstructionStats", "SparsityStats", "MetricsAccumulator", "SAEMetrics", "OutlierReport",
     "mse", "total_variance", "fvu", "explained_variance", "cos", "l0", "l1",
     "feature_density", "density_histogram", "dead_count", "dense_count",
     "max_cosine", "mmcs",
@@ -293,12 +293,48 @@ def l1(f: torch.Tensor) -> float:
 
 
 @dataclass
+class OutlierReport:
+    """The rows an outlier rule (saelab.data.outliers) kept out of the metrics beside it, and
+    the reconstruction over every row, them included. Keys of a metrics.json row:
+
+        outliers            rows flagged (left out of mse, fvu, l0, density, ...)
+        outlier_share       flagged / all rows evaluated
+        outlier_multiple    the rule's multiple (null: no rule, nothing flagged)
+        outlier_positions   [[context position, count], ...] most frequent first (top 10)
+        outlier_tokens      [[token, count], ...] the tokens at those rows, most frequent first
+        mse_all, fvu_all    mse and fvu over all rows, outliers included
+    """
+
+    multiple: float | None
+    n_outliers: int
+    share: float
+    mse_all: float
+    fvu_all: float
+    positions: list[list[int]] = field(default_factory=list)
+    tokens: list[list] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"outliers": self.n_outliers, "outlier_share": self.share, "outlier_multiple": self.multiple,
+                "outlier_positions": self.positions, "outlier_tokens": self.tokens,
+                "mse_all": self.mse_all, "fvu_all": self.fvu_all}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutlierReport | None":
+        """The report in a flat row, or None if the row has none."""
+        if "outliers" not in d:
+            return None
+        return cls(d["outlier_multiple"], d["outliers"], d["outlier_share"], d["mse_all"], d["fvu_all"],
+                   d.get("outlier_positions", []), d.get("outlier_tokens", []))
+
+
+@dataclass
 class SAEMetrics:
     """Everything `MetricsAccumulator` reports; `to_dict()` gives these keys of a metrics.json
     row (the row itself is `saelab.evals.entry.MetricsEntry`).
 
     Sparsity fields are None when no feature activations were given. `density` (d_sae,)
-    is kept as a tensor and left out of `to_dict()` unless asked for.
+    is kept as a tensor and left out of `to_dict()` unless asked for. `outliers` is set when an
+    outlier rule chose the rows (saelab.evals.reconstruction): its keys join the row.
     """
 
     n_tokens: int
@@ -315,10 +351,13 @@ class SAEMetrics:
     density_hist_counts: list[int] | None = None
     density_hist_edges: list[float] | None = None
     density: torch.Tensor | None = None
+    outliers: OutlierReport | None = None
 
     def to_dict(self, include_density: bool = False) -> dict:
         """Plain JSON-able dict (NaN stays float NaN: a broken SAE should look broken)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "density"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("density", "outliers")}
+        if self.outliers is not None:
+            out.update(self.outliers.to_dict())
         if include_density and self.density is not None:
             out["density"] = self.density.tolist()
         return out
@@ -326,8 +365,8 @@ class SAEMetrics:
     @classmethod
     def from_dict(cls, d: dict) -> "SAEMetrics":
         """The metrics from a dict holding (at least) `to_dict()`'s keys; other keys are ignored."""
-        names = {f.name for f in fields(cls)} - {"density"}
-        m = cls(**{k: d[k] for k in names if k in d})
+        names = {f.name for f in fields(cls)} - {"density", "outliers"}
+        m = cls(**{k: d[k] for k in names if k in d}, outliers=OutlierReport.from_dict(d))
         if d.get("density") is not None:
             m.density = torch.tensor(d["density"], dtype=torch.float64)
         return m

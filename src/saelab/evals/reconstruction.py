@@ -9,29 +9,50 @@ activation batches, plus what splicing them into a language model does.
 
 so toy data, cached activations and a live LM go through the same code. `lm_batches` is the
 live-LM adapter: one early-stopping LM pass per token batch for every hook the SAEs need,
-yielding each SAE's rows (BOS position dropped with `exclude_bos`). `evaluate_on_lm` adds the
-downstream metrics of `saelab.evals.downstream` (shared clean and ablation passes). Metric
-definitions live in `saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else.
+yielding each SAE's rows (BOS position dropped with `exclude_bos`) and where they sat
+(`RowsAt`: positions, token ids). `evaluate_on_lm` adds the downstream metrics of
+`saelab.evals.downstream` (shared clean and ablation passes). Metric definitions live in
+`saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else.
+
+Massive activations: with an `OutlierRule` (saelab.data.outliers), each SAE's rows are judged
+batch by batch on its input x; flagged rows are left out of every metric, and the row's
+`OutlierReport` counts them (positions and tokens too, from `RowsAt`) and gives mse / fvu over
+all rows. `evaluate_saes` applies a rule only when given one; `evaluate_on_lm` always does:
+the one given, else each SAE's recorded rule, else the default (saelab.data.provenance).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from saelab.data.cache.shuffle import as_pair, hook_rows
+from saelab.data.outliers import OutlierRule, OutlierTally, Rules, one_per
+from saelab.data.provenance import rules_for
 from saelab.errors import DataError
 from saelab.evals.downstream import evaluate_downstream, token_batches
 from saelab.evals.entry import DownstreamMetrics
-from saelab.evals.metrics import DENSE_THRESHOLD, MetricsAccumulator, SAEMetrics
+from saelab.evals.metrics import DENSE_THRESHOLD, MetricsAccumulator, OutlierReport, ReconstructionStats, SAEMetrics
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
+class RowsAt(NamedTuple):
+    """Where a batch's rows came from: each row's position in its context and its token id."""
+
+    positions: torch.Tensor  # (N,)
+    tokens: torch.Tensor  # (N,)
+
 
 class PerSAE(tuple):
-    """A batch holding one x or (x, y) per SAE, in the order of the SAEs being evaluated."""
+    """A batch holding one x or (x, y) per SAE, in the order of the SAEs being evaluated, and
+    optionally where its rows sat (`at`, the same rows for every SAE)."""
+
+    def __new__(cls, parts: Iterable, at: RowsAt | None = None):
+        batch = super().__new__(cls, parts)
+        batch.at = at
+        return batch
 
 
 class Evaluation(NamedTuple):
@@ -42,21 +63,56 @@ class Evaluation(NamedTuple):
     downstream: DownstreamMetrics | None
 
 
+class _SAETally:
+    """One SAE's metrics over the rows its rule keeps; with a rule, also over all rows and a
+    tally of the flagged ones."""
+
+    def __init__(self, dense_threshold: float, rule: OutlierRule | None):
+        self.kept, self.rule = MetricsAccumulator(dense_threshold=dense_threshold), rule
+        self.all, self.flagged = ReconstructionStats(), OutlierTally()
+
+    def update(self, sae: SAE, x: torch.Tensor, y: torch.Tensor, at: RowsAt | None) -> None:
+        dev = sae.W_enc.device
+        x, y = x.to(dev).float(), y.to(dev).float()
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        if self.rule is None:
+            self.kept.update(y, x_hat, f)
+            return
+        mask = self.rule.mask(x)
+        self.all.update(y, x_hat)
+        self.flagged.update(mask, *(at or (None, None)))
+        if bool(mask.any()):
+            keep = ~mask
+            y, x_hat, f = y[keep], x_hat[keep], f[keep]
+        self.kept.update(y, x_hat, f)
+
+    def result(self, token_text: Callable[[int], str] | None) -> SAEMetrics:
+        m = self.kept.result()
+        if self.rule is not None:
+            t, text = self.flagged, token_text or int
+            m.outliers = OutlierReport(self.rule.multiple, t.n_flagged, t.share, self.all.mse, self.all.fvu,
+                                       t.top_positions(), [[text(i), c] for i, c in t.top_tokens()])
+        return m
+
+
 @torch.no_grad()
-def evaluate_saes(saes: Sequence[SAE], batches: Iterable,
-                  dense_threshold: float = DENSE_THRESHOLD) -> list[SAEMetrics]:
+def evaluate_saes(saes: Sequence[SAE], batches: Iterable, dense_threshold: float = DENSE_THRESHOLD, *,
+                  outliers: Rules = None, token_text: Callable[[int], str] | None = None) -> list[SAEMetrics]:
     """Reconstruction and sparsity metrics, one `SAEMetrics` per SAE, over every row of
     `batches` (see the module docstring for what a batch may be). SAEs run in eval mode on
-    their own device; rows are compared in float32 against the SAE's target."""
-    accs = [MetricsAccumulator(dense_threshold=dense_threshold) for _ in saes]
+    their own device; rows are compared in float32 against the SAE's target. With `outliers`
+    (a rule, or one per SAE) the rows it flags in each batch are left out and reported
+    (`SAEMetrics.outliers`; `token_text` turns the token ids of `RowsAt` into text)."""
+    rules = one_per(outliers, len(saes))
+    tallies = [_SAETally(dense_threshold, rule) for rule in rules]
     for sae in saes:
         sae.eval()
     for batch in batches:
-        for sae, acc, (x, y) in zip(saes, accs, _per_sae(batch, len(saes))):
-            dev = sae.W_enc.device
-            f = sae.encode(x.to(dev).float())
-            acc.update(y.to(dev).float(), sae.decode(f), f)
-    return [acc.result() for acc in accs]
+        at = getattr(batch, "at", None)
+        for sae, tally, (x, y) in zip(saes, tallies, _per_sae(batch, len(saes))):
+            tally.update(sae, x, y, at)
+    return [tally.result(token_text) for tally in tallies]
 
 
 def _per_sae(batch, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,26 +126,38 @@ def _per_sae(batch, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def lm_batches(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 16,
                exclude_bos: bool = True) -> Iterator[PerSAE]:
     """PerSAE batches of each SAE's (input rows, target rows) from the LM on `tokens` ((n, seq)
-    tensor or iterable of (b, seq) batches): one early-stopping pass per batch feeds every
-    hook. The SAEs are checked against the model first (hook names, widths)."""
+    tensor or iterable of (b, seq) batches), with their `RowsAt`: one early-stopping pass per
+    batch feeds every hook. The SAEs are checked against the model first (hook names, widths)."""
     hooks = [check_sae_fits(lm, sae) for sae in saes]
     names = list(dict.fromkeys(h for pair in hooks for h in pair))
     batches = token_batches(tokens, batch_size)
+    first = int(exclude_bos)
 
     def generate() -> Iterator[PerSAE]:
         for batch in batches:
             rows = hook_rows(lm, batch, names, drop_bos=exclude_bos)
-            yield PerSAE((rows[h_in], rows[h_out]) for h_in, h_out in hooks)
+            at = RowsAt(torch.arange(first, batch.shape[1]).repeat(batch.shape[0]), batch[:, first:].reshape(-1))
+            yield PerSAE(((rows[h_in], rows[h_out]) for h_in, h_out in hooks), at)
     return generate()
 
 
 def evaluate_on_lm(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 16,
-                   exclude_bos: bool = True, downstream: bool = True,
+                   exclude_bos: bool = True, downstream: bool = True, outliers: Rules = None,
                    progress: bool | None = None) -> list[Evaluation]:
     """Reconstruction metrics over every (non-BOS) position of `tokens`, and with `downstream`
-    loss recovered, CE and KL of each SAE spliced in: one `Evaluation` per SAE."""
-    recon = evaluate_saes(saes, lm_batches(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos))
+    loss recovered, CE and KL of each SAE spliced in: one `Evaluation` per SAE. Outlier rows
+    are judged by `outliers` (one rule, or one per SAE), else each SAE's recorded rule, else the
+    default: left out of the metrics and reported, and kept clean in the splice (with a splice
+    of every position reported beside it; saelab.evals.downstream)."""
+    rules = rules_for(saes, outliers)
+    batches = lm_batches(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos)
+    recon = evaluate_saes(saes, batches, outliers=rules, token_text=lambda i: _token_text(lm, i))
     if not downstream:
         return [Evaluation(r, None) for r in recon]
-    down = evaluate_downstream(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos, progress=progress)
+    down = evaluate_downstream(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos, outliers=rules,
+                               progress=progress)
     return [Evaluation(r, d) for r, d in zip(recon, down)]
+
+
+def _token_text(lm: HookedLM, token_id: int) -> str:
+    return lm.tokenizer.decode([token_id]) if lm.tokenizer is not None else str(token_id)

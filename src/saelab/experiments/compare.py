@@ -23,7 +23,7 @@ from saelab.atomic import write_json
 from saelab.errors import ConfigError
 from saelab.evals.metrics import max_cosine
 from saelab.sae import SAE
-from saelab.sae.format import sae_folders
+from saelab.sae.format import folder_labels, sae_folders
 from saelab.tables import Column, format_rows
 
 VECTORS = ("decoder", "encoder")
@@ -84,7 +84,7 @@ def run_compare(paths: Sequence[str | Path], cfg: CompareConfig | None = None,
     every other; writes compare.json to `out` (default: beside the first path)."""
     cfg, paths = cfg or CompareConfig(), [Path(p) for p in paths]
     folders = [f for path in paths for f in sae_folders(path)]
-    saes = {_name(f, folders): f for f in folders}
+    saes = folder_labels(folders)
     pairs = compare_dictionaries({name: SAE.load(f) for name, f in saes.items()}, cfg)
     path = Path(out) if out is not None else (paths[0] if paths[0].is_dir() else paths[0].parent) / "compare.json"
     write_json(path, {"threshold": cfg.threshold, "vectors": cfg.vectors,
@@ -101,9 +101,3 @@ def format_compare(result: CompareResult) -> str:
         f"\nshare of the reference's features found above cosine {result.cfg.threshold:g}\n",
         format_matrix(result.pairs, names, "shared"),
     ])
-
-
-def _name(folder: Path, folders: list[Path]) -> str:
-    """The folder's name, or its last two parts where two SAEs share a name (two runs)."""
-    same = [f for f in folders if f.name == folder.name]
-    return folder.name if len(same) == 1 else f"{folder.parent.parent.name}/{folder.name}"

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import rule_for
 from saelab.errors import ConfigError
-from saelab.evals.entry import Extra, MetricsEntry, read_metrics, write_metrics
+from saelab.evals.entry import Extra, MetricsEntry, read_metrics, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm, evaluate_saes, lm_batches
 from saelab.lm.hooked import HookedLM
 from saelab.plots import plot_l0_vs_loss_recovered
@@ -96,6 +98,7 @@ class PruneConfig:
     save: bool = False  # also save each pruned SAE's folder
     batch_size: int = 16  # contexts per LM forward pass
     exclude_bos: bool = True
+    outliers: OutlierRule | None = None  # rows left out of densities and metrics; None: the SAE's rule
 
     def __post_init__(self) -> None:
         if not self.target_l0 or any(t <= 0 for t in self.target_l0):
@@ -117,10 +120,11 @@ def run_prune(lm: HookedLM, sae: SAE, tokens, out_dir: str | Path, cfg: PruneCon
     sweep = read_metrics(cfg.compare) if cfg.compare is not None else None  # fail before the work
     sae.eval()
     opts = dict(batch_size=cfg.batch_size, exclude_bos=cfg.exclude_bos)
-    [measured] = evaluate_saes([sae], lm_batches(lm, [sae], tokens, **opts))
+    rule = rule_for(sae, cfg.outliers)
+    [measured] = evaluate_saes([sae], lm_batches(lm, [sae], tokens, **opts), outliers=rule)
     plans = [plan_pruning(measured.density, t) for t in cfg.target_l0]
     variants = [sae] + [prune_features(sae, plan.killed) for plan in plans]
-    evaluations = evaluate_on_lm(lm, variants, tokens, **opts)
+    evaluations = evaluate_on_lm(lm, variants, tokens, outliers=rule, **opts)
     names = ["original"] + [f"pruned_l0<{plan.target_l0:g}" for plan in plans]
     rows = [MetricsEntry(name, ev.recon, ev.downstream, extra=[columns])
             for name, ev, columns in zip(names, evaluations, [ORIGINAL, *plans])]
@@ -143,4 +147,4 @@ def _points(rows: list[MetricsEntry]) -> list[tuple[float, float, str, float]]:
 def format_prune(result: PruneResult) -> str:
     """The table of the original and each pruned SAE (killed features, cut-off, L0, MSE, FVU,
     loss recovered, KL)."""
-    return format_rows(result.rows, COLUMNS)
+    return format_rows(result.rows, with_outlier_columns(COLUMNS, result.rows))

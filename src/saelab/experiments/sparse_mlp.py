@@ -28,6 +28,8 @@ import torch
 
 from saelab.atomic import write_json, write_text
 from saelab.data.cache.shuffle import live_batches
+from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
+from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
 from saelab.evals.entry import MetricsEntry, write_metrics
 from saelab.evals.metrics import max_cosine
@@ -60,10 +62,15 @@ class SparseMLPConfig:
     exclude_bos: bool = True  # BOS position out of training data, averages and splices
     lm_batch_size: int = 16
     seed: int = 0
+    # rows whose MLP input has norm above this x the median: out of training and metrics, clean in
+    # the splice (saelab.data.outliers); None: off
+    outlier_multiple: float | None = DEFAULT_MULTIPLE
+    source: str | None = None  # the training text's source spec, recorded with each SAE (None: not known)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_tokens < 1 or self.lm_batch_size < 1:
             raise ConfigError("steps, batch_tokens and lm_batch_size must be positive")
+        self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple
 
     def specs(self, d_model: int) -> list[TrainSpec]:
         width = self.d_sae or int(round(self.expansion * d_model))
@@ -140,9 +147,12 @@ def train_layer(lm: HookedLM, layer: int, train_tokens, cfg: SparseMLPConfig, ru
                           drop_bos=cfg.exclude_bos, forward_batch_size=cfg.lm_batch_size, in_memory=True)
     tcfg = TrainConfig(total_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                        log_every=max(min(50, cfg.steps // 20), 1),
-                       normalize_activations=cfg.normalize_activations, seed=cfg.seed)
+                       normalize_activations=cfg.normalize_activations, seed=cfg.seed,
+                       outlier_multiple=cfg.outlier_multiple)
+    text = Provenance(source=cfg.source, context_length=int(torch.as_tensor(train_tokens).shape[1]),
+                      prepend_bos=True, exclude_bos=cfg.exclude_bos)
     trainer = GroupTrainer(cfg.specs(lm.d_model), lm.d_model, run_dir, tcfg, d_out=lm.d_model,
-                           hook_name=hook_in, hook_name_out=hook_out, model_name=lm.name)
+                           hook_name=hook_in, hook_name_out=hook_out, model_name=lm.name, provenance=text)
     return trainer.fit(source)
 
 
@@ -158,7 +168,8 @@ def run_sparse_mlp(lm: HookedLM, train_tokens, eval_tokens, out_dir: str | Path,
     results = {layer: train_layer(lm, layer, train_tokens, cfg, out / f"layer{layer}") for layer in layers}
     mine = [t for result in results.values() for t in result.trained]
     evaluations = evaluate_on_lm(lm, [t.sae for t in mine], eval_tokens, batch_size=cfg.lm_batch_size,
-                                 exclude_bos=cfg.exclude_bos, progress=progress)
+                                 exclude_bos=cfg.exclude_bos, outliers=OutlierRule(cfg.outlier_multiple),
+                                 progress=progress)
     by_sae = {id(t): ev for t, ev in zip(mine, evaluations)}
     rows = []
     for layer, result in results.items():

@@ -24,16 +24,18 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import rule_for
 from saelab.errors import ConfigError, DataError
 from saelab.evals.metrics import DENSE_THRESHOLD, density_histogram
 from saelab.interpret.ablate import AblationRequest, ablate_tokens
 from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec_cosine,
                                         feature_vectors, nearest_tokens, overlap)
 from saelab.interpret.lens import LensResult, classify, feature_lens
-from saelab.interpret.scan import FeatureScan, ScanConfig, scan_features
+from saelab.interpret.scan import SINGLE_TOKEN_SHARE, FeatureScan, ScanConfig, scan_features
 from saelab.interpret.schema import (AblationRow, Embedding, Example, FeatureDetail, FeatureSummary,
-                                     Histogram, Logits, Overlap, QuantileBin, Report, SAEInfo,
-                                     TokenCount, TokenScore, TokenValue, Tree, TreeNode)
+                                     Histogram, Logits, Overlap, QuantileBin, Report, SAEInfo, SkippedRows,
+                                     TokenCount, TokenScore, TokenTally, TokenValue, Tree, TreeNode)
 from saelab.interpret.sources import ContextBatch, ContextSource, cache_source, example_acts
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
 from saelab.lm.hooked import HookedLM
@@ -57,6 +59,9 @@ class ReportOptions:
     # evaluation does: BOS activations are outliers an SAE is usually not trained on, and would
     # crowd every feature's top examples and distort densities
     exclude_bos: bool = True
+    # rows the rule flags (massive activations: saelab.data.outliers) are not scanned, for the
+    # same reason; None: the SAE's recorded rule, else the default; OutlierRule(None): scan all
+    outliers: OutlierRule | None = None
     scan: ScanConfig = field(default_factory=ScanConfig)
     window: tuple[int, int] | None = None  # tokens kept (before, after) an example; None: all
     n_logits: int = 10
@@ -88,6 +93,7 @@ class ReportOptions:
         recorded as "mask", not stored)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out.update(scan=dataclasses.asdict(self.scan),
+                   outliers=None if self.outliers is None else self.outliers.to_dict(),
                    features=None if self.features is None else [int(f) for f in self.features],
                    window=None if self.window is None else [int(w) for w in self.window])
         if not (self.used_ids is None or isinstance(self.used_ids, str)):
@@ -131,17 +137,19 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     `cache` (instead of contexts): an activation cache (ActivationCache or folder) of held-out
     text made by `model` with the SAE's hook; its first `n_contexts` (None: all) contexts are
     scanned, and examples' activations read, from it (a dropped BOS position is not scanned).
-    The model still runs for the logit lens, ablation and trees. The SAE is moved to the
-    model's device."""
+    The model still runs for the logit lens, ablation and trees. Activation rows the outlier
+    rule flags (`outliers`: the SAE's recorded rule unless given) are not scanned, and read as 0
+    in examples; `Report.outliers` counts them. The SAE is moved to the model's device."""
     opts = _options(options, overrides)
     sae, sae_path = _sae_and_path(sae)
+    opts = dataclasses.replace(opts, outliers=rule_for(sae, opts.outliers))
     lm = load_lm(model, sae)
     check_sae_fits(lm, sae)
     sae.to(lm.device)
     detail = _detail_features(opts.features, sae.cfg.d_sae)
     source = _source(lm, sae, contexts, acts, cache, opts, progress)
     scan = scan_features(source.batches(opts.batch_size), sae, lm, config=opts.scan, progress=progress,
-                         total=source.n_batches(opts.batch_size))
+                         total=source.n_batches(opts.batch_size), outliers=opts.outliers)
     inputs = _inputs(lm, sae, source, opts)
     lens = feature_lens(sae, lm, k=max(INDEX_LOGITS, opts.n_logits), mask=inputs.mask(lm.d_vocab, lm.W_U))
     summaries = _summaries(inputs, scan, lens)
@@ -152,7 +160,8 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
                    model_name=cfg.model_name or lm.name or None)
     return Report(sae=info, n_tokens=scan.n_tokens, dense_threshold=DENSE_THRESHOLD,
                   density_hist=Histogram(_floats(edges), counts.tolist()), options=opts.record(),
-                  features=[details.get(j, s) for j, s in enumerate(summaries)])
+                  features=[details.get(j, s) for j, s in enumerate(summaries)],
+                  outliers=_skipped(scan, opts.outliers, inputs.vocab), single_token_share=SINGLE_TOKEN_SHARE)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -184,7 +193,7 @@ def _source(lm, sae, contexts, acts, cache, opts: ReportOptions, progress) -> Co
     if cache is not None:
         if contexts is not None or acts is not None:
             raise ConfigError("give contexts (optionally with their acts) or an activation cache, not both")
-        return cache_source(cache, sae, lm, opts.n_contexts)
+        return dataclasses.replace(cache_source(cache, sae, lm, opts.n_contexts), outliers=opts.outliers)
     if contexts is None:
         contexts = heldout_contexts(lm, opts.corpus, opts.n_contexts,
                                     min(opts.context_length, lm.context_length), progress=progress)
@@ -195,7 +204,13 @@ def _source(lm, sae, contexts, acts, cache, opts: ReportOptions, progress) -> Co
     tokens = tokens.long().cpu()
     bos = lm.bos_token_id
     starts_with_bos = bos is not None and tokens.shape[1] > 1 and bool((tokens[:, 0] == bos).all())
-    return ContextSource(tokens, start=int(opts.exclude_bos and starts_with_bos), given=acts)
+    return ContextSource(tokens, start=int(opts.exclude_bos and starts_with_bos), given=acts, outliers=opts.outliers)
+
+
+def _skipped(scan: FeatureScan, rule: OutlierRule, vocab: list[str]) -> SkippedRows:
+    t = scan.outliers
+    return SkippedRows(multiple=rule.multiple, skipped=t.n_flagged, positions=t.top_positions(),
+                       tokens=[TokenTally(vocab[i], c) for i, c in t.top_tokens()])
 
 
 def _inputs(lm, sae, source: ContextSource, opts: ReportOptions) -> ReportInputs:
@@ -233,6 +248,7 @@ def _floats(values) -> list:
 def _summaries(inputs: ReportInputs, scan: FeatureScan, lens: LensResult) -> list[FeatureSummary]:
     sae, vocab = inputs.sae, inputs.vocab
     enc_dec = enc_dec_cosine(sae).tolist() if sae.cfg.d_in == sae.cfg.d_out else None
+    share = scan.top_token_share().tolist()
     out = []
     for j in range(sae.cfg.d_sae):
         skew, kurt = float(lens.skew[j]), float(lens.kurtosis[j])
@@ -241,7 +257,8 @@ def _summaries(inputs: ReportInputs, scan: FeatureScan, lens: LensResult) -> lis
             top_logits=[vocab[t] for t in lens.top_ids[j, :INDEX_LOGITS].tolist()],
             bottom_logits=[vocab[t] for t in lens.bottom_ids[j, :INDEX_LOGITS].tolist()],
             logit_skew=_r(skew), logit_kurtosis=_r(kurt), kind=classify(skew, kurt),
-            enc_dec_cos=None if enc_dec is None else _r(enc_dec[j]), dead=bool(scan.count[j] == 0)))
+            enc_dec_cos=None if enc_dec is None else _r(enc_dec[j]), dead=bool(scan.count[j] == 0),
+            top_token_share=_r(share[j])))
     return out
 
 

@@ -14,7 +14,8 @@ across features, into:
   final bins are runs of fine bins, equal in width to within one fine bin (max / 32 at the
   default 64 fine bins);
 * counts / sums (density, mean activation over active tokens), the exact histogram of active
-  values over the same fine bins, and per-token-id counts and sums (top tokens): an exact dense
+  values over the same fine bins, and per-token-id counts and sums (top tokens, and the share of
+  a feature's activation mass on its top token id: single-token features): an exact dense
   (d_sae, vocab) table when d_sae * vocab <= `token_table_max`, else `token_capacity` slots per
   feature kept by count after each batch (then counts are lower bounds; the top few are right
   unless a token is frequent overall but rare in every batch).
@@ -22,6 +23,10 @@ across features, into:
 Only (value, row, position) is kept per example; `sources.example_acts` fetches the per-token
 activations of the kept contexts afterwards (one more pass over just those contexts). Where
 batches and activations come from is interpret/sources.py.
+
+With an outlier rule (saelab.data.outliers) the rows it flags in each batch's activations are
+not scanned: never examples, not counted in densities, histograms or `n_tokens`; `outliers`
+tallies them (how many, at which positions, on which tokens).
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import Tensor
 
+from saelab.data.outliers import OutlierRule, OutlierTally
 from saelab.errors import ConfigError, DataError
 from saelab.interpret.sampling import KEY_MAX, BinSamples, first_per_group
 from saelab.interpret.sources import ActiveFeatures, ContextBatch, active_features, hook_acts, nonzero_acts
 from saelab.progress import progress_bar
+
+SINGLE_TOKEN_SHARE = 0.9  # a feature with more of its activation mass on one token id is single-token
 
 
 @dataclass
@@ -134,6 +142,7 @@ class FeatureScan:
         self.top = TopContexts(d_sae, c.top_k, device)
         self.bins = BinSamples(d_sae, c.n_fine, c.per_quantile, device)
         self.tokens = TokenCounts(d_sae, vocab, c.token_table_max, c.token_capacity, device)
+        self.outliers = OutlierTally()  # rows an outlier rule kept out of the scan
 
     def update(self, f: Tensor, tokens: Tensor, rows: Tensor, start: int = 0) -> None:
         """f (B, S, d_sae) feature activations of contexts `tokens` (B, S) at `rows` (B,);
@@ -141,10 +150,18 @@ class FeatureScan:
         B, S, _ = f.shape
         self.update_active(nonzero_acts(f.reshape(B * S, -1)), tokens, rows, start)
 
-    def update_active(self, active: ActiveFeatures, tokens: Tensor, rows: Tensor, start: int = 0) -> None:
+    def update_active(self, active: ActiveFeatures, tokens: Tensor, rows: Tensor, start: int = 0,
+                      skip: Tensor | None = None) -> None:
         """The same from the active entries only: token i of the batch (row-major over tokens
-        (B, S)) has feature `feat` at `value`; what a sparse encoder (topk) gives directly."""
+        (B, S)) has feature `feat` at `value`; what a sparse encoder (topk) gives directly.
+        `skip` (B, S) bool: tokens left out of the scan (outlier rows), tallied in `outliers`."""
         B, S = tokens.shape
+        if skip is not None:
+            self.outliers.update(skip.reshape(-1), (torch.arange(S, device=skip.device) + start).repeat(B),
+                                 tokens.reshape(-1))
+            if bool(skip.any()):
+                kept = ~skip.reshape(-1)[active.tok_i]
+                active = ActiveFeatures(*(t[kept] for t in active))
         tok_i, feat, value = active
         if bool((value < 0).any()):  # no architecture gives negatives; "active" means > 0
             tok_i, feat, value = (t[value > 0] for t in (tok_i, feat, value))
@@ -153,7 +170,7 @@ class FeatureScan:
         pos = tok_i % S + start
         ctx_max, argpos = self._context_max(B, S, tok_i, feat, value, pos)
         batch_max = ctx_max.max(dim=0).values
-        self.n_tokens += B * S
+        self.n_tokens += B * S - (0 if skip is None else int(skip.sum()))
         self.max_act = torch.maximum(self.max_act, batch_max)
         self.top.update(ctx_max, argpos, rows)
         self.count += torch.bincount(feat, minlength=self.d_sae)
@@ -208,6 +225,16 @@ class FeatureScan:
     def top_tokens(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
         return self.tokens.top(feature, n)
 
+    def top_token_share(self) -> Tensor:
+        """(d_sae,) share of each feature's activation mass (the sum of its activations) on the
+        one token id holding the most of it; NaN where dead. A share above SINGLE_TOKEN_SHARE
+        makes a single-token feature. Exact with the dense token table; with token slots
+        (d_sae * vocab > token_table_max) that id's mass is a lower bound, and so is the count of
+        single-token features."""
+        top = self.tokens.total.double().amax(dim=1)
+        share = (top / self.act_sum.clamp_min(1e-300)).clamp(0.0, 1.0)
+        return torch.where(self.count > 0, share, torch.full_like(share, float("nan")))
+
 
 class Quantiles(NamedTuple):
     edges: Tensor  # (d_sae, n_bins + 1); the last edge is the feature's max
@@ -229,8 +256,10 @@ class Quantiles(NamedTuple):
 @torch.no_grad()
 def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
                   config: ScanConfig | None = None, vocab_size: int | None = None,
-                  progress: bool | None = None, total: int | None = None) -> FeatureScan:
-    """The one pass: feed every batch's feature activations to a FeatureScan and return it."""
+                  progress: bool | None = None, total: int | None = None,
+                  outliers: OutlierRule | None = None) -> FeatureScan:
+    """The one pass: feed every batch's feature activations to a FeatureScan and return it,
+    without the rows `outliers` flags in each batch (None: every row scanned)."""
     vocab = vocab_size or (lm.W_E.shape[0] if lm is not None else None)
     if vocab is None:
         raise ConfigError("scan_features needs vocab_size when no LM is given")
@@ -252,5 +281,6 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
         if x.shape[:2] != scanned.shape:
             raise DataError(f"activations {tuple(x.shape[:2])} do not match tokens {tuple(scanned.shape)}"
                             f" (positions {batch.start}.. of contexts {tuple(tokens.shape)})")
-        scan.update_active(active_features(sae, x), scanned.long(), rows.to(device), batch.start)
+        skip = None if outliers is None else outliers.mask(x.reshape(-1, x.shape[-1])).view(x.shape[:2])
+        scan.update_active(active_features(sae, x), scanned.long(), rows.to(device), batch.start, skip)
     return scan

@@ -8,9 +8,12 @@ index), and features/<i>.json, one `FeatureDetail` each (a summary's fields plus
 memory `Report.features` holds a `FeatureDetail` for each feature given detail. Floats are
 rounded to 4 significant digits by the writer, null where not finite.
 
-Versions: 2 added `dense_threshold` and `options`. Schema-1 reports are still read: their dense
-threshold was the renderer's fixed 0.1, their options were not recorded, and a tree held as
-"vector" + "root" becomes "roots". Other versions are refused.
+Versions: 2 added `dense_threshold` and `options`; 3 added `outliers` (the rows an outlier rule
+kept out of the scan; absent when no rule was applied). The optional `top_token_share` (per
+feature) and `single_token_share` (the report's threshold) may be absent from older files (their
+single-token count is then unknown). Schema-1 reports are still read: their dense threshold was
+the renderer's fixed 0.1, their options were not recorded, and a tree held as "vector" + "root"
+becomes "roots". Schema-2 reports read as they are. Other versions are refused.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from dataclasses import dataclass, field
 from saelab.errors import DataError
 from saelab.interpret.records import OMIT_NONE, Record, dump_fields, json_schema
 
-SCHEMA = 2
-READS = (1, 2)
+SCHEMA = 3
+READS = (1, 2, 3)
 SCHEMA_FILE = "report.schema.json"
 V1_DENSE_THRESHOLD = 0.1  # schema 1 carried no threshold: its renderer counted density > 0.1 as dense
 
@@ -62,6 +65,9 @@ class FeatureSummary(Record):
     kind: str  # prediction, suppression, partition or other (interpret/lens.classify)
     enc_dec_cos: float | None  # cosine of its encoder and decoder vectors (None: d_in != d_out)
     dead: bool  # never active in the scan
+    # share of its activation mass on the one token id holding the most (interpret/scan.py;
+    # absent: dead, or a report made before it was measured)
+    top_token_share: float | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
 
     @classmethod
     def from_dict(cls, data, where: str = ""):
@@ -214,6 +220,27 @@ class ReportStats:
     dense: int  # features with density > dense_threshold
     dense_threshold: float
     kinds: dict[str, int]
+    single_token: int | None = None  # features with top_token_share > single_token_share (None: not measured)
+    single_token_share: float | None = None
+
+
+@dataclass
+class TokenTally(Record):
+    """A token and how many rows it was at."""
+
+    token: str
+    count: int
+
+
+@dataclass
+class SkippedRows(Record):
+    """Activation rows an outlier rule (saelab.data.outliers) kept out of the scan: not
+    examples, not counted in densities or `n_tokens`."""
+
+    multiple: float | None  # rows with norm above this times the batch's median norm (None: no rule)
+    skipped: int
+    positions: list[list[int]]  # [[context position, rows skipped there], ...] most frequent first
+    tokens: list[TokenTally]  # the tokens at those rows, most frequent first
 
 
 @dataclass
@@ -227,6 +254,9 @@ class Report(Record):
     density_hist: Histogram  # of log10(density); dead features in the first bin
     options: dict | None  # the ReportOptions it was built with, as JSON (None: not recorded)
     features: list[FeatureSummary]  # one per feature of the SAE
+    outliers: SkippedRows | None = field(default=None, metadata=OMIT_NONE)  # None: no outlier rule applied
+    # top_token_share above which a feature counts as single-token (absent: not measured)
+    single_token_share: float | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
 
     def __post_init__(self):
         seen = set()
@@ -244,7 +274,7 @@ class Report(Record):
         if version not in READS:
             raise DataError(f"feature report schema {version!r} is not supported; this saelab reads "
                             f"schemas {', '.join(map(str, READS))}")
-        return super().from_dict(_from_v1(data) if version == 1 else data, where)
+        return super().from_dict(_from_v1(data) if version == 1 else {**data, "schema": SCHEMA}, where)
 
     def index_dict(self) -> dict:
         """report.json: the report with the features' summaries only."""
@@ -257,8 +287,12 @@ class Report(Record):
         for f in self.features:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
         dense = sum(f.density is not None and f.density > self.dense_threshold for f in self.features)
+        share = self.single_token_share
+        single = None if share is None else sum(f.top_token_share is not None and f.top_token_share > share
+                                                for f in self.features)
         return ReportStats(n=len(self.features), dead=sum(f.dead for f in self.features), dense=dense,
-                           dense_threshold=self.dense_threshold, kinds=dict(sorted(kinds.items())))
+                           dense_threshold=self.dense_threshold, kinds=dict(sorted(kinds.items())),
+                           single_token=single, single_token_share=share)
 
 
 def _from_v1(data: dict) -> dict:

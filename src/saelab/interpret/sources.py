@@ -6,6 +6,8 @@ token array they are and, optionally, precomputed hook activations. A `ContextSo
 the scan's batches and the example fetcher (`encode_rows`, read by `example_acts`), so the two
 read the same activations: live (the LM), from an activation cache (`cache_source`: the cache's
 contexts, its stored activations, its BOS position skipped), or from batches a caller computed.
+Rows an outlier rule flags (`ContextSource.outliers`) read as 0 in examples, as the scan skips
+them.
 The scan itself (what is kept per feature) is interpret/scan.py.
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from saelab.data.cache.read import ActivationCache, open_cache
+from saelab.data.outliers import OutlierRule
 from saelab.errors import ConfigError, DataError
 
 
@@ -104,12 +107,14 @@ class ContextSource:
 
     `given`: batches of these contexts (rows = rows of `tokens`) with activations a caller
     computed; the scan reads them (once, from `start` on) instead of making its own, and
-    examples still come from `acts_of` or the LM."""
+    examples still come from `acts_of` or the LM. `outliers`: the rule whose flagged rows the
+    scan skips; they read as 0 in example activations too."""
 
     tokens: Tensor  # (n, S) token ids
     start: int = 0
     acts_of: Callable[[Tensor], Tensor] | None = None
     given: Iterable[ContextBatch] | None = None
+    outliers: OutlierRule | None = None
 
     def batches(self, batch_size: int = 16) -> Iterator[ContextBatch]:
         if self.given is not None:
@@ -124,7 +129,10 @@ class ContextSource:
     def encode_rows(self, sae, lm=None) -> Callable[[Tensor], Tensor]:
         """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts."""
         def encode(rows: Tensor) -> Tensor:
-            f = feature_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start)
+            x = hook_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start)
+            f = sae.encode(x)
+            if self.outliers is not None:
+                f = f.masked_fill(self.outliers.mask(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], 1), 0.0)
             return torch.nn.functional.pad(f, (0, 0, self.start, 0))
         return encode
 

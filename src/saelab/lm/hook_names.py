@@ -43,3 +43,39 @@ def parse_hook(name: str) -> HookPoint:
         return HookPoint(None, name)
     raise ConfigError(f"{name!r} is not a hook name; valid forms are blocks.L.<point> with <point> one of "
                       f"{', '.join(BLOCK_POINTS)}, or one of {', '.join(MODEL_POINTS)}")
+
+
+LAYER_SET = "layers"  # shorthand: every layer's residual stream, attention and MLP outputs
+LAYER_SET_POINTS = ("hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+
+def expand_hooks(items, n_layers: int) -> list[str]:
+    """Hook names from a list that may hold the shorthand `layers` (every layer's
+    hook_attn_out, hook_mlp_out and hook_resid_post: the writes into the residual stream and the
+    stream itself, as seed 002 compares them) or `layers:0,1` (those layers only; `a-b` ranges
+    too). Other items are hook names, kept as given; duplicates are dropped, order kept."""
+    out: list[str] = []
+    for item in items:
+        if item == LAYER_SET or item.startswith(LAYER_SET + ":"):
+            layers = _layer_list(item.partition(":")[2], n_layers) if ":" in item else range(n_layers)
+            out += [f"blocks.{layer}.{point}" for layer in layers for point in LAYER_SET_POINTS]
+        else:
+            parse_hook(item)
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def _layer_list(text: str, n_layers: int) -> list[int]:
+    """`0,1` or `2-4` or `0,3-5` -> layer numbers, each checked against the model's."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ConfigError(f"{LAYER_SET}:{text} is not a list of layers; write e.g. {LAYER_SET}:0,1 or "
+                          f"{LAYER_SET}:0-3") from None
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise ConfigError(f"{LAYER_SET}:{text}: layers must be in 0..{n_layers - 1}")
+    return layers

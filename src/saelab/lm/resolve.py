@@ -33,6 +33,17 @@ def model_name_for(model: str | None = None, sae=None) -> str | None:
     return None if name == DEFAULT else name
 
 
+def check_one_model(saes) -> None:
+    """SAEs run together ({label: SAE}) must come from one model: a ConfigError naming two whose
+    recorded models (`model_name_for`, so every default-LM name counts as one) differ."""
+    names = {label: model_name_for(None, sae) for label, sae in saes.items()}
+    first = next(iter(names), None)
+    for label, name in names.items():
+        if name != names[first]:
+            raise ConfigError(f"the SAEs come from different models: {first} from {names[first] or 'the default LM'}, "
+                              f"{label} from {name or 'the default LM'}; give SAEs of one model")
+
+
 def load_lm(model=None, sae=None, device: str = "cpu", dtype: str | torch.dtype = "float32") -> HookedLM:
     """The HookedLM by the rule above, on `device`, its parameters cast to `dtype` (a torch
     dtype or its name: "float32", "bfloat16", "float16"). A HookedLM given is returned as is.

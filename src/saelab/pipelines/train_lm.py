@@ -3,9 +3,13 @@ the job behind `saelab train` and `saelab quickstart`.
 
 The whole job, resumable at every stage: tokenize the corpus -> cache activations at the hook
 (one LM pass, shared by every SAE) -> train all SAEs together on shuffled batches ->
-evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text. The run
+evaluate each (reconstruction, sparsity, CE loss recovered, KL) on held-out text. One outlier
+rule (`outlier_multiple`, saelab.data.outliers) drops massive-activation rows from the
+training batches, leaves them out of the reconstruction metrics (reported beside them) and
+keeps them clean in the splice; each SAE records it with the text it was trained on
+(source, context length, BOS: saelab.data.provenance). The run
 folder holds config.json (the trainer's config with this sweep's settings under "pipeline"),
-log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live`),
+log.jsonl, checkpoints, saes/<label>/, the activation cache (cache/, unless `live` or `cache_dir`),
 metrics.json (one row per SAE, with train_tokens and the stage timings), table.txt and the
 L0 / loss-recovered and feature-density plots.
 
@@ -24,8 +28,10 @@ from pathlib import Path
 from saelab.atomic import write_text
 from saelab.data.cache import cache_activations, live_batches, open_cache
 from saelab.data.corpus import token_contexts
+from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
+from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import heldout_contexts, load_lm
@@ -61,6 +67,12 @@ class LMSweepConfig:
     device: str = "cpu"  # where the LM runs and the SAEs train ("cuda", "cuda:1", "mps", ...)
     lm_dtype: str = "float32"  # the LM's parameter dtype ("bfloat16", "float16"); the SAEs train in float32
     live: bool = False  # batches straight from the LM (a mixing buffer, no disk cache)
+    outlier_multiple: float | None = DEFAULT_MULTIPLE  # rows above this x the median norm are outliers (None: off)
+    cache_dir: str | None = None  # the activation cache's folder (default: <run>/cache); runs of one
+    # experiment that train on the same text at the same hook share one (saelab frontier)
+
+    def __post_init__(self) -> None:
+        self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -69,20 +81,31 @@ class LMSweepConfig:
 
     def settings(self) -> dict:
         """What config.json records under "pipeline": every field but the specs (config.json
-        holds those already). Checked on resume like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs"}
+        holds those already), and cache_dir only when set (so run folders written before it
+        existed still resume). Checked on resume like the rest of the run's config."""
+        return {k: v for k, v in self.to_dict().items() if k != "specs" and not (k == "cache_dir" and v is None)}
 
 
 @dataclass
 class SweepColumns:
-    """A sweep row's own columns: tokens each SAE trained on, and the run's stage timings in
-    seconds (cache_s or data_s, train_s, eval_s; the same for every SAE of the run)."""
+    """A sweep row's own columns: tokens each SAE trained on, the run's stage timings in
+    seconds (cache_s or data_s, train_s, eval_s; the same for every SAE of the run) and, with an
+    outlier rule, the rows it dropped from training (`train_outliers`)."""
 
     train_tokens: int
     timings: dict[str, float]
+    train_outliers: int | None = None
 
     def to_dict(self) -> dict:
-        return {"train_tokens": self.train_tokens, "timings": dict(self.timings)}
+        out = {"train_tokens": self.train_tokens, "timings": dict(self.timings)}
+        if self.train_outliers is not None:
+            out["train_outliers"] = self.train_outliers
+        return out
+
+
+def table_columns(rows) -> tuple[str, ...]:
+    """The table's columns: TABLE_COLUMNS, with the outlier columns when some row had outliers."""
+    return with_outlier_columns(TABLE_COLUMNS, rows)
 
 
 def middle_hook(lm: HookedLM) -> str:
@@ -105,22 +128,26 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         lm.hook_dim(hook),
         run_dir,
         TrainConfig(total_steps=cfg.steps, checkpoint_every=max(1, cfg.steps // 5), log_every=10,
-                    normalize_activations=cfg.normalize_activations, seed=cfg.seed, device=device),
+                    normalize_activations=cfg.normalize_activations, seed=cfg.seed, device=device,
+                    outlier_multiple=cfg.outlier_multiple),
         d_out=lm.hook_dim(cfg.hook_out) if cfg.hook_out else None,
         hook_name=hook,
         hook_name_out=cfg.hook_out,
         model_name=lm.name,
         pipeline=cfg.settings(),
+        provenance=Provenance(source=cfg.source, context_length=length, prepend_bos=True, exclude_bos=True),
     )
     start = time.perf_counter()
     result = trainer.fit(batches)
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     held_out = heldout_contexts(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
-    rows = result.collect(lambda mine: _evaluate(lm, mine, held_out, device))
+    rule = OutlierRule(cfg.outlier_multiple)
+    rows = result.collect(lambda mine: _evaluate(lm, mine, held_out, device, rule))
     timings["eval_s"] = time.perf_counter() - start
+    dropped = result.rows_dropped if rule.enabled else None
     for row in rows:
-        row.extra.append(SweepColumns(cfg.steps * cfg.batch_size, timings))
+        row.extra.append(SweepColumns(result.rows_trained, timings, dropped))
     if result.writes:
         _write_outputs(run_dir, rows, lm, hook)
     return rows
@@ -136,9 +163,9 @@ def _check_model(cfg: LMSweepConfig, lm: HookedLM) -> tuple[str, int]:
     return hook, min(cfg.context_length, lm.context_length)
 
 
-def _evaluate(lm: HookedLM, mine: list[TrainedSAE], held_out, device: str) -> list[MetricsEntry]:
+def _evaluate(lm: HookedLM, mine: list[TrainedSAE], held_out, device: str, rule: OutlierRule) -> list[MetricsEntry]:
     """This process's rows: each SAE evaluated on the LM (on the training device)."""
-    evaluations = evaluate_on_lm(lm, [t.sae.to(device) for t in mine], held_out)
+    evaluations = evaluate_on_lm(lm, [t.sae.to(device) for t in mine], held_out, outliers=rule)
     return [MetricsEntry(t.label, ev.recon, ev.downstream, spec=t.spec.to_dict()) for t, ev in zip(mine, evaluations)]
 
 
@@ -152,7 +179,7 @@ def _write_outputs(run_dir: Path, rows: list[MetricsEntry], lm: HookedLM, hook: 
             (row.recon.l0, row.downstream.loss_recovered, TrainSpec.from_dict(row.spec).knob(), row.downstream.ce_delta))
     plot_l0_vs_loss_recovered(series, run_dir / "l0_vs_loss_recovered.png", title=f"{Path(lm.name).name} {hook}")
     save_figure(density_histograms_figure(rows), run_dir / "feature_density.png")
-    write_text(run_dir / "table.txt", format_rows(rows, TABLE_COLUMNS) + "\n")
+    write_text(run_dir / "table.txt", format_rows(rows, table_columns(rows)) + "\n")
 
 
 def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, run_dir: Path):
@@ -165,8 +192,9 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
         return live_batches(lm, contexts(), hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
-    once(lambda: cache_activations(lm, contexts(), hooks, run_dir / "cache", dtype=cfg.cache_dtype, meta=meta))
-    cache = open_cache(run_dir / "cache", model=lm, hooks=hooks)
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 
 

@@ -16,6 +16,7 @@ from saelab.sae.activations import DECODER_NORMS
 from saelab.sae.architectures import architecture, check_reads
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+PROVENANCE = "provenance"  # metadata key of the training text and row rules (saelab.data.provenance)
 
 
 def field_help(text: str, choices: tuple | None = None) -> dict:

@@ -29,7 +29,7 @@ from saelab.atomic import save_tensors, write_json
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.lm.hook_names import parse_hook
 from saelab.sae.architectures import architecture, saelens_architecture
-from saelab.sae.config import SAEConfig
+from saelab.sae.config import PROVENANCE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -53,6 +53,15 @@ def sae_folders(path: str | Path) -> list[Path]:
     return folders
 
 
+def folder_labels(folders: list[Path]) -> dict[str, Path]:
+    """label -> folder: each folder's name, or its run's name and its own where two SAEs share a
+    name (two runs' saes/)."""
+    def label(folder: Path) -> str:
+        same = [f for f in folders if f.name == folder.name]
+        return folder.name if len(same) == 1 else f"{folder.parent.parent.name}/{folder.name}"
+    return {label(Path(f)): Path(f) for f in folders}
+
+
 def write_sae_folder(path: str | Path, cfg: SAEConfig, tensors: dict[str, Tensor]) -> Path:
     """Write the folder: tensors (by saved name, cast to cfg.dtype) first, then cfg.json, each atomically."""
     path = Path(path)
@@ -64,14 +73,20 @@ def write_sae_folder(path: str | Path, cfg: SAEConfig, tensors: dict[str, Tensor
 
 
 def saelens_cfg(cfg: SAEConfig) -> dict:
-    """cfg.json in SAELens's format, with saelab's config under metadata.saelab."""
+    """cfg.json in SAELens's format, with saelab's config under metadata.saelab. The training
+    text's provenance, where recorded, also fills SAELens's dataset_path, context_size and
+    prepend_bos (null, null and true when not recorded)."""
+    text = cfg.metadata.get(PROVENANCE) or {}
+    dataset, context_size = _dataset_path(text.get("source")), text.get("context_length")
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
         "hook_head_index": None,
-        "prepend_bos": True,
+        "prepend_bos": text.get("prepend_bos", True) is not False,
+        "dataset_path": dataset,
+        "context_size": context_size,
         "saelab": cfg.to_dict(),
     }
     if cfg.hook_name_out is not None:
@@ -98,10 +113,15 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
         hook_name=cfg.hook_name,
         hook_layer=_layer_of(cfg.hook_name),
         hook_head_index=None,
-        dataset_path=None,
-        context_size=None,
+        dataset_path=dataset,
+        context_size=context_size,
     )
     return out
+
+
+def _dataset_path(source: str | None) -> str | None:
+    """SAELens's dataset_path for a saelab text source: the dataset of "hf:NAME", else the spec."""
+    return source[3:] if source and source.startswith("hf:") else source
 
 
 def _layer_of(hook_name: str | None) -> int:

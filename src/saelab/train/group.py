@@ -17,6 +17,12 @@ A batch source is an iterable of `x` tensors (N, d_in) or `(x, y)` pairs (transc
 already used are skipped. With the same seed, a run resumed after a crash or `kill -9` ends
 with the same weights as one that never stopped.
 
+With `TrainConfig.outlier_multiple` set, every batch loses the rows that `OutlierRule` flags
+(judged on the input x, each batch on its own) before any SAE or the activation scaling sees
+it, the first batch's data initialisation included; whatever the source (disk cache, live LM,
+rows in memory). The log counts the rows trained on (`tokens`) and dropped (`outliers_dropped`);
+each SAE records the rule in its provenance (saelab.data.provenance).
+
 Scaling out: under `torch.distributed` (e.g. `torchrun`, any backend), each rank trains its
 share of the sweep (saelab.train.shard) on the same batch stream and keeps its own checkpoint
 file; rank 0 writes config.json and the log lines of all ranks. Each SAE has its own seeded
@@ -40,8 +46,11 @@ from safetensors.torch import load_file
 
 from saelab.atomic import save_tensors, write_json, write_text
 from saelab.data.cache.shuffle import as_pair
+from saelab.data.outliers import OutlierRule
+from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError, CorruptFileError, DataError
 from saelab.progress import progress_bar
+from saelab.sae.config import PROVENANCE
 from saelab.sae.model import SAE
 from saelab.train.shard import Shard, TrainedSAE, TrainResult, rank_and_world
 from saelab.train.spec import TrainSpec
@@ -60,10 +69,16 @@ class TrainConfig:
     normalize_activations: bool = False  # scale inputs to mean norm sqrt(d); folded back on save
     seed: int = 0
     device: str = "cpu"
+    outlier_multiple: float | None = None  # drop rows with norm > this x the batch's median (None: keep all)
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0 or self.checkpoint_every <= 0 or self.log_every <= 0:
             raise ConfigError("total_steps, checkpoint_every and log_every must be positive integers")
+        self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
+
+    @property
+    def outliers(self) -> OutlierRule:
+        return OutlierRule(self.outlier_multiple)
 
 
 def _batches_from(source: Iterable, step: int) -> Iterator:
@@ -80,7 +95,9 @@ class GroupTrainer:
 
     `specs` and `labels` are the whole sweep, in spec order; `trainers` (and `saes`) are this
     process's share of it (all of it without torch.distributed). `pipeline` is the settings of
-    the job driving the trainer (JSON-able), recorded in config.json and checked on resume."""
+    the job driving the trainer (JSON-able), recorded in config.json and checked on resume.
+    `provenance` (the training text: source, context length, BOS) is saved in each SAE's
+    metadata with the outlier rule applied."""
 
     def __init__(
         self,
@@ -94,6 +111,7 @@ class GroupTrainer:
         model_name: str | None = None,
         on_step: Callable[[int, list[dict | None]], None] | None = None,
         pipeline: dict | None = None,
+        provenance: Provenance | None = None,
         on_start: Callable[[int], None] | None = None,
     ):
         if not specs:
@@ -103,6 +121,7 @@ class GroupTrainer:
         self.run_dir = Path(run_dir)
         self.where = dict(hook_name=hook_name, hook_name_out=hook_name_out, model_name=model_name)
         self.pipeline = pipeline
+        self.provenance = dataclasses.replace(provenance or Provenance(), outliers=self.config.outliers)
         self.labels = [s.label(d_in) for s in self.specs]
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"two specs share a label: {self.labels}; give them distinct `name`s")
@@ -118,6 +137,7 @@ class GroupTrainer:
         ]
         self.scale_in = self.scale_out = 1.0
         self.step = 0
+        self.rows_trained = self.rows_dropped = 0
 
     @property
     def saes(self) -> list[SAE]:
@@ -153,7 +173,7 @@ class GroupTrainer:
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
             while self.step < cfg.total_steps:
                 try:
-                    x, y = self._prepare(next(batches))
+                    x, y = self._prepare(*self._drop_outliers(next(batches), count=True))
                 except StopIteration:
                     raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
                 logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
@@ -161,26 +181,45 @@ class GroupTrainer:
                 self.step += 1
                 bar.update(1)
                 if logging:
-                    self._log(log, bar, entries, x.shape[0])
+                    self._log(log, bar, entries)
                 if self.on_step is not None:
                     self.on_step(self.step, entries)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                     self.save_checkpoint()
         bar.close()
-        return TrainResult(self.run_dir, self._final_saes(), self.shard)
+        return TrainResult(self.run_dir, self._final_saes(), self.shard, self.rows_trained, self.rows_dropped)
 
-    def _log(self, log, bar, entries: list[dict | None], batch_rows: int) -> None:
+    def _log(self, log, bar, entries: list[dict | None]) -> None:
         """One log.jsonl line with every rank's entries, in spec order (a collective)."""
         merged = dict(zip(self.labels, self.shard.gather(entries)))
-        record = {"step": self.step, "tokens": self.step * batch_rows, "saes": merged}
+        record = {"step": self.step, "tokens": self.rows_trained, "saes": merged}
+        if self.config.outliers.enabled:
+            record["outliers_dropped"] = self.rows_dropped
         log.write(json.dumps(record) + "\n")
         log.flush()
         first = merged[self.labels[0]]
         bar.set_postfix(tokens=record["tokens"], sae=self.labels[0], loss=f"{first['loss']:.4g}",
                         l0=f"{first['l0']:.1f}", fvu=f"{first['fvu']:.3f}")
 
-    def _prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _drop_outliers(self, batch, count: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) without the rows the outlier rule flags in x (an autoencoder's y stays x);
+        `count` adds the batch to the run's tallies of rows trained on and dropped."""
         x, y = as_pair(batch)
+        rule = self.config.outliers
+        if rule.enabled and x.dim() == 2:
+            keep = ~rule.mask(x)
+            dropped = keep.numel() - int(keep.sum())
+            if dropped:
+                same = y is x
+                x = x[keep]
+                y = x if same else y[keep.to(y.device)]
+            if count:
+                self.rows_dropped += dropped
+        if count:
+            self.rows_trained += x.shape[0]
+        return x, y
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         same = y is x
         x = x.to(self.config.device, torch.float32)
         y = x if same else y.to(self.config.device, torch.float32)
@@ -196,7 +235,7 @@ class GroupTrainer:
 
     def _initialise(self, source: Iterable) -> None:
         """Scale factors and data-dependent init, from the first batch (deterministic)."""
-        x, y = as_pair(next(_batches_from(source, 0)))
+        x, y = self._drop_outliers(next(_batches_from(source, 0)))
         x, y = x.float().to(self.config.device), y.float().to(self.config.device)
         if self.config.normalize_activations:
             self.scale_in = math.sqrt(self.d_in) / float(x.norm(dim=-1).mean().clamp_min(1e-12))
@@ -221,7 +260,8 @@ class GroupTrainer:
         for trainer, label in zip(self.trainers, self.shard.take(self.labels)):
             sae = copy.deepcopy(trainer.sae).cpu().eval()
             sae.fold_scaling(self.scale_in, self.scale_out)
-            sae.cfg.metadata = {**sae.cfg.metadata, "train": trainer.spec.to_dict(), "label": label}
+            sae.cfg.metadata = {**sae.cfg.metadata, "train": trainer.spec.to_dict(), "label": label,
+                                PROVENANCE: self.provenance.to_dict()}
             out.append(TrainedSAE(label, trainer.spec, sae, sae.save(self.run_dir / "saes" / label)))
         return out
 
@@ -237,7 +277,8 @@ class GroupTrainer:
         for i, trainer in enumerate(self.trainers):
             tensors.update({f"{i}.{k}": v for k, v in trainer.state_tensors().items()})
             tensors[f"{i}.rng"] = trainer.generator.get_state()
-        meta = {"step": str(self.step), "scale_in": repr(self.scale_in), "scale_out": repr(self.scale_out)}
+        meta = {"step": str(self.step), "scale_in": repr(self.scale_in), "scale_out": repr(self.scale_out),
+                "rows_trained": str(self.rows_trained), "rows_dropped": str(self.rows_dropped)}
         return save_tensors(self.checkpoint_path, tensors, metadata=meta)
 
     def _load_checkpoint(self) -> bool:
@@ -254,6 +295,7 @@ class GroupTrainer:
             raise CorruptFileError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh") from err
         self.step = int(meta["step"])
         self.scale_in, self.scale_out = float(meta["scale_in"]), float(meta["scale_out"])
+        self.rows_trained, self.rows_dropped = int(meta.get("rows_trained", 0)), int(meta.get("rows_dropped", 0))
         for i, trainer in enumerate(self.trainers):
             trainer.generator.set_state(tensors.pop(f"{i}.rng"))
             prefix = f"{i}."

@@ -109,6 +109,8 @@ class TrainResult:
     run_dir: Path
     trained: list[TrainedSAE]
     shard: Shard
+    rows_trained: int = 0  # activation rows the SAEs trained on (every SAE saw the same)
+    rows_dropped: int = 0  # rows the outlier rule took out of the training batches
 
     @property
     def saes(self) -> list[SAE]:
