@@ -1,10 +1,11 @@
 """The feature count's table, its estimate in words, and its figures (`saelab count`).
 
-count.png: matched features against width per knob, with the estimate, and
-(toy) the true number and the true features each width recovered. With several knobs a second panel is the interim report's recovery plot:
-MMCS against the knob per width, against the true features on toy data and against the widest
-dictionary on a language model (its stand-in for the truth). `plot_beside` puts an LM's and a
-toy run's recovery panels side by side, as seed 001's notes compare them.
+count.png: matched features against width per knob, with the estimate, and (toy) the true
+number and the true features each width recovered. With several knobs a second panel is the
+interim report's recovery plot: MMCS against the knob per width, against the true features on
+toy data and against the widest dictionary on a language model (its stand-in for the truth;
+toy panels show that too, dashed, so the two data kinds compare like for like). `plot_beside`
+puts an LM's and a toy run's recovery panels side by side, as seed 001's notes compare them.
 """
 
 from __future__ import annotations
@@ -74,16 +75,22 @@ def matched_panel(ax, result: CountResult) -> None:
 
 
 def recovery_panel(ax, result: CountResult, title: str = "") -> None:
-    """MMCS against the knob, one line per width: against the truth on toy data, against the
-    widest dictionary on a language model (the widest itself has no point there)."""
+    """MMCS against the knob, one colour per width: solid against the true features on toy
+    data; dashed (toy) or solid (a model) against the widest dictionary, each of the width's
+    features' best cosine there: the one measure both data kinds have (the widest has none)."""
     toy = result.truth is not None
     for j, width in enumerate(w.width for w in result.counts[0].widths):
-        points = [(k.value, k.widths[j].truth_mmcs if toy else k.widths[j].mmcs_widest) for k in result.counts]
-        points = [(x, y) for x, y in points if y is not None]
-        if points:
-            ax.plot(*zip(*points), "o-", label=f"width {width} ({width / result.d_in:g}x)")
+        colour = f"C{j % 10}"
+        widest = [(k.value, k.widths[j].mmcs_widest) for k in result.counts if k.widths[j].mmcs_widest is not None]
+        if toy:
+            ax.plot([k.value for k in result.counts], [k.widths[j].truth_mmcs for k in result.counts], "o-",
+                    color=colour, label=f"width {width} ({width / result.d_in:g}x)")
+        if widest:
+            ax.plot(*zip(*widest), "s--" if toy else "o-", color=colour, lw=1 if toy else 1.5,
+                    label=None if toy else f"width {width} ({width / result.d_in:g}x)")
     ax.set_xlabel("k" if result.counts[0].knob.startswith("k") else "sparsity coefficient (L1)")
-    ax.set_ylabel("MMCS against the true features" if toy else "MMCS against the widest dictionary")
+    ax.set_ylabel("MMCS: true features (solid), widest dictionary (dashed)" if toy
+                  else "MMCS against the widest dictionary")
     ax.set_title(title or result.source, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
