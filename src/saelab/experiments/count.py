@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.atomic import write_json, write_text
+from saelab.atomic import write_json
 from saelab.data.toy import ToyDataConfig
 from saelab.errors import ConfigError
 from saelab.evals.entry import MetricsEntry

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saelab.atomic import write_text
 from saelab.experiments.count import CountResult, KnobCount
 from saelab.experiments.saturation import GAIN
 from saelab.plots import save_figure
@@ -50,6 +51,8 @@ def estimate_line(count: KnobCount, truth: int | None = None) -> str:
 
 def matched_panel(ax, result: CountResult) -> None:
     """Matched features against width (log-log), each knob's estimate, and the truth."""
+    import matplotlib.ticker as ticker
+
     for i, count in enumerate(result.counts):
         colour, pairs, est = f"C{i}", count.widths[:-1], count.estimate
         ax.plot([p.width for p in pairs], [p.matched for p in pairs], "o-", color=colour, label=f"{count.knob} matched")
@@ -62,8 +65,6 @@ def matched_panel(ax, result: CountResult) -> None:
     ax.plot(ends, ends, color="0.7", lw=0.8, label="matched = width")
     if result.truth is not None:
         ax.axhline(result.truth, color="k", lw=1, label=f"true N = {result.truth}")
-    import matplotlib.ticker as ticker
-
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     for axis in (ax.xaxis, ax.yaxis):
@@ -125,8 +126,6 @@ def plot_beside(lm: CountResult, toy: CountResult, path: str | Path) -> Path:
 
 def write_report(result: CountResult) -> str:
     """count.txt and count.png into the run folder; returns the text."""
-    from saelab.atomic import write_text
-
     text = format_count(result)
     write_text(result.run_dir / "count.txt", text + "\n")
     plot_count(result, result.run_dir / "count.png")
