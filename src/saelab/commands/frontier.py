@@ -41,7 +41,7 @@ def register(sub) -> None:
     options.add_widths(g, d.expansion, d.d_sae, many=False)
     g.add_argument("--base-coefficient", type=float, default=d.base_coefficient,
                    help=f"the base's too-low sparsity coefficient (default: {d.base_coefficient:g})")
-    g.add_argument("--hook", default=None, help="hook the base reads (default: resid_post of the middle layer)")
+    options.add_hook(g)
     g = p.add_argument_group("the search and the training of both")
     g.add_argument("--coefficient-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="the bisection's bounds (default: the base's coefficient and 64 times it)")

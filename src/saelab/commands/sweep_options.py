@@ -46,8 +46,7 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, 
     d = {**_pipeline_defaults(), **pipeline}
     options.add_model_options(p)
     g = p.add_argument_group("where and what to train on")
-    g.add_argument("--hook", default=d["hook"],
-                   help="TransformerLens hook name (default: resid_post of the middle layer)")
+    options.add_hook(g, d["hook"])
     g.add_argument("--hook-out", default=d["hook_out"],
                    help="target hook of a transcoder / sparse MLP, e.g. blocks.0.hook_mlp_out (default: none)")
     options.add_source(g, d["source"])

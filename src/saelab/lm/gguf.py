@@ -121,8 +121,7 @@ def _load_gguf(gguf: Path, auto, **kwargs):
 
 def _tied_keys(model) -> set[str]:
     """Parameter names a tied model fills from another (the output embedding)."""
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    return set(tied) if not isinstance(tied, dict) else set(tied)
+    return set(getattr(model, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by name
 
 
 def _file_hash(path: Path) -> str:
