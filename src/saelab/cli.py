@@ -12,6 +12,8 @@ from saelab.commands import (cache, compare, count, dashboard, frontier, logit_l
                              quickstart, sparse_mlp, steer, tokens, toy, train)
 from saelab.errors import SaelabError
 
+INTERRUPTED = 130  # the exit code shells give a job stopped by Ctrl-C (128 + SIGINT)
+
 COMMANDS = [dashboard, neurons, quickstart, train, toy, count, prune, frontier, sparse_mlp, perturb, steer, logit_lens,
             tokens, compare, cache, models]
 
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What a user can get wrong ends in one line on stderr and exit code 2:
+    saelab's own errors, and the operating system refusing a file (a folder that is a file,
+    a read-only disk, a full one); Ctrl-C ends in one line (saying what was kept) and 130."""
     args = build_parser().parse_args(argv)
     _join_process_group()
     try:
@@ -40,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     except SaelabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: {os_error(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {str(err) or 'stopped by Ctrl-C'}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def os_error(err: OSError) -> str:
+    """An OSError as one line: what the system said, and about which path."""
+    what = err.strerror or str(err)
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(str(p) for p in paths)}" if paths else what
 
 
 def _join_process_group() -> None:

@@ -22,3 +22,10 @@ class MissingFileError(SaelabError, FileNotFoundError):
 
 class CorruptFileError(SaelabError, ValueError):
     """A file is there but cannot be read as what it claims to be."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message saying what was kept (e.g. the last checkpoint) and how to go on.
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C still stops; the CLI prints the message
+    as one line and exits with code 130 (the shell's code for an interrupt)."""

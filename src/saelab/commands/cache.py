@@ -11,7 +11,7 @@ import inspect
 from saelab.commands import options
 from saelab.data.cache import cache_activations
 from saelab.data.corpus import token_contexts
-from saelab.lm.resolve import load_lm
+from saelab.lm.resolve import fit_context_length, load_lm
 
 CACHE_CONTEXTS = 512
 _WRITE_DEFAULTS = {k: p.default for k, p in inspect.signature(cache_activations).parameters.items()}
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     lm = load_lm(args.model, device=args.device, dtype=args.dtype)
-    length = min(args.context_length, lm.context_length)
+    length = fit_context_length(lm, args.context_length)
     contexts = token_contexts(args.source, lm.tokenizer, length, split=args.split, max_contexts=args.cache_contexts)
     cache = cache_activations(lm, contexts, args.hooks, args.out, dtype=args.cache_dtype, batch_size=args.lm_batch_size,
                               drop_bos=not args.include_bos, meta={"source": args.source, "split": args.split})

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=CompareConfig().threshold,
                    help="cosine above which a feature counts as found (default: %(default)s)")
     p.add_argument("--vectors", choices=VECTORS, default=CompareConfig().vectors, help="feature directions to compare")
-    options.add_out(p, "<first RUN_OR_SAE>/compare.json")
+    options.add_out(p, "<first RUN_OR_SAE>/compare.json", file=True)
     p.set_defaults(func=run)
 
 

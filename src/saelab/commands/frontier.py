@@ -56,7 +56,8 @@ def register(sub) -> None:
     options.add_batch_tokens(g, d.batch_tokens)
     options.add_train_contexts(g, d.train_contexts)
     options.add_seed(g, d.seed)
-    options.add_out(p, "<SAE>-frontier, or runs/frontier without SAE")
+    options.add_out(p, "<SAE>-frontier beside the SAE (in the run folder for an SAE of a run's saes/), "
+                       "or runs/frontier without SAE")
     options.add_model_options(p)
     g = options.text_group(p)
     options.add_source(g, d.source)
@@ -85,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = config_from_args(args)
     sae = SAE.load(args.sae).eval() if args.sae is not None else None
+    out = args.out or options.check_out(options.beside_sae(args.sae, "frontier") if args.sae is not None
+                                        else Path("runs/frontier"), "the default output folder")
     lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
     if sae is not None:
         check_sae_fits(lm, sae)
-    out = args.out or Path(f"{str(args.sae).rstrip('/')}-frontier" if args.sae is not None else "runs/frontier")
     result = run_frontier(lm, out, cfg, sae=sae, sae_path=args.sae)
     print(format_frontier(result))
     print(f"\nwrote {out}/metrics.json, frontier.json, table.txt, frontier.png in {time.perf_counter() - start:.0f} s")

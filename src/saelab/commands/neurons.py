@@ -51,12 +51,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sae = SAE.load(args.compare_sae).eval() if args.compare_sae is not None else None
-    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
-    if sae is not None:
-        check_sae_fits(lm, sae)
     opts = ReportOptions(features=args.features, n_contexts=args.scan_contexts or ReportOptions.n_contexts,
                          context_length=args.context_length, corpus=args.source, batch_size=args.lm_batch_size,
                          **options.report_view_options(args))
+    lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
+    if sae is not None:
+        check_sae_fits(lm, sae)
     out = args.out or Path(f"runs/neurons-L{args.layer}")
     result = run_neurons(lm, args.layer, out, opts, compare=sae, compare_name=str(args.compare_sae),
                          sign=-1 if args.negative else 1, include_dead=args.include_dead)

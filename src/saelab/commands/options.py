@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -65,7 +66,11 @@ def _device(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    """A count (argparse `type=`): 0 is refused here, not later as an empty corpus or run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -116,7 +121,8 @@ def add_hook(g, default: str | None = None) -> None:
 def add_context_length(g, default: int | None, from_sae: bool = False) -> None:
     shown = "min(128, the model's)" if default is None else f"{default}, at most the model's"
     g.add_argument("--context-length", type=positive_int, default=default,
-                   help=f"tokens per context (default: {_from_sae(shown, from_sae)})")
+                   help=f"tokens per context; above the model's maximum, the maximum (with a note saying so) "
+                        f"(default: {_from_sae(shown, from_sae)})")
 
 
 def add_eval_contexts(g, default: int) -> None:
@@ -165,18 +171,72 @@ def add_seed(p, default: int = 0) -> None:
     p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
 
 
-def add_out(p, default: str | None, required: bool = False) -> None:
-    """`default` as the help shows it; "{sae}" in it stands for the SAE argument (see output_folder)."""
-    p.add_argument("--out", type=Path, default=None, required=required,
-                   help="where the output goes" + ("" if required else f" (default: {default})"))
-    p.set_defaults(out_default=default)
+def add_out(p, default: str | None, required: bool = False, beside: str | None = None, file: bool = False) -> None:
+    """--out, checked as it is parsed (out_path). `default` as the help shows it; `beside`: the
+    default is the SAE argument's folder name plus "-<beside>", beside it (beside_sae); `file`:
+    --out names a file, not a folder."""
+    if beside is not None:
+        default = f"<SAE>-{beside} beside the SAE; for an SAE in a run's saes/, in the run folder"
+    p.add_argument("--out", type=out_file if file else out_path, default=None, required=required,
+                   help="where the output goes; missing parent folders are created"
+                        + ("" if required else f" (default: {default})"))
+    p.set_defaults(out_default=default, out_beside=beside)
 
 
 def output_folder(args: argparse.Namespace) -> Path:
-    """--out, or the command's default with {sae} replaced by the SAE folder given."""
+    """--out, or the command's default (beside_sae for the SAE argument, where add_out says so),
+    checked to be a folder saelab can create or write to (check_out)."""
     if args.out is not None:
         return Path(args.out)
-    return Path(args.out_default.format(sae=str(getattr(args, "sae", "")).rstrip("/")))
+    if getattr(args, "out_beside", None):
+        return check_out(beside_sae(args.sae, args.out_beside), "the default output folder")
+    return check_out(Path(args.out_default), "the default output folder")
+
+
+def beside_sae(sae: str | Path, suffix: str) -> Path:
+    """<SAE>-<suffix> beside the SAE folder; for an SAE in a run's saes/ folder, in the run
+    folder instead (RUN/saes/NAME -> RUN/NAME-suffix), so saes/ holds only the run's SAEs."""
+    folder = Path(sae)
+    if not folder.name:  # "." or "/": name it by the folder it stands for
+        folder = folder.resolve()
+    parent = folder.parent.parent if folder.parent.name == "saes" else folder.parent
+    return parent / f"{folder.name}-{suffix}"
+
+
+def check_out(path: Path, what: str = "--out", file: bool = False) -> Path:
+    """`path` if saelab can write there: it is a folder (a file, with `file`) or does not exist
+    yet, and the nearest folder above it that exists can be written to (what is missing below
+    it is created when the output is written); else a ConfigError saying why."""
+    path, named = Path(path), f"{what} {path}".strip()
+    if path.exists() and path.is_dir() == file:
+        kind, want = ("a folder", "a file name") if file else ("a file", "a folder (new or existing)")
+        raise ConfigError(f"{named} is {kind}; give {want}")
+    above = path if path.exists() else path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{named}: {above} is a file, so nothing can be created under it; give a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named}: {above} is not writable (a read-only file system, or no permission); "
+                          "give a folder you can write to")
+    return path
+
+
+def _checked_out(text: str, file: bool) -> Path:
+    try:
+        return check_out(Path(text), what="", file=file)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def out_path(text: str) -> Path:
+    """--out's value for a folder (argparse `type=`): a bad one is a one-line usage error."""
+    return _checked_out(text, file=False)
+
+
+def out_file(text: str) -> Path:
+    """--out's value for a file (argparse `type=`)."""
+    return _checked_out(text, file=True)
 
 
 def lm_and_eval_contexts(args: argparse.Namespace, sae=None) -> tuple[HookedLM, object]:
@@ -190,9 +250,18 @@ def sae_and_lm(args: argparse.Namespace):
     """(SAE, HookedLM) of a command's SAE argument: the SAE in eval mode on the LM's device,
     checked to fit the LM (--model, else the SAE's own, on --device at --dtype)."""
     sae = SAE.load(args.sae).eval()
+    check_features(sae, getattr(args, "feature", None))
     lm = load_lm(args.model, sae, device=args.device, dtype=args.dtype)
     check_sae_fits(lm, sae)
     return sae.to(lm.device), lm
+
+
+def check_features(sae, features: int | list[int] | None) -> None:
+    """A ConfigError, before any model loads, for a --feature index the SAE does not have."""
+    wanted = [] if features is None else [features] if isinstance(features, int) else list(features)
+    bad = [f for f in wanted if not 0 <= f < sae.cfg.d_sae]
+    if bad:
+        raise ConfigError(f"--feature {' '.join(map(str, bad))}: out of range; this SAE has features 0..{sae.cfg.d_sae - 1}")
 
 
 # ---- toy data (saelab toy, saelab count --toy) ------------------------------------------------
@@ -292,11 +361,25 @@ def add_arch(g, default, many: bool = True) -> None:
                         f"(default: {shown(default)})")
 
 
+class _Coefficients(argparse.Action):
+    """--coefficient's values: one or more. Typed with none (as for a sweep of k architectures
+    only), it says what to do instead, where argparse would only say a value is missing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values:
+            raise argparse.ArgumentError(self, "give one or more coefficients; a sweep of k architectures only "
+                                               f"({', '.join(k_archs())}) takes none: leave {option_string} out "
+                                               "and name them with --arch, e.g. --arch topk --k 16 32")
+        setattr(namespace, self.dest, values)
+
+
 def add_coefficients(g, default, said: str | None = None) -> None:
     """`said`: the default in words, where it depends on other options (`default` is then None)."""
-    g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="+", default=default,
-                   metavar="C", help="sparsity coefficients of architectures without k (relu's L1, jumprelu's "
-                                     f"L0, ...); several make a sweep (default: {said or shown(default)})")
+    g.add_argument("--coefficient", "--l1", dest="coefficient", type=float, nargs="*", action=_Coefficients,
+                   default=default, metavar="C",
+                   help="sparsity coefficients of architectures without k (relu's L1, jumprelu's L0, ...); several "
+                        f"make a sweep; a sweep of k architectures only takes none: leave this out and give --arch "
+                        f"(default: {said or shown(default)})")
 
 
 def add_ks(g, default, said: str | None = None) -> None:

@@ -4,7 +4,7 @@ at the same cosine: does the SAE's error hurt the model more than a random error
 size would, and how robust is each hook to a random error at all (seed 002)?
 
 One SAE and no --hooks: the curve at its hook with the SAE's norm (--norm). Writes --out
-(default: beside the SAE, <SAE>-perturb): perturb.json, table.md and kl_vs_cos.png; prints the
+(default: beside the SAE, <SAE>-perturb, or in the run folder for an SAE of a run's saes/): perturb.json, table.md and kl_vs_cos.png; prints the
 table.
 
 --hooks (and/or several SAEs): a curve at every hook given and every hook an SAE replaces, each
@@ -52,7 +52,8 @@ def register(subparsers) -> None:
                    help="norm of the random perturbations where an SAE replaces the hook: the SAE output's (sae) "
                         f"or the activation's (input); elsewhere always the activation's (default: {d.norm})")
     options.add_seed(p, d.seed)
-    options.add_out(p, f"<SAE>-perturb for one SAE without --hooks, else {MANY_OUT}")
+    options.add_out(p, "<SAE>-perturb beside one SAE given without --hooks (in the run folder for an SAE of a "
+                       f"run's saes/), else {MANY_OUT}")
     options.add_model_options(p)
     g = options.text_group(p)
     options.add_source(g, from_sae=True)
@@ -73,18 +74,19 @@ def run(args: argparse.Namespace) -> int:
     args = options.for_sae(args, first)  # typed, else the (first) SAE's recorded, else the defaults
     if not saes and not args.hooks:
         raise ConfigError("nothing to perturb: give SAE folders, --hooks, or both")
-    lm, tokens = options.lm_and_eval_contexts(args, first)
+    one = len(saes) == 1 and not args.hooks  # one SAE's curve, else one per hook
+    out = args.out or options.check_out(options.beside_sae(*folders.values(), "perturb") if one else Path(MANY_OUT),
+                                        "the default output folder")
     cfg = PerturbConfig(cos_targets=list(args.cos), norm=args.norm, batch_size=args.lm_batch_size,
                         exclude_bos=not args.include_bos, seed=args.seed,
                         outliers=OutlierRule(args.outlier_multiple))
+    lm, tokens = options.lm_and_eval_contexts(args, first)
     saes = {label: sae.to(lm.device) for label, sae in saes.items()}
-    if len(saes) == 1 and not args.hooks:
+    if one:
         [(sae, folder)] = zip(saes.values(), folders.values())
-        out = args.out or Path(f"{folder}-perturb")
         result = run_perturb(lm, sae, tokens, out, cfg, sae_path=str(folder))
         print(format_table(result), end="")
     else:
-        out = args.out or Path(MANY_OUT)
         result = run_hook_perturb(lm, tokens, out, args.hooks, saes, cfg, {k: str(f) for k, f in folders.items()})
         print(format_hook_table(result), end="")
     print(f"wrote {out}/perturb.json, table.md, kl_vs_cos.png")

@@ -3,8 +3,8 @@ recompute MSE, FVU, L0 and % loss recovered for the original and each pruned dic
 000). With `--compare RUN`, the SAEs of a training sweep (other L1 / k) are plotted beside the
 pruning curve: L0 against loss recovered, pruned versus trained-sparser.
 
-Writes the output folder (--out; default: beside the SAE, <SAE>-pruned): metrics.json (one entry
-per dictionary), l0_vs_loss_recovered.png and, with --save, each pruned SAE folder; prints the
+Writes the output folder (--out; default: beside the SAE, <SAE>-pruned, or in the run folder for
+an SAE of a run's saes/): metrics.json (one entry per dictionary), l0_vs_loss_recovered.png and, with --save, each pruned SAE folder; prints the
 table. Text, context length, BOS and outlier rules default to those the SAE was trained with."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("sae", help="SAE folder")
     p.add_argument("--target-l0", type=float, nargs="+", required=True, help="one or more target L0 values")
     p.add_argument("--compare", help="a run folder whose saes/ and metrics.json to plot beside the pruning curve")
-    options.add_out(p, "{sae}-pruned")
+    options.add_out(p, None, beside="pruned")
     p.add_argument("--save", action="store_true", help="also save each pruned SAE folder")
     options.add_model_options(p)
     g = options.text_group(p)
@@ -41,12 +41,12 @@ def register(sub) -> None:
 def run(args) -> int:
     sae = SAE.load(args.sae).eval()
     args = options.for_sae(args, sae)
-    lm, tokens = options.lm_and_eval_contexts(args, sae)
-    sae.to(lm.device)
     out = options.output_folder(args)
     cfg = PruneConfig(target_l0=list(args.target_l0), label=Path(args.sae).name, save=args.save,
                       compare=Path(args.compare) if args.compare else None, exclude_bos=not args.include_bos,
                       outliers=OutlierRule(args.outlier_multiple))
+    lm, tokens = options.lm_and_eval_contexts(args, sae)
+    sae.to(lm.device)
     print(format_prune(run_prune(lm, sae, tokens, out, cfg)))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'l0_vs_loss_recovered.png'}")
     return 0

@@ -6,8 +6,9 @@ output hook) at every position while the model continues the prompt, greedily or
 scale, and at the prompt's last position the next tokens whose probability rises and falls
 most (p before, p after).
 
-Writes the output folder (--out; default: beside the SAE, <SAE>-steer): steer.json and
-steer.png (probability of the most promoted next tokens against the scale)."""
+Writes the output folder (--out; default: beside the SAE, <SAE>-steer, or in the run folder for an
+SAE of a run's saes/): steer.json and steer.png (probability of the most promoted next tokens
+against the scale)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--top", type=options.positive_int, default=d.top,
                    help=f"next tokens listed per direction of change (default: {d.top})")
     options.add_seed(p, d.seed)
-    options.add_out(p, "{sae}-steer")
+    options.add_out(p, None, beside="steer")
     options.add_model_options(p)
     p.set_defaults(func=run)
 
@@ -41,8 +42,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = SteerConfig(feature=args.feature, scales=list(args.scale), prompt=args.prompt,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, top=args.top)
-    sae, lm = options.sae_and_lm(args)
     out = options.output_folder(args)
+    sae, lm = options.sae_and_lm(args)
     print(format_steer(run_steer(lm, sae, cfg, out)))
     print(f"\nwrote {out}/steer.json and steer.png")
     return 0

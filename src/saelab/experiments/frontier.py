@@ -189,7 +189,7 @@ def run_frontier(lm: HookedLM, out_dir: str | Path, cfg: FrontierConfig, sae: SA
     family.check()
     hooks = (sae.cfg.hook_name, sae.cfg.hook_name_out) if sae is not None else (cfg.hook or middle_hook(lm), None)
     runs = FamilyRuns(lm, out, cfg, family, hooks)
-    tokens = heldout_contexts(lm, cfg.source, cfg.eval_contexts, min(cfg.context_length, lm.context_length))
+    tokens = heldout_contexts(lm, cfg.source, cfg.eval_contexts, cfg.context_length)
     if sae is None:
         [base_row] = runs.rows([cfg.base_coefficient], cfg.steps, "base")
         sae_path = runs.sae_path(cfg.base_coefficient, cfg.steps)

@@ -76,7 +76,7 @@ def run_neurons(lm: HookedLM, layer: int, out_dir: str | Path, options: ReportOp
     the same held-out contexts (its index written to compare_sae/), and census.json."""
     opts = options or ReportOptions()
     out = Path(out_dir)
-    contexts = heldout_contexts(lm, opts.corpus, opts.n_contexts, min(opts.context_length, lm.context_length),
+    contexts = heldout_contexts(lm, opts.corpus, opts.n_contexts, opts.context_length,
                                 progress=progress)
     report = build_report(neuron_dictionary(lm, layer, sign), lm, contexts, options=opts, progress=progress)
     report.sae = dataclasses.replace(report.sae, arch=ARCH_LABEL if sign > 0 else f"{ARCH_LABEL} (negative side)")

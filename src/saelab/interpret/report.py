@@ -195,8 +195,7 @@ def _source(lm, sae, contexts, acts, cache, opts: ReportOptions, progress) -> Co
             raise ConfigError("give contexts (optionally with their acts) or an activation cache, not both")
         return dataclasses.replace(cache_source(cache, sae, lm, opts.n_contexts), outliers=opts.outliers)
     if contexts is None:
-        contexts = heldout_contexts(lm, opts.corpus, opts.n_contexts,
-                                    min(opts.context_length, lm.context_length), progress=progress)
+        contexts = heldout_contexts(lm, opts.corpus, opts.n_contexts, opts.context_length, progress=progress)
     tokens = torch.as_tensor(contexts)
     if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.numel() == 0:
         raise DataError(f"contexts must be a non-empty (n, seq) array of token ids, got shape "

@@ -10,6 +10,8 @@ a named build's folder that is not here stands for that build, by the same reaso
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -82,10 +84,28 @@ def heldout_contexts(lm: HookedLM, source: str = "stdlib", n_contexts: int = 64,
     and reports; context_length defaults to min(128, the model's)."""
     if lm.tokenizer is None:
         raise ConfigError("the model has no tokenizer; pass token ids directly")
-    length = context_length or min(128, lm.context_length)
-    if not 2 <= length <= lm.context_length:
+    length = fit_context_length(lm, context_length)
+    if length < 2:
         raise ConfigError(f"context_length must be in 2..{lm.context_length}, got {length}")
     return token_contexts(source, lm.tokenizer, length, split=split, max_contexts=n_contexts, progress=progress)
+
+
+def fit_context_length(lm: HookedLM, length: int | None) -> int:
+    """The context length a job on `lm` uses: `length` (None: min(128, the model's)), or the
+    model's maximum where `length` is more, said on stderr (once per model and length): a
+    clamp is stated, never silent."""
+    if length is None:
+        return min(128, lm.context_length)
+    if length > lm.context_length:
+        _note(f"note: context length {length} is more than {lm.name}'s maximum, {lm.context_length}; "
+              f"using {lm.context_length}")
+        return lm.context_length
+    return length
+
+
+@functools.cache
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def check_sae_fits(lm: HookedLM, sae, hook: str | None = None) -> tuple[str, str]:

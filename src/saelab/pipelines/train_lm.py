@@ -34,7 +34,7 @@ from saelab.errors import ConfigError
 from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import heldout_contexts, load_lm
+from saelab.lm.resolve import fit_context_length, heldout_contexts, load_lm
 from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
 from saelab.tables import format_rows
 from saelab.train import GroupTrainer, TrainConfig
@@ -73,6 +73,11 @@ class LMSweepConfig:
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
+        for name in ("train_contexts", "eval_contexts", "batch_size", "steps"):  # counts: "0" is a typo, not a request
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.context_length < 2:
+            raise ConfigError(f"context_length must be at least 2 (BOS and one token), got {self.context_length}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -160,7 +165,7 @@ def _check_model(cfg: LMSweepConfig, lm: HookedLM) -> tuple[str, int]:
         lm.hook_dim(name)  # an unknown hook is a ConfigError listing the valid ones
     if lm.tokenizer is None:
         raise ConfigError("the model has no tokenizer; saelab needs one to read text")
-    return hook, min(cfg.context_length, lm.context_length)
+    return hook, fit_context_length(lm, cfg.context_length)
 
 
 def _evaluate(lm: HookedLM, mine: list[TrainedSAE], held_out, device: str, rule: OutlierRule) -> list[MetricsEntry]:

@@ -48,7 +48,7 @@ from saelab.atomic import save_tensors, write_json, write_text
 from saelab.data.cache.shuffle import as_pair
 from saelab.data.outliers import OutlierRule
 from saelab.data.provenance import Provenance
-from saelab.errors import ConfigError, CorruptFileError, DataError
+from saelab.errors import ConfigError, CorruptFileError, DataError, Interrupted
 from saelab.progress import progress_bar
 from saelab.sae.config import PROVENANCE
 from saelab.sae.model import SAE
@@ -137,6 +137,7 @@ class GroupTrainer:
         ]
         self.scale_in = self.scale_out = 1.0
         self.step = 0
+        self.checkpointed: int | None = None  # the step the run folder's checkpoint holds, once known
         self.rows_trained = self.rows_dropped = 0
 
     @property
@@ -161,6 +162,12 @@ class GroupTrainer:
         returns this process's final SAEs (see TrainResult for evaluating them)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_or_write_config()
+        try:
+            return self._fit(source)
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted_message()) from None
+
+    def _fit(self, source: Iterable) -> TrainResult:
         if not self._load_checkpoint():
             self._initialise(source)
         self._truncate_log()
@@ -170,24 +177,35 @@ class GroupTrainer:
         batches = _batches_from(source, self.step)
         bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
                            enabled=None if writes else False)
-        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
-            while self.step < cfg.total_steps:
-                try:
-                    x, y = self._prepare(*self._drop_outliers(next(batches), count=True))
-                except StopIteration:
-                    raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
-                logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
-                entries = [t.update(self.step, x, y, log=logging) for t in self.trainers]
-                self.step += 1
-                bar.update(1)
-                if logging:
-                    self._log(log, bar, entries)
-                if self.on_step is not None:
-                    self.on_step(self.step, entries)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
-                    self.save_checkpoint()
-        bar.close()
+        try:
+            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
+                while self.step < cfg.total_steps:
+                    try:
+                        x, y = self._prepare(*self._drop_outliers(next(batches), count=True))
+                    except StopIteration:
+                        raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
+                    logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
+                    entries = [t.update(self.step, x, y, log=logging) for t in self.trainers]
+                    self.step += 1
+                    bar.update(1)
+                    if logging:
+                        self._log(log, bar, entries)
+                    if self.on_step is not None:
+                        self.on_step(self.step, entries)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                        self.save_checkpoint()
+        finally:  # a Ctrl-C leaves the terminal on a fresh line
+            bar.close()
         return TrainResult(self.run_dir, self._final_saes(), self.shard, self.rows_trained, self.rows_dropped)
+
+    def _interrupted_message(self) -> str:
+        """Where a run stopped by Ctrl-C stands: the last checkpoint, and how to go on from it."""
+        stopped = f"training stopped at step {self.step} of {self.config.total_steps}"
+        if self.checkpointed is None:
+            return (f"{stopped}, before its first checkpoint (one every {self.config.checkpoint_every} steps); "
+                    "rerunning the same command starts it again")
+        return (f"{stopped}; the last checkpoint, {self.checkpoint_path}, holds step {self.checkpointed}: "
+                "rerunning the same command (same run folder and settings) resumes from it")
 
     def _log(self, log, bar, entries: list[dict | None]) -> None:
         """One log.jsonl line with every rank's entries, in spec order (a collective)."""
@@ -279,7 +297,9 @@ class GroupTrainer:
             tensors[f"{i}.rng"] = trainer.generator.get_state()
         meta = {"step": str(self.step), "scale_in": repr(self.scale_in), "scale_out": repr(self.scale_out),
                 "rows_trained": str(self.rows_trained), "rows_dropped": str(self.rows_dropped)}
-        return save_tensors(self.checkpoint_path, tensors, metadata=meta)
+        path = save_tensors(self.checkpoint_path, tensors, metadata=meta)
+        self.checkpointed = self.step
+        return path
 
     def _load_checkpoint(self) -> bool:
         path = self.checkpoint_path
@@ -293,7 +313,7 @@ class GroupTrainer:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptFileError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh") from err
-        self.step = int(meta["step"])
+        self.step = self.checkpointed = int(meta["step"])
         self.scale_in, self.scale_out = float(meta["scale_in"]), float(meta["scale_out"])
         self.rows_trained, self.rows_dropped = int(meta.get("rows_trained", 0)), int(meta.get("rows_dropped", 0))
         for i, trainer in enumerate(self.trainers):
