@@ -82,6 +82,8 @@ BAD = [
     (["quickstart", "--config", "{zero_steps}"], "steps must be a positive integer, got 0"),
     (["train", "--config", "{length1}"], "context_length must be at least 2"),
     (["quickstart", "--steps", "0"], "must be a positive integer, got 0"),
+    (["train", "--expansion", "0"], "argument --expansion: must be a positive number, got 0"),
+    (["sparse-mlp", "--expansion", "-4"], "argument --expansion: must be a positive number, got -4"),
     (["toy", "--d", "0"], "argument --d: must be a positive integer"),
     (["count", "--toy", "0"], "argument --toy: must be a positive integer"),
     (["count", "--eval-contexts", "0"], "must be a positive integer"),
@@ -104,10 +106,10 @@ BAD = [
     (["prune", "{sae}", "--target-l0", "0"], "give one or more positive target L0 values"),
     (["perturb", "{sae}", "--cos", "1.5"], "cosine targets must lie in [-1, 1]"),
     (["perturb"], "nothing to perturb"),
-    (["steer", "{sae}", "--feature", "16", "--scale", "1", "--prompt", "hi"], "--feature 16: out of range; "
-                                                                                "this SAE has features 0..15"),
-    (["logit-lens", "{sae}", "--feature", "3", "-1"], "--feature -1: out of range"),
-    (["tokens", "{sae}", "--feature", "99"], "--feature 99: out of range"),
+    (["steer", "{sae}", "--feature", "16", "--scale", "1", "--prompt", "hi"],
+     "feature 16 is out of range: this SAE has features 0..15"),
+    (["logit-lens", "{sae}", "--feature", "3", "-1", "16"], "features -1, 16 are out of range"),
+    (["tokens", "{sae}", "--feature", "99"], "feature 99 is out of range"),
     (["frontier", "{sae}", "--base-coefficient", "3"], "--base-coefficient: these set the base trained here"),
     (["toy", "--curve-every", "-1"], "--curve-every must be >= 0"),
     (["toy", "--mean-active", "-1", "--out", "{folder}/toy"], "mean_active must be in"),
@@ -235,6 +237,19 @@ def test_check_out():
                                  (tmp, True, "is a folder")]:
             with pytest.raises(options.ConfigError, match=said):
                 options.check_out(path, file=file)
+
+
+def test_a_message_of_several_lines_is_printed_on_one(places, capsys, monkeypatch):
+    """Messages quoting another library's (the hub's, a tokenizer's) may hold line breaks."""
+    from saelab.commands import compare
+    from saelab.errors import MissingFileError
+
+    def fail(*args, **kwargs):
+        raise MissingFileError("'x' could not be loaded:\nWe couldn't connect.\n  Check your connection.")
+
+    monkeypatch.setattr(compare, "run_compare", fail)
+    code, err = _run(["compare", str(places["sae"])], capsys)
+    assert (code, err) == (2, "error: 'x' could not be loaded: We couldn't connect. Check your connection.\n")
 
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ BAD = [
     (["train", "--b-dec-init", "median"], "argument --b-dec-init: invalid choice: 'median'"),
     (["train", "--decoder-norm", "l2"], "invalid choice: 'l2'"),
     (["train", "--k", "0"], "must be a positive integer"),
-    (["train", "--expansion", "x"], "invalid float value: 'x'"),
+    (["train", "--expansion", "x"], "argument --expansion: must be a positive number, got 'x'"),
     (["train", "--arch", "topk", "--k"], "argument --k: expected at least one argument"),
     (["train", "--config", "no/such.json"], "--config no/such.json: no such file"),
     (["train", "--dtype", "float8"], "invalid choice: 'float8'"),

@@ -126,7 +126,7 @@ def test_commands_run(tiny_lm_path, corpus, tmp_path, capsys):
     assert entry["layer"] == 0 and entry["d_sae"] == 64
     sae_dir = tmp_path / "sm" / entry["sae_path"]
     args = _parse(perturb_cmd, ["perturb", str(sae_dir) + "/", "--cos", "0.5", "0.9", *common])
-    assert args.func(args) == 0  # no --out: the default is a folder beside the SAE's
-    result = json.loads((sae_dir.parent / f"{sae_dir.name}-perturb" / "perturb.json").read_text())
+    assert args.func(args) == 0  # no --out: beside the SAE, in its run folder (never in saes/)
+    result = json.loads((sae_dir.parent.parent / f"{sae_dir.name}-perturb" / "perturb.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["sae", "random_matched", "random", "random"]
     assert "random_matched" in capsys.readouterr().out

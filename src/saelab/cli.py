@@ -43,14 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SaelabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"error: {os_error(err)}", file=sys.stderr)
+        print(f"error: {one_line(os_error(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"interrupted: {str(err) or 'stopped by Ctrl-C'}", file=sys.stderr)
+        print(f"interrupted: {one_line(str(err)) or 'stopped by Ctrl-C'}", file=sys.stderr)
         return INTERRUPTED
+
+
+def one_line(text: str) -> str:
+    """`text` on one line (a message quoting another library's may hold several)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def os_error(err: OSError) -> str:

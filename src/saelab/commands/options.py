@@ -76,6 +76,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A size such as a width multiple (argparse `type=`): 0 or less is refused here."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def shown(value) -> str:
     """A default as --help shows it: lists space-separated, as they are typed."""
     if isinstance(value, (list, tuple)):
@@ -261,7 +272,8 @@ def check_features(sae, features: int | list[int] | None) -> None:
     wanted = [] if features is None else [features] if isinstance(features, int) else list(features)
     bad = [f for f in wanted if not 0 <= f < sae.cfg.d_sae]
     if bad:
-        raise ConfigError(f"--feature {' '.join(map(str, bad))}: out of range; this SAE has features 0..{sae.cfg.d_sae - 1}")
+        which = f"feature {bad[0]} is" if len(bad) == 1 else f"features {', '.join(map(str, bad))} are"
+        raise ConfigError(f"{which} out of range: this SAE has features 0..{sae.cfg.d_sae - 1}")
 
 
 # ---- toy data (saelab toy, saelab count --toy) ------------------------------------------------
@@ -391,7 +403,7 @@ def add_ks(g, default, said: str | None = None) -> None:
 
 def add_widths(g, expansion, d_sae, many: bool = True) -> None:
     nargs = "+" if many else None
-    g.add_argument("--expansion", type=float, nargs=nargs, default=expansion,
+    g.add_argument("--expansion", type=positive_float, nargs=nargs, default=expansion,
                    help=f"width{'s' if many else ''} as multiples of the input width d_in (default: {shown(expansion)})")
     g.add_argument("--d-sae", type=positive_int, nargs=nargs, default=d_sae,
                    help=f"width{'s' if many else ''} in features, instead of"
