@@ -226,6 +226,18 @@ def test_missing_parents_of_out_are_created(tmp_path, places, capsys):
     assert cli.main(["compare", str(places["sae"]), "--out", str(out)]) == 0 and out.is_file()
 
 
+def test_a_batch_of_one_row_trains(tmp_path):
+    """FVU of a constant batch is undefined (NaN in the log), not a ZeroDivisionError."""
+    from saelab.train import GroupTrainer, TrainConfig
+    from saelab.train.spec import TrainSpec
+
+    trainer = GroupTrainer([TrainSpec(arch="topk", k=2, d_sae=16)], 8, tmp_path / "run",
+                           TrainConfig(total_steps=3, log_every=1))
+    trainer.fit([torch.randn(1, 8) for _ in range(3)])
+    fvu = [json.loads(line)["saes"]["topk_16_k2"]["fvu"] for line in (tmp_path / "run" / "log.jsonl").open()]
+    assert len(fvu) == 3 and all(f != f for f in fvu)
+
+
 def test_check_out():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -292,6 +304,24 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(Interrupted, match="training stopped at step 7 of 600, before its first checkpoint "
                                           r"\(one every 500 steps\); rerunning the same command starts it again"):
         run_toy_sweep(ToySweepConfig(steps=600, arch=["topk"], k=[2]), tmp_path / "run")
+
+
+def test_ctrl_c_while_caching_activations_says_what_is_kept(tiny_model, tmp_path):
+    """An interrupted cache keeps its whole shards; the message says so (and rerunning resumes:
+    tests/test_cache.py)."""
+    from saelab.data.cache import cache_activations
+    from saelab.lm.hooked import HookedLM
+
+    def rows():
+        for i in range(20):
+            if i == 13:
+                raise KeyboardInterrupt
+            yield torch.arange(16) % 60 + 2
+
+    with pytest.raises(Interrupted, match=f"caching activations into {tmp_path / 'c'} stopped with 12 contexts "
+                                          r"cached \(in whole shards, kept\): rerunning the same command resumes"):
+        cache_activations(HookedLM.load(tiny_model), rows(), "blocks.0.hook_resid_post", tmp_path / "c",
+                          shard_contexts=4, progress=False)
 
 
 def test_ctrl_c_elsewhere_is_one_line(tmp_path, capsys, monkeypatch, places):

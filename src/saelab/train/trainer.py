@@ -7,6 +7,8 @@ for an exact resume is in `state_tensors()`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,13 +62,14 @@ class SAETrainer:
             resampled = self.resample(x, y)
         if not log:
             return None
+        variance = metrics.total_variance(y)
         return {
             "loss": out.loss.item(),
             "mse": out.mse.item(),
             "sparsity": out.sparsity.item(),
             "aux": out.aux.item(),
             "l0": out.l0.item(),
-            "fvu": out.mse.item() / metrics.total_variance(y),
+            "fvu": out.mse.item() / variance if variance > 0 else math.nan,  # undefined on a constant batch
             "dead": int(self.dead_mask().sum()),
             "lr": lr,
             "coefficient": coefficient,

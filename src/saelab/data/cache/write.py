@@ -22,7 +22,7 @@ import torch
 
 import saelab.data.cache.format as fmt
 from saelab.atomic import write_json
-from saelab.errors import ConfigError, DataError
+from saelab.errors import ConfigError, DataError, Interrupted
 from saelab.progress import progress_bar
 
 SHARD_BYTES = 32 * 2**20  # default shard size, all hooks together (two shards are in memory)
@@ -222,7 +222,11 @@ def cache_activations(lm, contexts, hooks: str | Sequence[str], out_dir: str | P
     manifest = _start_or_resume(root, header, auto_shards=shard_contexts is None)
     _skip_done(stream, manifest, root)
     if not manifest["complete"]:
-        _write_remaining(lm, stream, manifest, root, batch_size, progress)
+        try:
+            _write_remaining(lm, stream, manifest, root, batch_size, progress)
+        except KeyboardInterrupt:  # the shard being written is finished first (the writer is waited for)
+            raise Interrupted(f"caching activations into {root} stopped with {manifest['contexts_done']} contexts "
+                              "cached (in whole shards, kept): rerunning the same command resumes from there") from None
     elif stream.take(1) is not None:
         raise DataError(f"the cache at {root} is complete with {manifest['contexts_done']} "
                         "contexts, and more were given; use a new folder")
