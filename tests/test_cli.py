@@ -96,7 +96,8 @@ def test_architectures_come_from_the_registry(monkeypatch):
 def test_every_trainspec_field_is_an_option():
     parser = _subparsers()["train"]
     dests = {a.dest for a in parser._actions}
-    assert {f.name for f in dataclasses.fields(TrainSpec)} - {"name"} <= dests
+    # init is --init (dest inits): one value sets every SAE's init, several train each SAE per init
+    assert ({f.name for f in dataclasses.fields(TrainSpec)} - {"name", "init"}) | {"inits"} <= dests
 
 
 def test_config_file_precedence(tmp_path):

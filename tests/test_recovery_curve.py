@@ -3,6 +3,7 @@ and ends at the final ones; data-sample init starts higher than tied init on toy
 
 import json
 
+import pytest
 import torch
 
 from saelab.cli import main
@@ -24,6 +25,8 @@ def test_default_toy_specs_are_unchanged_by_the_init_option():
     assert [s.init for s in specs] == ["tied"] * 4 and all(s.name is None for s in specs)
     both = _sweep(init=["data", "tied"]).specs()
     assert [(s.init, s.name) for s in both] == [("data", "relu_32_c0.3_data"), ("tied", "relu_32_c0.3_tied")]
+    one = _sweep(init=["data"]).specs()  # one init: a setting of every SAE, labels unchanged
+    assert [(s.init, s.name) for s in one] == [("data", None)]
 
 
 def test_the_curve_starts_at_the_initial_saes_and_ends_at_the_final_ones(tmp_path):
@@ -59,7 +62,7 @@ def test_a_resumed_run_keeps_the_points_up_to_its_checkpoint_and_measures_on(tmp
     trainer.on_step(79, [None])
     trainer.on_step(80, [None])
     assert [p["step"] for p in curve.points] == [0, 40, 80]
-    assert curve.points[-1]["saes"] == {"relu_32_c0.3_data": {"mmcs": 0.5, "recovered": 0.25}}
+    assert curve.points[-1]["saes"] == {"relu_32_c0.3": {"mmcs": 0.5, "recovered": 0.25}}
     assert json.loads(path.read_text())["points"] == curve.points
 
 
@@ -73,3 +76,48 @@ def test_toy_command_with_init_prints_the_curve_summary(tmp_path, capsys):
     assert "relu_32_c0.3_data" in printed and "during training" in printed and "step 60" in printed
     assert (out / CURVE_FILE).exists() and (out / "recovery_curve.png").exists()
     assert "step 0" in format_curve_summary(json.loads((out / CURVE_FILE).read_text()))
+
+
+# ---- the same on LM activations, against a reference SAE's decoder (saelab train --reference) ----
+def _lm_sweep(tiny_lm_path, **kw):
+    from saelab.pipelines.train_lm import LMSweepConfig
+    from saelab.train.sweep import SweepGrid, sweep_specs
+
+    specs = sweep_specs(SweepGrid(arch=["topk"], expansion=[2], k=[4]), steps=20, lr=3e-3)
+    return LMSweepConfig(specs=specs, model=str(tiny_lm_path), context_length=16, train_contexts=64,
+                         eval_contexts=4, batch_size=128, steps=20, **kw)
+
+
+def test_lm_run_records_mmcs_against_a_reference_sae_for_each_init(tiny_lm, tiny_lm_path, tmp_path):
+    from saelab.pipelines.train_lm import run_lm_sweep
+
+    hook = "blocks.0.hook_resid_post"
+    torch.manual_seed(7)  # not the run's seed: its tied init would start on the reference
+    ref = SAE(tiny_lm.hook_dim(hook), 48, hook_name=hook)
+    ref.save(tmp_path / "ref")
+    cfg = _lm_sweep(tiny_lm_path, inits=["tied", "data"], reference=str(tmp_path / "ref"), curve_every=10)
+    rows = run_lm_sweep(cfg, tmp_path / "run", lm=tiny_lm)
+    assert [r.name for r in rows] == ["topk_64_k4_tied", "topk_64_k4_data"]
+    curve = json.loads((tmp_path / "run" / CURVE_FILE).read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 10, 20]
+    assert curve["inits"] == {"topk_64_k4_tied": "tied", "topk_64_k4_data": "data"}
+    for row in rows:  # the last point is the saved SAE measured against the reference (scaling folded: approx)
+        final = ground_truth_recovery(SAE.load(tmp_path / "run" / "saes" / row.name), SAE.load(tmp_path / "ref").W_dec)
+        assert curve["points"][-1]["saes"][row.name]["mmcs"] == pytest.approx(final.mmcs, abs=1e-5)
+    assert (tmp_path / "run" / "recovery_curve.png").stat().st_size > 0
+
+
+def test_a_reference_sae_of_another_hook_or_a_curve_without_one_is_refused(tiny_lm, tiny_lm_path, tmp_path):
+    from saelab.errors import ConfigError
+    from saelab.pipelines.train_lm import run_lm_sweep
+
+    other = "blocks.1.hook_resid_post"
+    SAE(tiny_lm.hook_dim(other), 48, hook_name=other).save(tmp_path / "ref")
+    with pytest.raises(ConfigError, match="reads blocks.1.hook_resid_post, but this run trains on blocks.0"):
+        run_lm_sweep(_lm_sweep(tiny_lm_path, hook="blocks.0.hook_resid_post", reference=str(tmp_path / "ref"),
+                               curve_every=5), tmp_path / "run", lm=tiny_lm)
+    assert not (tmp_path / "run" / "cache").exists()  # refused before any work
+    with pytest.raises(ConfigError, match="needs a reference SAE"):
+        _lm_sweep(tiny_lm_path, curve_every=5)
+    with pytest.raises(ConfigError, match="inits must be among"):
+        _lm_sweep(tiny_lm_path, inits=["random"])

@@ -87,6 +87,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def shown(value) -> str:
     """A default as --help shows it: lists space-separated, as they are typed."""
     if isinstance(value, (list, tuple)):
@@ -420,6 +430,11 @@ def add_batch_tokens(g, default: int | None, said: str | None = None) -> None:
                    help=f"activation vectors (tokens) per training step of every SAE (default: {said or default})")
 
 
+def spec_option_names() -> list[str]:
+    """The TrainSpec fields that are per-SAE options: all but the grid's axes and `name`."""
+    return [f.name for f in dataclasses.fields(TrainSpec) if f.name not in SPEC_AXES and f.name != "name"]
+
+
 def add_spec_options(g, names=None, defaults: dict | None = None) -> None:
     """One option per TrainSpec field in `names` (default: every field but the grid's axes and
     `name`), typed from its annotation, with help from `field.metadata["help"]`. An option's
@@ -427,7 +442,7 @@ def add_spec_options(g, names=None, defaults: dict | None = None) -> None:
     and the help shows the sweep's or TrainSpec's default."""
     hints = typing.get_type_hints(TrainSpec)
     fields = {f.name: f for f in dataclasses.fields(TrainSpec)}
-    names = names or [n for n in fields if n not in SPEC_AXES and n != "name"]
+    names = names or spec_option_names()
     defaults = defaults or {}
     for name in names:
         f = fields[name]

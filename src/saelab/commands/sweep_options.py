@@ -20,7 +20,7 @@ from saelab.commands import options
 from saelab.errors import ConfigError, MissingFileError
 from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep, table_columns
 from saelab.tables import format_rows
-from saelab.train.spec import TrainSpec
+from saelab.train.spec import INITS, TrainSpec
 from saelab.train.sweep import SweepGrid, applies, check_applies, sweep_specs
 
 # option dest -> LMSweepConfig field, where the shared option's name says more than the field's
@@ -72,7 +72,9 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, 
                    help="train on raw activations (default: scaled to mean norm sqrt(d_in), folded back on save)")
     options.add_seed(g, d["seed"])
     options.add_spec_options(p.add_argument_group(
-        "per-SAE settings (TrainSpec fields; each applies to every SAE of the sweep it means something for)"))
+        "per-SAE settings (TrainSpec fields; each applies to every SAE of the sweep it means something for)"),
+        [name for name in options.spec_option_names() if name != "init"])
+    _add_init_options(p.add_argument_group("initialisation and recovery during training (seed 001)"), d)
     g = p.add_argument_group("run")
     options.add_out(g, out)
     g.add_argument("--config", type=Path, metavar="FILE", help="JSON file of the run's settings (see below)")
@@ -81,11 +83,29 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, 
     p.set_defaults(sweep_grid=grid)
 
 
+def _add_init_options(g, d: dict) -> None:
+    g.add_argument("--init", dest="inits", nargs="+", choices=INITS, default=d["inits"],
+                   help="decoder inits: 'tied' (random rows, W_enc = W_dec^T), 'data' (rows are samples of the "
+                        "first batch); more than 'tied' trains every SAE once per init, labelled <label>_<init> "
+                        f"(default: {' '.join(d['inits'])})")
+    g.add_argument("--reference", metavar="SAE", default=d["reference"],
+                   help="an SAE folder at the same hook (e.g. a long run's): each SAE's MMCS against its decoder "
+                        "is recorded during training, recovery_curve.json and .png; train it with another --seed, or its "
+                        "tied init is this run's (default: none)")
+    g.add_argument("--curve-every", type=options.non_negative_int, default=None, metavar="N",
+                   help="steps between those MMCS measurements, from the initial SAEs (default: steps // 20 "
+                        "with --reference, else off)")
+
+
 def config_from_args(args: argparse.Namespace) -> LMSweepConfig:
     """The run's LMSweepConfig: defaults < --config file < options typed."""
     typed = options.given(args)
+    if len(typed.get("inits", [])) == 1:  # one init is a per-SAE setting; several train each SAE per init
+        typed["init"] = typed.pop("inits")[0]
     file = read_config_file(typed["config"]) if "config" in typed else {}
     pipeline = _pipeline_settings(args.option_defaults, file, typed)
+    if pipeline.get("curve_every") is None:
+        pipeline["curve_every"] = max(1, pipeline["steps"] // 20) if pipeline.get("reference") else 0
     return LMSweepConfig(specs=_specs(args.sweep_grid, file.get("specs"), typed, pipeline["steps"]), **pipeline)
 
 
@@ -188,4 +208,5 @@ def run_sweep(args: argparse.Namespace):
 
 
 def _pipeline_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(LMSweepConfig) if f.default is not dataclasses.MISSING}
+    fields = [f for f in dataclasses.fields(LMSweepConfig) if f.name != "specs"]
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in fields}

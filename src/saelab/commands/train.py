@@ -6,13 +6,17 @@ L0, dead, dense, % CE loss recovered, KL).
 
 Writes the run folder (--out; an interrupted run resumes from its checkpoint): saes/<label>/
 (each SAE, SAELens-compatible), metrics.json, config.json (every setting), log.jsonl, table.txt,
-l0_vs_loss_recovered.png, feature_density.png and the activation cache (cache/)."""
+l0_vs_loss_recovered.png, feature_density.png and the activation cache (cache/); with
+--reference, recovery_curve.json and .png (seed 001: with --init tied data, which init finds
+the reference's features sooner)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from saelab.commands.sweep_options import PRECEDENCE, add_sweep_options, run_sweep
+from saelab.pipelines.recovery_curve import CURVE_FILE, format_curve_summary
 from saelab.train.sweep import SweepGrid
 
 
@@ -28,5 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if ran is None:
         return 0
     out = ran[1]
+    if (out / CURVE_FILE).exists():
+        print(f"\n{format_curve_summary(json.loads((out / CURVE_FILE).read_text()))}")
     print(f"\nrun folder: {out} (metrics.json, log.jsonl, saes/, l0_vs_loss_recovered.png)")
     return 0

@@ -17,7 +17,6 @@ width sweep, as `saelab count` trains.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from saelab.tables import Column, format_rows
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.shard import TrainedSAE
 from saelab.train.spec import TrainSpec
-from saelab.train.sweep import SweepGrid, sweep_specs
+from saelab.train.sweep import SweepGrid, per_init, sweep_specs
 
 
 # on toy data dead latents are the main thing between an aux-k SAE and full recovery: they
@@ -65,11 +64,7 @@ class ToySweepConfig:
         widths = [self.width] if isinstance(self.width, int) else list(self.width)
         grid = SweepGrid(arch=list(self.arch), expansion=[], d_sae=widths,
                          coefficient=list(self.coefficient), k=list(self.k))
-        if list(self.init) == ["tied"]:
-            return sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr)
-        return [dataclasses.replace(spec, name=f"{spec.label(self.data.d)}_{init}")
-                for init in dict.fromkeys(self.init)
-                for spec in sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr, init=init)]
+        return per_init(sweep_specs(grid, self.steps, defaults=TOY_DEFAULTS, lr=self.lr), self.init, self.data.d)
 
 
 @dataclass
@@ -114,8 +109,9 @@ def run_toy_sweep(cfg: ToySweepConfig, run_dir: str | Path) -> list[MetricsEntry
 @torch.no_grad()
 def ground_truth_recovery(sae: SAE, true_features: torch.Tensor, threshold: float = 0.9) -> Recovery:
     """MMCS of the decoder against the true features, and the share recovered above `threshold`."""
-    best = max_cosine(sae.W_dec.detach().float(), true_features.float())
-    return Recovery(float(mmcs(sae.W_dec.detach().float(), true_features.float())),
+    learned, true_features = sae.W_dec.detach().float(), true_features.to(sae.W_dec.device).float()
+    best = max_cosine(learned, true_features)
+    return Recovery(float(mmcs(learned, true_features)),
                     float((best > threshold).float().mean()))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.atomic import write_text
@@ -34,15 +34,22 @@ from saelab.errors import ConfigError
 from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
-from saelab.lm.resolve import fit_context_length, heldout_contexts, load_lm
+from saelab.lm.resolve import check_sae_fits, fit_context_length, heldout_contexts, load_lm
+from saelab.pipelines.recovery_curve import CURVE_FILE, RecoveryCurve, plot_recovery_curves
+from saelab.pipelines.toy import ground_truth_recovery
 from saelab.plots import density_histograms_figure, plot_l0_vs_loss_recovered, save_figure
+from saelab.sae import SAE
 from saelab.tables import format_rows
 from saelab.train import GroupTrainer, TrainConfig
 from saelab.train.shard import TrainedSAE, once
-from saelab.train.spec import TrainSpec
+from saelab.train.spec import INITS, TrainSpec
+from saelab.train.sweep import per_init
 
 # CE increase (nats) and KL beside loss recovered: on a real model zero ablation is far worse
 # than unigram, so a high loss recovered alone flatters an SAE
+# fields added after runs were first written, with their defaults: config.json leaves them out at those
+LATER_FIELDS = {"cache_dir": None, "inits": ["tied"], "reference": None, "curve_every": 0}
+
 TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
 
 
@@ -70,6 +77,11 @@ class LMSweepConfig:
     outlier_multiple: float | None = DEFAULT_MULTIPLE  # rows above this x the median norm are outliers (None: off)
     cache_dir: str | None = None  # the activation cache's folder (default: <run>/cache); runs of one
     # experiment that train on the same text at the same hook share one (saelab frontier)
+    inits: list[str] = field(default_factory=lambda: ["tied"])  # decoder inits: more than "tied" trains
+    # every spec once per init (saelab.train.sweep.per_init)
+    reference: str | None = None  # an SAE folder at the same hook: its decoder is the reference
+    # dictionary each SAE's MMCS is measured against during training (seed 001's init curves)
+    curve_every: int = 0  # steps between those measurements (0: off; needs `reference`)
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
@@ -78,6 +90,13 @@ class LMSweepConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.context_length < 2:
             raise ConfigError(f"context_length must be at least 2 (BOS and one token), got {self.context_length}")
+        bad = [init for init in self.inits if init not in INITS]
+        if not self.inits or bad:
+            raise ConfigError(f"inits must be among {list(INITS)}, got {list(self.inits)}")
+        if self.curve_every < 0:
+            raise ConfigError(f"curve_every must be >= 0 (0: no curve), got {self.curve_every}")
+        if self.curve_every and not self.reference:
+            raise ConfigError("a recovery curve (curve_every > 0) needs a reference SAE to measure against")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -86,9 +105,10 @@ class LMSweepConfig:
 
     def settings(self) -> dict:
         """What config.json records under "pipeline": every field but the specs (config.json
-        holds those already), and cache_dir only when set (so run folders written before it
-        existed still resume). Checked on resume like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs" and not (k == "cache_dir" and v is None)}
+        holds those already), and the later fields (LATER_FIELDS) only when not at their
+        default, so run folders written before they existed still resume. Checked on resume
+        like the rest of the run's config."""
+        return {k: v for k, v in self.to_dict().items() if k != "specs" and LATER_FIELDS.get(k, v) != v}
 
 
 @dataclass
@@ -125,11 +145,12 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     device = rank_device(cfg.device)
     lm = lm or load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
     hook, length = _check_model(cfg, lm)
+    reference = _reference_decoder(cfg, lm, hook)
     timings, start = {}, time.perf_counter()
     batches = _training_batches(cfg, lm, hook, length, run_dir)
     timings["data_s" if cfg.live else "cache_s"] = time.perf_counter() - start
     trainer = GroupTrainer(
-        cfg.specs,
+        per_init(cfg.specs, cfg.inits, lm.hook_dim(hook)),
         lm.hook_dim(hook),
         run_dir,
         TrainConfig(total_steps=cfg.steps, checkpoint_every=max(1, cfg.steps // 5), log_every=10,
@@ -142,9 +163,16 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         pipeline=cfg.settings(),
         provenance=Provenance(source=cfg.source, context_length=length, prepend_bos=True, exclude_bos=True),
     )
+    curve = None
+    if reference is not None and cfg.curve_every:
+        curve = RecoveryCurve(trainer, lambda sae: ground_truth_recovery(sae, reference), cfg.curve_every,
+                              run_dir / CURVE_FILE, reference=f"reference SAE's decoder ({cfg.reference})").attach()
     start = time.perf_counter()
     result = trainer.fit(batches)
     timings["train_s"] = time.perf_counter() - start
+    if curve is not None and result.writes:
+        plot_recovery_curves(curve.to_dict(), run_dir / "recovery_curve.png",
+                             title=f"{Path(lm.name).name} {hook}: MMCS against the reference SAE during training")
     start = time.perf_counter()
     held_out = heldout_contexts(lm, cfg.source, n_contexts=cfg.eval_contexts, context_length=length)
     rule = OutlierRule(cfg.outlier_multiple)
@@ -166,6 +194,19 @@ def _check_model(cfg: LMSweepConfig, lm: HookedLM) -> tuple[str, int]:
     if lm.tokenizer is None:
         raise ConfigError("the model has no tokenizer; saelab needs one to read text")
     return hook, fit_context_length(lm, cfg.context_length)
+
+
+def _reference_decoder(cfg: LMSweepConfig, lm: HookedLM, hook: str):
+    """The reference SAE's decoder rows (d_sae, d_in), after checking it reads this run's hook
+    of this model; None without a reference."""
+    if not cfg.reference:
+        return None
+    ref = SAE.load(cfg.reference)
+    hook_in, _ = check_sae_fits(lm, ref)
+    if hook_in != hook:
+        raise ConfigError(f"the reference SAE {cfg.reference} reads {hook_in}, but this run trains on {hook}; "
+                          f"give a reference SAE of {hook} (or --hook {hook_in})")
+    return ref.W_dec.detach().float().cpu()
 
 
 def _evaluate(lm: HookedLM, mine: list[TrainedSAE], held_out, device: str, rule: OutlierRule) -> list[MetricsEntry]:

@@ -12,6 +12,7 @@ explicitly wins over them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -95,3 +96,15 @@ def sweep_specs(grid: SweepGrid, steps: int, defaults: dict | None = None, **fie
             specs += [TrainSpec(arch=arch, **width, **knob, **settings) for knob in knobs]
     return specs
 
+
+
+def per_init(specs: list[TrainSpec], inits: list[str], d_in: int) -> list[TrainSpec]:
+    """Seed 001's data-sample init beside tied init: with several decoder inits, every spec
+    once per init, labelled `<label>_<init>` (init-major order); with one, every spec takes it
+    (labels unchanged) unless it is the default ("tied"): then each spec keeps its own."""
+    inits = list(dict.fromkeys(inits))
+    if inits == ["tied"]:
+        return list(specs)
+    if len(inits) == 1:
+        return [dataclasses.replace(spec, init=inits[0]) for spec in specs]
+    return [dataclasses.replace(spec, init=init, name=f"{spec.label(d_in)}_{init}") for init in inits for spec in specs]
