@@ -238,6 +238,15 @@ def test_a_batch_of_one_row_trains(tmp_path):
     assert len(fvu) == 3 and all(f != f for f in fvu)
 
 
+def test_number_types():
+    assert (options.positive_int("3"), options.positive_float("0.5"), options.non_negative_int("0")) == (3, 0.5, 0)
+    for parse, bad in [(options.positive_int, ["0", "-2", "1.5", "x", ""]), (options.positive_float, ["0", "-1", "nan", "w"]),
+                       (options.non_negative_int, ["-1", "2.0"])]:
+        for text in bad:
+            with pytest.raises(options.argparse.ArgumentTypeError, match="^must be .*, got "):
+                parse(text)
+
+
 def test_check_out():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. What a user can get wrong ends in one line on stderr and exit code 2:
     saelab's own errors, and the operating system refusing a file (a folder that is a file,
     a read-only disk, a full one); Ctrl-C ends in one line (saying what was kept) and 130."""
-    args = build_parser().parse_args(argv)
-    _join_process_group()
     try:
+        args = build_parser().parse_args(argv)
+        _join_process_group()
         return int(args.func(args) or 0)
     except SaelabError as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)

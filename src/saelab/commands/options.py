@@ -65,36 +65,26 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def positive_int(text: str) -> int:
-    """A count (argparse `type=`): 0 is refused here, not later as an empty corpus or run."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _number(convert, valid, words: str, name: str):
+    """An argparse `type=` for numbers: `convert`ed, and refused (one line, saying `words`)
+    unless `valid` holds, so a 0 where a count is meant fails here, not later as an empty
+    corpus or run."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """A size such as a width multiple (argparse `type=`): 0 or less is refused here."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer", "positive_int")  # counts
+positive_float = _number(float, lambda v: v > 0, "a positive number", "positive_float")  # sizes (width multiples)
+non_negative_int = _number(int, lambda v: v >= 0, "0 or a positive integer", "non_negative_int")
 
 
 def shown(value) -> str:
