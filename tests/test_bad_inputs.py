@@ -59,6 +59,8 @@ BAD = [
     (["perturb", "{sae}", "--out", "{file}"], "is a file; give a folder"),
     (["steer", "{sae}", "--feature", "1", "--scale", "1", "--prompt", "hi", "--out", "{file}"], "is a file"),
     (["compare", "{sae}", "--out", "{folder}"], "{folder} is a folder; give a file name"),
+    (["train", "--out", ""], "argument --out: is empty; give a folder name"),
+    (["compare", "{sae}", "--out", " "], "argument --out: is empty; give a file name"),
     (["compare", "{sae}", "--out", "{file}/compare.json"], "is a file, so nothing can be created under it"),
     # --device: not on this machine, or not a device
     (["train", "--device", NO_CUDA], f"device '{NO_CUDA}'"),

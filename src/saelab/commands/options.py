@@ -234,6 +234,8 @@ def check_out(path: Path, what: str = "--out", file: bool = False) -> Path:
 
 
 def _checked_out(text: str, file: bool) -> Path:
+    if not text.strip():  # Path("") is ".": an empty value is a slip, not the current folder
+        raise argparse.ArgumentTypeError(f"is empty; give a {'file' if file else 'folder'} name")
     try:
         return check_out(Path(text), what="", file=file)
     except ConfigError as err:
