@@ -1,38 +1,133 @@
 """Atomic file writes: write a temporary file beside the target, fsync, then rename over it.
 
-A crash or `kill -9` mid-write leaves either the old file or the new one, never half of one."""
+A crash or `kill -9` mid-write leaves either the old file or the new one, never half of one.
+
+The temporary file is `.<name>.<random>.saelab-tmp` beside the target, and its writer holds an
+exclusive flock on it until it is renamed into place. safetensors (0.8) makes its own temporary
+file and renames it over the path it is given, so `save_tensors` writes inside a
+`.<name>.<random>.saelab-tmp` folder instead, locked the same way. So a killed write leaves one
+`.saelab-tmp` entry that nobody holds the lock of; the first write of a process into a folder
+removes those (`sweep_stale_temps`): only when unlocked (the kernel drops a dead process's
+flock) and unchanged for `STALE_AFTER_S` seconds (a concurrent writer between creating its
+temporary and locking it, or whose file a library recreated, is not taken for a dead one).
+Every file written gets the permissions `open()` would give it under the umask, whatever the
+writer created (mkstemp and safetensors make 0600)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+TEMP_SUFFIX = ".saelab-tmp"
+STALE_AFTER_S = 60.0
+_swept: set[str] = set()  # folders this process has already swept
+
 
 @contextmanager
 def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces `path`.
+    """Yield a temporary path in the target's folder; on success it replaces `path`, with the
+    permissions open() gives under the umask.
 
     `fsync=False` keeps the all-or-nothing rename but skips the flush to disk (~5 ms a file):
     for many small files that can be rebuilt (dashboard pages), where durability after a power
     cut is not worth minutes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+    path = _prepare(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        _lock(fd, blocking=True)
         yield Path(tmp)
-        if fsync:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _finish(Path(tmp), path, fsync)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(fd)  # after the rename or unlink: the lock covers the whole life of the name
+
+
+@contextmanager
+def _atomic_in_folder(path: str | Path) -> Iterator[Path]:
+    """Like `atomic_path`, for writers that make their own temporary file beside the path they
+    are given: the yielded path sits in a locked `.<name>.<random>.saelab-tmp` folder."""
+    path = _prepare(path)
+    folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        _lock(fd, blocking=True)
+        yield Path(folder) / path.name
+        _finish(Path(folder) / path.name, path, fsync=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+def _prepare(path: str | Path) -> Path:
+    """The target as a Path, its folder made, and swept once per process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(path.parent.resolve()) not in _swept:
+        sweep_stale_temps(path.parent)
+    return path
+
+
+def _finish(tmp: Path, path: Path, fsync: bool) -> None:
+    os.chmod(tmp, 0o666 & ~_umask())  # after the writer: a file it recreated would be 0600
+    if fsync:
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def sweep_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the `.saelab-tmp` files and folders in `folder` that killed writes left: unlocked
+    and unchanged for `STALE_AFTER_S` seconds. Returns what it removed. Without flock
+    (Windows) nothing is removed: a live write could not be told from a dead one."""
+    folder = Path(folder)
+    _swept.add(str(folder.resolve()))
+    removed = []
+    for entry in folder.glob(f".*{TEMP_SUFFIX}"):
+        if _is_stale(entry):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _is_stale(entry: Path) -> bool:
+    try:
+        if entry.is_symlink():
+            return False
+        fd = os.open(entry, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if not _lock(fd, blocking=False):
+            return False  # a live write holds it
+        st = os.fstat(fd)
+        return time.time() - st.st_mtime >= STALE_AFTER_S and os.stat(entry).st_ino == st.st_ino
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the lock taken to test it
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive flock on fd; False when another holds one, or (non-blocking) without flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return blocking  # no flock: writers go ahead, sweeps find nothing stale
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
 
 def temp_dir(target: Path, suffix: str) -> Path:
@@ -64,7 +159,7 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     from safetensors.torch import save_file
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with _atomic_in_folder(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
     return Path(path)
 
