@@ -274,8 +274,8 @@ def split_corpus(corpus: Corpus, holdout_frac: float = 0.05,
     size = max(MIN_PIECE_CHARS, min(PIECE_CHARS, len(doc.text) // 20))
     pieces = cut_document(doc, size)
     train, held = split_documents(pieces, holdout_frac, seed)
-    if len(pieces) > 1 and corpus.fingerprint not in _noted:
-        _noted.add(corpus.fingerprint)
+    if len(pieces) > 1 and f"{corpus.name}\t{corpus.fingerprint}" not in _noted:
+        _noted.add(f"{corpus.name}\t{corpus.fingerprint}")
         share = sum(len(d.text) for d in held) / max(1, len(doc.text))
         print(f"note: {corpus.name} is one document; it is cut at paragraph breaks into {len(pieces)} pieces of "
               f"about {size} characters, and {len(held)} of them ({share:.1%} of the text) are held out",
