@@ -138,6 +138,16 @@ def temp_dir(target: Path, suffix: str) -> Path:
     return tmp
 
 
+def follow_umask(folder: str | Path) -> None:
+    """Give every file under `folder` the permissions open() would under the umask: for
+    folders other libraries fill (a model's save_pretrained writes model.safetensors 0600)
+    before saelab renames them into place."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
