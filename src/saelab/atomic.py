@@ -8,8 +8,9 @@ file and renames it over the path it is given, so `save_tensors` writes inside a
 `.<name>.<random>.saelab-tmp` folder instead, locked the same way. So a killed write leaves one
 `.saelab-tmp` entry that nobody holds the lock of; the first write of a process into a folder
 removes those (`sweep_stale_temps`): only when unlocked (the kernel drops a dead process's
-flock) and unchanged for `STALE_AFTER_S` seconds (a concurrent writer between creating its
-temporary and locking it, or whose file a library recreated, is not taken for a dead one).
+flock) and unchanged for `STALE_AFTER_S` seconds (so a concurrent writer caught between
+creating its temporary and locking it, microseconds, is not taken for a dead one; the margin
+also covers a file server's clock running a little apart from this machine's).
 Every file written gets the permissions `open()` would give it under the umask, whatever the
 writer created (mkstemp and safetensors make 0600)."""
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 TEMP_SUFFIX = ".saelab-tmp"
-STALE_AFTER_S = 60.0
+STALE_AFTER_S = 10.0
 _swept: set[str] = set()  # folders this process has already swept
 
 
