@@ -212,7 +212,12 @@ def test_non_finite_loss_stops_training_naming_the_step_sae_and_last_checkpoint(
 def test_the_cli_shows_a_diverged_run_as_one_line(tmp_path, capsys):
     from saelab import cli
 
-    code = cli.main(["toy", "--steps", "6", "--lr", "1e30", "--out", str(tmp_path / "run")])
+    code = cli.main(["toy", "--steps", "6", "--lr", "1e30", "--init", "tied", "--curve-every", "1",
+                     "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and re.fullmatch(r"error: training stopped: SAE \S+ \(.*\) had a NaN or Inf loss at step \d+.*", err[-1])
+    found = re.fullmatch(r"error: training stopped: SAE \S+ \(.*\) had a NaN or Inf loss at step (\d+).*", err[-1])
+    assert code == 2 and found
     assert not (tmp_path / "run" / "saes").exists()
+    # the recovery curve, measured every step, holds only the steps before the divergence
+    points = json.loads((tmp_path / "run" / "recovery_curve.json").read_text())["points"]
+    assert [p["step"] for p in points] == list(range(int(found.group(1))))

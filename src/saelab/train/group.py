@@ -182,7 +182,7 @@ class GroupTrainer:
                 self.step += 1
                 bar.update(1)
                 if logging or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
-                    self._stop_if_nonfinite()
+                    self.stop_if_nonfinite()
                 if logging:
                     self._log(log, bar, entries)
                 if self.on_step is not None:
@@ -192,10 +192,11 @@ class GroupTrainer:
         bar.close()
         return TrainResult(self.run_dir, self._final_saes(), self.shard, self.rows_trained, self.rows_dropped)
 
-    def _stop_if_nonfinite(self) -> None:
+    def stop_if_nonfinite(self) -> None:
         """Raise, on every rank, if any SAE's loss went NaN or Inf: before that step's log line,
         checkpoint or saved SAEs are written (a collective: checked on logging and checkpoint
-        steps, which every rank reaches together)."""
+        steps, which every rank reaches together; a callback that writes what it measures
+        calls it first)."""
         steps = self.shard.gather([t.nonfinite_step() for t in self.trainers])
         bad = [(step, label) for step, label in zip(steps, self.labels) if step is not None]
         if not bad:
@@ -206,7 +207,7 @@ class GroupTrainer:
         raise DataError(
             f"training stopped: SAE {label} ({spec.arch}, width {spec.width(self.d_in)}, lr {spec.lr:g}) had a NaN or "
             f"Inf loss at step {step}{others}; nothing past the last good checkpoint was written: "
-            f"{self._last_checkpoint()}. Lower its lr, or set normalize_activations, in a new run folder")
+            f"{self._last_checkpoint()}. Lower its lr (or normalise the activations) in a new run folder")
 
     def _last_checkpoint(self) -> str:
         path = self.checkpoint_path
