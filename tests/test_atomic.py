@@ -150,3 +150,18 @@ def test_a_live_write_is_never_swept_however_old(tmp_path):
         proc.kill()
         proc.wait()
     assert sweep_stale_temps(tmp_path) == live  # its writer is gone: now it is stale
+
+
+def test_without_flock_writes_work_and_nothing_is_swept(tmp_path, monkeypatch):
+    """Windows has no flock: temporaries are closed before the rename (an open handle would
+    block it there) and never swept, since a live write could not be told from a dead one."""
+    from saelab import atomic
+
+    monkeypatch.setattr(atomic, "fcntl", None)
+    leftover = tmp_path / ".old.txt.abc.saelab-tmp"
+    leftover.write_text("?")
+    _age([leftover], atomic.STALE_AFTER_S + 1)
+    monkeypatch.setattr(atomic, "_swept", set())
+    write_json(tmp_path / "a.json", {"x": 1})
+    save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == [leftover.name, "a.json", "t.safetensors"]

@@ -25,6 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; temporaries are written and renamed, but never swept
+    fcntl = None
+
 TEMP_SUFFIX = ".saelab-tmp"
 STALE_AFTER_S = 10.0
 _swept: set[str] = set()  # folders this process has already swept
@@ -40,14 +45,14 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     cut is not worth minutes."""
     path = _prepare(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd = _hold_lock(fd)
     try:
-        _lock(fd, blocking=True)
         yield Path(tmp)
         _finish(Path(tmp), path, fsync)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        os.close(fd)  # after the rename or unlink: the lock covers the whole life of the name
+        _release(fd)  # after the rename or unlink: the lock covers the whole life of the name
 
 
 @contextmanager
@@ -56,14 +61,13 @@ def _atomic_in_folder(path: str | Path) -> Iterator[Path]:
     are given: the yielded path sits in a locked `.<name>.<random>.saelab-tmp` folder."""
     path = _prepare(path)
     folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    fd = os.open(folder, os.O_RDONLY)
+    fd = _hold_lock(os.open(folder, os.O_RDONLY)) if fcntl is not None else None
     try:
-        _lock(fd, blocking=True)
         yield Path(folder) / path.name
         _finish(Path(folder) / path.name, path, fsync=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        os.close(fd)
+        _release(fd)
 
 
 def _prepare(path: str | Path) -> Path:
@@ -101,6 +105,8 @@ def sweep_stale_temps(folder: str | Path) -> list[Path]:
 
 
 def _is_stale(entry: Path) -> bool:
+    if fcntl is None:
+        return False
     try:
         if entry.is_symlink():
             return False
@@ -108,27 +114,28 @@ def _is_stale(entry: Path) -> bool:
     except OSError:
         return False
     try:
-        if not _lock(fd, blocking=False):
-            return False  # a live write holds it
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(fd)
         return time.time() - st.st_mtime >= STALE_AFTER_S and os.stat(entry).st_ino == st.st_ino
-    except OSError:
+    except OSError:  # BlockingIOError: a live write holds it
         return False
     finally:
         os.close(fd)  # drops the lock taken to test it
 
 
-def _lock(fd: int, blocking: bool) -> bool:
-    """An exclusive flock on fd; False when another holds one, or (non-blocking) without flock."""
-    try:
-        import fcntl
-    except ImportError:
-        return blocking  # no flock: writers go ahead, sweeps find nothing stale
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        return True
-    except BlockingIOError:
-        return False
+def _hold_lock(fd: int) -> int | None:
+    """Take an exclusive flock on a new temporary's fd and keep the fd open. Without flock
+    (Windows) close it at once and return None: an open handle there blocks the rename."""
+    if fcntl is None:
+        os.close(fd)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def temp_dir(target: Path, suffix: str) -> Path:
