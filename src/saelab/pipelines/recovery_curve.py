@@ -58,6 +58,7 @@ class RecoveryCurve:
 
     def record(self, step: int) -> None:
         """Measure every SAE of the group now (a collective under torch.distributed)."""
+        self.trainer.stop_if_nonfinite()  # never a curve point of a diverged SAE
         mine = [self.measure(sae).to_dict() for sae in self.trainer.saes]
         values = self.trainer.shard.gather(mine)
         self.points.append({"step": step, "saes": dict(zip(self.trainer.labels, values))})
