@@ -263,3 +263,25 @@ def test_building_the_parser_imports_no_plotting_and_loads_no_model():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_a_single_text_file_is_a_source_for_train_and_dashboard(tiny_lm_path, tmp_path, capsys):
+    """--source notes.txt: one document, cut into pieces so the held-out split that train
+    evaluates on and dashboard scans is not empty (it was: "heldout split ... is empty")."""
+    import inspect
+    import textwrap
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(inspect.getdoc(m) for m in (json, textwrap, inspect, pytest)) * 3)
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_lm_path), "--source", str(notes), "--context-length", "16",
+            "--train-contexts", "48", "--eval-contexts", "4", "--steps", "6", "--arch", "topk", "--k", "4",
+            "--d-sae", "32", "--out", str(run)]
+    assert cli.main(argv) == 0
+    assert "notes.txt is one document; it is cut at paragraph breaks" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text())
+    sae = run / "saes" / "topk_32_k4"
+    assert SAE.load(sae).cfg.metadata["provenance"]["source"] == str(notes)
+    assert cli.main(["dashboard", str(sae), "--scan-contexts", "8", "--out", str(tmp_path / "dash")]) == 0
+    assert (tmp_path / "dash" / "index.html").exists()

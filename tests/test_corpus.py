@@ -5,6 +5,7 @@ every packed context can be written down by hand."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 import sysconfig
@@ -258,3 +259,35 @@ def test_stdlib_docs_is_english_from_docstrings_and_topics():
     assert corpus.n_chars > 1_000_000
     train, held = split_documents(corpus.documents)
     assert 0 < len(held) < len(train)
+
+
+def test_a_single_text_file_is_cut_into_pieces_for_the_split(tmp_path, tok, capsys):
+    """One .txt file is one document: it is cut at paragraph breaks so that both splits hold
+    text, the pieces joined back per side lose or repeat nothing, and the cut is reported."""
+    from saelab.data.corpus import PIECE_CHARS, cut_document, split_corpus
+
+    rng = random.Random(0)
+    paragraphs = [words(*[rng.randrange(2, 62) for _ in range(40 + p % 30)]) for p in range(400)]
+    text = "\n\n".join(paragraphs) + "\n"
+    path = tmp_path / "notes.txt"
+    path.write_text(text)
+    pieces = cut_document(Document("notes.txt", text), PIECE_CHARS)
+    assert "".join(p.text for p in pieces) == text and len(pieces) > 20
+    assert all(len(p.text) <= PIECE_CHARS and p.text.endswith("\n\n") for p in pieces[:-1])
+    # appending text never moves an earlier cut
+    longer = cut_document(Document("notes.txt", text + "\n\nmore words here" * 300), PIECE_CHARS)
+    assert [p.text for p in longer[:len(pieces) - 1]] == [p.text for p in pieces[:-1]]
+
+    train, held = split_corpus(load_corpus(str(path)))
+    assert held and train and sum(len(d.text) for d in train + held) == len(text)
+    assert 0.01 < sum(len(d.text) for d in held) / len(text) < 0.2
+    assert all(d.text in text and not any(d.text in t.text for t in train) for d in held)
+    err = capsys.readouterr().err
+    assert f"notes.txt is one document; it is cut at paragraph breaks into {len(pieces)} pieces" in err
+    split_corpus(load_corpus(str(path)))
+    assert capsys.readouterr().err == ""  # said once
+
+    heldout = token_contexts(str(path), tok, 32, split="heldout")
+    trained = token_contexts(str(path), tok, 32, split="train")
+    assert len(heldout) > 0 and len(trained) > 10 * len(heldout)
+    assert not {tuple(r) for r in heldout[:, 1:].tolist()} & {tuple(r) for r in trained[:, 1:].tolist()}

@@ -73,6 +73,18 @@ def test_same_seed_same_model_other_seed_differs(tmp_path):
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
+def test_built_model_files_are_readable_by_the_group(tmp_path):
+    """A model folder in a shared cache: save_pretrained's model.safetensors (0600 from
+    safetensors) gets the umask's permissions like every other file."""
+    old = os.umask(0o022)
+    try:
+        folder = build_default_lm(tmp_path / "lm", MICRO, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*_args):
         raise KeyboardInterrupt

@@ -323,3 +323,28 @@ def test_decode_sparse_refuses_mismatched_shapes():
     sae = SAE(d_in=4, d_sae=8, arch="relu")
     with pytest.raises(DataError, match="one \\(N, k\\) shape"):
         sae.decode_sparse((torch.ones(2, 3), torch.zeros(2, 2, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_refuses_non_finite_weights_naming_the_tensor(tmp_path, bad):
+    sae = make("jumprelu")
+    with torch.no_grad():
+        sae.W_dec[3, 5] = bad
+    folder = sae.save(tmp_path / "s")
+    kind = "1 NaN and 0 Inf" if bad != bad else "0 NaN and 1 Inf"
+    with pytest.raises(DataError, match=rf"tensor W_dec holds {kind} of {8 * 16} values \(the first at index \(3, 5\)\)"):
+        SAE.load(folder)
+    debug = SAE.load(folder, allow_nonfinite=True)  # for debugging: loads as saved
+    assert torch.equal(debug.W_dec.isnan(), sae.W_dec.isnan()) and int((~debug.W_dec.isfinite()).sum()) == 1
+
+
+def test_cli_refuses_a_nan_sae_in_one_line(tmp_path, capsys):
+    from saelab import cli
+
+    sae = make("relu", hook_name="blocks.0.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[2] = float("nan")
+    folder = sae.save(tmp_path / "s")
+    assert cli.main(["dashboard", str(folder), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and "tensor b_enc holds 1 NaN" in err

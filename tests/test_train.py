@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -186,3 +187,37 @@ def test_schedules():
     assert spec.lr_at(20, 100) == 1.0
     assert spec.lr_at(75, 100) == pytest.approx(0.5)
     assert spec.coefficient_at(1) == pytest.approx(1.0) and spec.coefficient_at(10) == 2.0
+
+
+def test_non_finite_loss_stops_training_naming_the_step_sae_and_last_checkpoint(tmp_path):
+    """Finite batches whose squares overflow float32 from the 7th step on: the run stops there,
+    with no log line, checkpoint or SAE written past the last good checkpoint (step 4)."""
+    from safetensors import safe_open
+
+    specs = [TrainSpec(arch="topk", d_sae=8, k=2), TrainSpec(arch="relu", d_sae=8, name="tiny")]
+    batches = [torch.randn(16, 4) for _ in range(6)] + [torch.randn(16, 4) * 1e25 for _ in range(4)]
+    cfg = TrainConfig(total_steps=10, checkpoint_every=4, log_every=1)
+    with pytest.raises(DataError, match=r"SAE topk_8_k2 \(topk, width 8, lr [^)]*\) had a NaN or Inf loss at step 7 "
+                                        r"\(1 other SAE\(s\) too\).*last good checkpoint.*checkpoint.safetensors \(step 4\)"):
+        GroupTrainer(specs, 4, tmp_path, cfg).fit(batches)
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as fh:
+        assert fh.metadata()["step"] == "4"
+        assert all(bool(torch.isfinite(fh.get_tensor(k)).all()) for k in fh.keys() if "rng" not in k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)) and not (tmp_path / "saes").exists()
+    with pytest.raises(DataError, match="at step 2; .*: none yet"):  # diverging before any checkpoint
+        GroupTrainer(specs[:1], 4, tmp_path / "b", cfg).fit([batches[0]] + batches[6:] * 3)
+
+
+def test_the_cli_shows_a_diverged_run_as_one_line(tmp_path, capsys):
+    from saelab import cli
+
+    code = cli.main(["toy", "--steps", "6", "--lr", "1e30", "--init", "tied", "--curve-every", "1",
+                     "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    found = re.fullmatch(r"error: training stopped: SAE \S+ \(.*\) had a NaN or Inf loss at step (\d+).*", err[-1])
+    assert code == 2 and found
+    assert not (tmp_path / "run" / "saes").exists()
+    # the recovery curve, measured every step, holds only the steps before the divergence
+    points = json.loads((tmp_path / "run" / "recovery_curve.json").read_text())["points"]
+    assert [p["step"] for p in points] == list(range(int(found.group(1))))

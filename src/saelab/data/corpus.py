@@ -11,6 +11,10 @@ A source spec is one string:
     a path              a .txt file (one document), a .jsonl file (one document per line, text
                         in `text_field`), or a folder searched recursively for both
 
+The held-out split is by document (a hash of its id). A source of one document, such as a
+single .txt file, is cut into pieces at paragraph breaks for the split (`split_corpus`), and
+says so on stderr.
+
 Packing: documents are tokenized, joined into one stream with the end-of-text token between
 them, and cut into contexts of `context_length` tokens, each starting with BOS when the model
 expects one (Pythia, GPT-2 and Llama checkpoints were trained that way; SAELens does the same).
@@ -253,6 +257,67 @@ def split_documents(docs: Sequence[Document], holdout_frac: float = 0.05,
     return train, [d for d, h in zip(docs, held) if h]
 
 
+PIECE_CHARS = 4000  # a lone document is cut into pieces of about this size for the split...
+MIN_PIECE_CHARS = 200  # ...or smaller, down to this, so that ~20 pieces share the split
+_noted: set[str] = set()  # corpora whose cutting this process has reported
+
+
+def split_corpus(corpus: Corpus, holdout_frac: float = 0.05,
+                 seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """(train, held_out) documents of a corpus (`split_documents`). A corpus of one document
+    (a single .txt file) would put all of it on one side, so it is cut into consecutive pieces
+    at paragraph breaks (`cut_document`), split by piece, and each side's runs of consecutive
+    pieces joined back into documents; a line on stderr says so, once per process."""
+    if len(corpus.documents) != 1 or holdout_frac == 0:
+        return split_documents(corpus.documents, holdout_frac, seed)
+    doc = corpus.documents[0]
+    size = max(MIN_PIECE_CHARS, min(PIECE_CHARS, len(doc.text) // 20))
+    pieces = cut_document(doc, size)
+    train, held = split_documents(pieces, holdout_frac, seed)
+    if len(pieces) > 1 and f"{corpus.name}\t{corpus.fingerprint}" not in _noted:
+        _noted.add(f"{corpus.name}\t{corpus.fingerprint}")
+        share = sum(len(d.text) for d in held) / max(1, len(doc.text))
+        print(f"note: {corpus.name} is one document; it is cut at paragraph breaks into {len(pieces)} pieces of "
+              f"about {size} characters, and {len(held)} of them ({share:.1%} of the text) are held out",
+              file=sys.stderr, flush=True)
+    held_ids = {d.id for d in held}
+    is_held = [d.id in held_ids for d in pieces]
+    return _join_runs(pieces, [not h for h in is_held]), _join_runs(pieces, is_held)
+
+
+def cut_document(doc: Document, size: int = PIECE_CHARS) -> list[Document]:
+    """Consecutive pieces of `doc` (ids `<id>#<i>`) of at most `size` characters, each ending
+    after a paragraph break where one falls in its second half (else a line break, else a
+    space, else at `size`). Joined in order they are the document again. Pieces depend only on
+    the text before them, so text appended to a file leaves the earlier pieces as they were."""
+    text, pieces, pos = doc.text, [], 0
+    while pos < len(text):
+        end = min(pos + size, len(text))
+        if end < len(text):
+            for sep in ("\n\n", "\n", " "):
+                cut = text.rfind(sep, pos + size // 2, end)
+                if cut >= 0:
+                    end = cut + len(sep)
+                    break
+        pieces.append(Document(f"{doc.id}#{len(pieces)}", text[pos:end]))
+        pos = end
+    return pieces
+
+
+def _join_runs(pieces: list[Document], keep: list[bool]) -> list[Document]:
+    """The kept pieces, each run of consecutive ones joined into one document (no separator
+    token mid-text where nothing was taken out)."""
+    out: list[Document] = []
+    for i, (piece, k) in enumerate(zip(pieces, keep)):
+        if not k:
+            continue
+        if i > 0 and keep[i - 1] and out:
+            out[-1] = Document(out[-1].id, out[-1].text + piece.text)
+        else:
+            out.append(piece)
+    return out
+
+
 # ---- tokenize and pack -----------------------------------------------------------------------
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids without special tokens, from an HF tokenizer or a `tokenizers.Tokenizer`."""
@@ -337,11 +402,12 @@ def token_contexts(source: str, tokenizer, context_length: int, *, split: str = 
     corpus = load_corpus(source, text_field=text_field, max_docs=max_docs)
     docs = corpus.documents
     if split != "all":
-        train, held = split_documents(docs, holdout_frac, split_seed)
+        train, held = split_corpus(corpus, holdout_frac, split_seed)
         docs = train if split == "train" else held
         if not docs:
-            raise DataError(f"the {split} split of {corpus.name} is empty ({len(corpus.documents)}"
-                            " document(s); the split is by document, so use several files or a "
+            raise DataError(f"the {split} split of {corpus.name} is empty ({len(corpus.documents)} document(s) of "
+                            f"{corpus.n_chars} characters; the split is by document, and one document is cut into "
+                            f"pieces of at least {MIN_PIECE_CHARS} characters: use more text, several files or a "
                             ".jsonl with one document per line)")
     docs = sorted(docs, key=lambda d: _unit_hash(d.id, f"order:{seed}"))
     pool = pack(docs, tokenizer, context_length, prepend_bos=prepend_bos, progress=progress,

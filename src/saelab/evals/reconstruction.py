@@ -12,7 +12,9 @@ live-LM adapter: one early-stopping LM pass per token batch for every hook the S
 yielding each SAE's rows (BOS position dropped with `exclude_bos`) and where they sat
 (`RowsAt`: positions, token ids). `evaluate_on_lm` adds the downstream metrics of
 `saelab.evals.downstream` (shared clean and ablation passes). Metric definitions live in
-`saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else.
+`saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else. Activations holding NaN or
+Inf are refused (`saelab.evals.finite`), naming the hook and the first such row's context and
+position (`RowsAt`), or its row number for plain batches.
 
 Massive activations: with an `OutlierRule` (saelab.data.outliers), each SAE's rows are judged
 batch by batch on its input x; flagged rows are left out of every metric, and the row's
@@ -33,16 +35,24 @@ from saelab.data.provenance import rules_for
 from saelab.errors import DataError
 from saelab.evals.downstream import evaluate_downstream, token_batches
 from saelab.evals.entry import DownstreamMetrics
+from saelab.evals.finite import refuse_nonfinite
 from saelab.evals.metrics import DENSE_THRESHOLD, MetricsAccumulator, OutlierReport, ReconstructionStats, SAEMetrics
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits
 from saelab.sae import SAE
 
 class RowsAt(NamedTuple):
-    """Where a batch's rows came from: each row's position in its context and its token id."""
+    """Where a batch's rows came from: each row's position in its context and its token id
+    (and, from `lm_batches`, the index of its context among the tokens evaluated)."""
 
     positions: torch.Tensor  # (N,)
     tokens: torch.Tensor  # (N,)
+    contexts: torch.Tensor | None = None  # (N,)
+
+    def describe(self, row: int) -> str:
+        """Where row `row` sat, in words."""
+        context = "" if self.contexts is None else f"context {int(self.contexts[row])}, "
+        return f"{context}position {int(self.positions[row])}"
 
 
 class PerSAE(tuple):
@@ -70,10 +80,18 @@ class _SAETally:
     def __init__(self, dense_threshold: float, rule: OutlierRule | None):
         self.kept, self.rule = MetricsAccumulator(dense_threshold=dense_threshold), rule
         self.all, self.flagged = ReconstructionStats(), OutlierTally()
+        self.rows_seen = 0
 
     def update(self, sae: SAE, x: torch.Tensor, y: torch.Tensor, at: RowsAt | None) -> None:
         dev = sae.W_enc.device
+        same = y is x
         x, y = x.to(dev).float(), y.to(dev).float()
+        row0 = self.rows_seen
+        where = at.describe if at is not None else (lambda i: f"row {row0 + i} of the evaluation rows")
+        refuse_nonfinite(x, sae.cfg.hook_name, where)
+        if not same:
+            refuse_nonfinite(y, sae.cfg.hook_name_out, where)
+        self.rows_seen += x.shape[0]
         f = sae.encode(x)
         x_hat = sae.decode(f)
         if self.rule is None:
@@ -81,7 +99,7 @@ class _SAETally:
             return
         mask = self.rule.mask(x)
         self.all.update(y, x_hat)
-        self.flagged.update(mask, *(at or (None, None)))
+        self.flagged.update(mask, *(at[:2] if at is not None else (None, None)))
         if bool(mask.any()):
             keep = ~mask
             y, x_hat, f = y[keep], x_hat[keep], f[keep]
@@ -134,9 +152,13 @@ def lm_batches(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int = 1
     first = int(exclude_bos)
 
     def generate() -> Iterator[PerSAE]:
+        done = 0
         for batch in batches:
             rows = hook_rows(lm, batch, names, drop_bos=exclude_bos)
-            at = RowsAt(torch.arange(first, batch.shape[1]).repeat(batch.shape[0]), batch[:, first:].reshape(-1))
+            n, per = batch.shape[0], batch.shape[1] - first
+            at = RowsAt(torch.arange(first, batch.shape[1]).repeat(n), batch[:, first:].reshape(-1),
+                        torch.arange(done, done + n).repeat_interleave(per))
+            done += n
             yield PerSAE(((rows[h_in], rows[h_out]) for h_in, h_out in hooks), at)
     return generate()
 

@@ -276,7 +276,7 @@ def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
         if rows.shape != (len(tokens),):
             raise DataError(f"a batch of {len(tokens)} contexts needs {len(tokens)} rows, got {tuple(rows.shape)}")
         next_row = int(rows.max()) + 1
-        x = hook_acts(sae, lm, tokens, batch.acts, batch.start)
+        x = hook_acts(sae, lm, tokens, batch.acts, batch.start, rows)
         scanned = tokens[:, batch.start:]
         if x.shape[:2] != scanned.shape:
             raise DataError(f"activations {tuple(x.shape[:2])} do not match tokens {tuple(scanned.shape)}"

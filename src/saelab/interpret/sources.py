@@ -23,6 +23,7 @@ from torch import Tensor
 from saelab.data.cache.read import ActivationCache, open_cache
 from saelab.data.outliers import OutlierRule
 from saelab.errors import ConfigError, DataError
+from saelab.evals.finite import refuse_nonfinite
 
 
 class ContextBatch(NamedTuple):
@@ -63,18 +64,26 @@ def nonzero_acts(f: Tensor) -> ActiveFeatures:
 
 
 def hook_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
-              start: int = 0) -> Tensor:
+              start: int = 0, rows: Tensor | None = None) -> Tensor:
     """Activations at the SAE's hook (B, S - start, d_in) of context positions start..: `acts`
     if given (those positions only), else the LM's for the whole contexts `tokens` (the LM
-    sees every position; the pass stops at that hook); checked finite, on the SAE's device."""
+    sees every position; the pass stops at that hook); on the SAE's device. Non-finite ones
+    are refused, naming the context (its index in `rows`, the contexts' numbers) and position."""
     if acts is None:
         if lm is None:
             raise ConfigError("no activations given and no LM to compute them from")
         hook = sae.cfg.hook_name
         acts = lm.run_with_cache(tokens, [hook])[hook][:, start:]
-    if not bool(torch.isfinite(acts).all()):
-        raise DataError("activations contain NaN or Inf")
+    refuse_nonfinite(acts, sae.cfg.hook_name, lambda i: _context_position(i, acts, start, rows))
     return acts.to(sae.W_enc.device, sae.W_enc.dtype)
+
+
+def _context_position(i: int, acts: Tensor, start: int, rows: Tensor | None) -> str:
+    """Where flat row i of acts (B, S - start, d) sat: its context (numbered by `rows`) and position."""
+    if acts.dim() != 3:
+        return f"row {i}"
+    b, j = divmod(i, acts.shape[1])
+    return f"context {int(rows[b]) if rows is not None else b}, position {start + j}"
 
 
 def feature_acts(sae, lm=None, tokens: Tensor | None = None, acts: Tensor | None = None,
@@ -129,7 +138,7 @@ class ContextSource:
     def encode_rows(self, sae, lm=None) -> Callable[[Tensor], Tensor]:
         """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts."""
         def encode(rows: Tensor) -> Tensor:
-            x = hook_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start)
+            x = hook_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start, rows)
             f = sae.encode(x)
             if self.outliers is not None:
                 f = f.masked_fill(self.outliers.mask(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], 1), 0.0)

@@ -2,7 +2,8 @@
 
 The offline default LM and converted GGUF models are both built here: into a hidden
 `.<name>.<random>.building` folder beside the target, which is renamed into place only when
-complete (a `marker` file written last says so), so an interrupted build never looks finished.
+complete (a `marker` file written last says so), so an interrupted build never looks finished;
+its files get the umask's permissions first.
 Every build of a name holds a shared flock on `.<name>.lock` beside it while it runs."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from saelab.atomic import temp_dir
+from saelab.atomic import follow_umask, temp_dir
 
 
 def build_folder(folder: str | Path, build: Callable[[Path], None], marker: str) -> Path:
@@ -28,6 +29,7 @@ def build_folder(folder: str | Path, build: Callable[[Path], None], marker: str)
         tmp = temp_dir(folder, ".building")
         try:
             build(tmp)
+            follow_umask(tmp)  # safetensors writes 0600: colleagues sharing the cache could not read it
             try:
                 os.rename(tmp, folder)
             except OSError:

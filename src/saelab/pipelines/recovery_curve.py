@@ -14,6 +14,7 @@ own SAEs and rank 0 writes them all.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +58,7 @@ class RecoveryCurve:
 
     def record(self, step: int) -> None:
         """Measure every SAE of the group now (a collective under torch.distributed)."""
+        self.trainer.stop_if_nonfinite()  # never a curve point of a diverged SAE
         mine = [self.measure(sae).to_dict() for sae in self.trainer.saes]
         values = self.trainer.shard.gather(mine)
         self.points.append({"step": step, "saes": dict(zip(self.trainer.labels, values))})
@@ -106,9 +108,10 @@ def plot_recovery_curves(curve: dict, path: str | Path, title: str = "") -> Path
         ax.plot([s for s, _ in points], [v for _, v in points], color=colour,
                 linestyle="--" if init == "data" else "-", label=f"{base} ({init} init)")
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"MMCS against the {curve['reference']}")
+    ax.set_ylabel("\n".join(textwrap.wrap(f"MMCS against the {curve['reference']}", 36)))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title or "feature recovery during training: data-sample vs tied init", fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title or "feature recovery during training: data-sample vs tied init", 72)),
+                 fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

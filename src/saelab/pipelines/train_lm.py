@@ -166,7 +166,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
     curve = None
     if reference is not None and cfg.curve_every:
         curve = RecoveryCurve(trainer, lambda sae: ground_truth_recovery(sae, reference), cfg.curve_every,
-                              run_dir / CURVE_FILE, reference=f"reference SAE's decoder ({cfg.reference})").attach()
+                              run_dir / CURVE_FILE, reference=f"reference SAE ({Path(cfg.reference).name})").attach()
     start = time.perf_counter()
     result = trainer.fit(batches)
     timings["train_s"] = time.perf_counter() - start

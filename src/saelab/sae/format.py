@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from saelab.atomic import save_tensors, write_json
-from saelab.errors import ConfigError, CorruptFileError, MissingFileError
+from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
 from saelab.lm.hook_names import parse_hook
 from saelab.sae.architectures import architecture, saelens_architecture
 from saelab.sae.config import PROVENANCE, SAEConfig
@@ -132,9 +132,10 @@ def _layer_of(hook_name: str | None) -> int:
         return 0
 
 
-def read_sae_folder(path: str | Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+def read_sae_folder(path: str | Path, allow_nonfinite: bool = False) -> tuple[SAEConfig, dict[str, Tensor]]:
     """The config and tensors (by saved name) of a saelab or SAELens SAE folder, with SAELens
-    options that change the computation folded into the weights."""
+    options that change the computation folded into the weights. A tensor holding NaN or Inf is
+    refused, by name, unless `allow_nonfinite` (to inspect a broken SAE)."""
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
     if not path.is_dir():
@@ -150,8 +151,24 @@ def read_sae_folder(path: str | Path) -> tuple[SAEConfig, dict[str, Tensor]]:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CorruptFileError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    if not allow_nonfinite:
+        check_finite(tensors, weights_path)
     cfg = config_from_dict(raw, tensors)
     return cfg, _fold_saelens_options(raw, tensors, weights_path)
+
+
+def check_finite(tensors: dict[str, Tensor], where: str | Path) -> None:
+    """Refuse the first tensor holding NaN or Inf, naming it, how many and where the first is."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            n_nan = int(torch.isnan(t).sum())
+            raise DataError(f"{where}: tensor {name} holds {n_nan} NaN and {int(bad.sum()) - n_nan} Inf of "
+                            f"{t.numel()} values (the first at index {first}); an SAE with non-finite weights "
+                            "gives non-finite features. To inspect it anyway: SAE.load(path, allow_nonfinite=True)")
 
 
 def _fold_saelens_options(raw: dict, tensors: dict, where: Path) -> dict:

@@ -287,9 +287,10 @@ class SAE(nn.Module):
         return write_sae_folder(path, self.cfg, self.saved_tensors())
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        """Load a saelab or SAELens SAE folder."""
-        cfg, tensors = read_sae_folder(path)
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", *, allow_nonfinite: bool = False) -> "SAE":
+        """Load a saelab or SAELens SAE folder. Weights holding NaN or Inf are refused (naming
+        the tensor) unless `allow_nonfinite`, for debugging a broken SAE."""
+        cfg, tensors = read_sae_folder(path, allow_nonfinite=allow_nonfinite)
         sae = cls(cfg)
         sae.load_tensors(tensors, Path(path) / WEIGHTS_FILE)
         return sae.to(device)
@@ -300,9 +301,9 @@ class SAE(nn.Module):
         return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}{k}"
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+def load_sae(path: str | Path, device: str | torch.device = "cpu", *, allow_nonfinite: bool = False) -> SAE:
     """Load a saelab or SAELens SAE folder (SAE.load)."""
-    return SAE.load(path, device)
+    return SAE.load(path, device, allow_nonfinite=allow_nonfinite)
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:

@@ -137,7 +137,7 @@ class GroupTrainer:
         ]
         self.scale_in = self.scale_out = 1.0
         self.step = 0
-        self.checkpointed: int | None = None  # the step the run folder's checkpoint holds, once known
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk
         self.rows_trained = self.rows_dropped = 0
 
     @property
@@ -188,6 +188,8 @@ class GroupTrainer:
                     entries = [t.update(self.step, x, y, log=logging) for t in self.trainers]
                     self.step += 1
                     bar.update(1)
+                    if logging or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                        self.stop_if_nonfinite()
                     if logging:
                         self._log(log, bar, entries)
                     if self.on_step is not None:
@@ -198,14 +200,37 @@ class GroupTrainer:
             bar.close()
         return TrainResult(self.run_dir, self._final_saes(), self.shard, self.rows_trained, self.rows_dropped)
 
+    def stop_if_nonfinite(self) -> None:
+        """Raise, on every rank, if any SAE's loss went NaN or Inf: before that step's log line,
+        checkpoint or saved SAEs are written (a collective: checked on logging and checkpoint
+        steps, which every rank reaches together; a callback that writes what it measures
+        calls it first)."""
+        steps = self.shard.gather([t.nonfinite_step() for t in self.trainers])
+        bad = [(step, label) for step, label in zip(steps, self.labels) if step is not None]
+        if not bad:
+            return
+        step, label = min(bad, key=lambda b: b[0])  # the earliest; in spec order among equals
+        spec = self.specs[self.labels.index(label)]
+        others = f" ({len(bad) - 1} other SAE(s) too)" if len(bad) > 1 else ""
+        raise DataError(
+            f"training stopped: SAE {label} ({spec.arch}, width {spec.width(self.d_in)}, lr {spec.lr:g}) had a NaN or "
+            f"Inf loss at step {step}{others}; nothing past the last good checkpoint was written: "
+            f"{self._last_checkpoint()}. Lower its lr (or normalise the activations) in a new run folder")
+
     def _interrupted_message(self) -> str:
         """Where a run stopped by Ctrl-C stands: the last checkpoint, and how to go on from it."""
         stopped = f"training stopped at step {self.step} of {self.config.total_steps}"
-        if self.checkpointed is None:
+        if self.checkpoint_step is None:
             return (f"{stopped}, before its first checkpoint (one every {self.config.checkpoint_every} steps); "
                     "rerunning the same command starts it again")
-        return (f"{stopped}; the last checkpoint, {self.checkpoint_path}, holds step {self.checkpointed}: "
+        return (f"{stopped}; the last checkpoint, {self.checkpoint_path}, holds step {self.checkpoint_step}: "
                 "rerunning the same command (same run folder and settings) resumes from it")
+
+    def _last_checkpoint(self) -> str:
+        path = self.checkpoint_path
+        if self.checkpoint_step is None:
+            return f"none yet (one every {self.config.checkpoint_every} steps)"
+        return f"{path} (step {self.checkpoint_step})"
 
     def _log(self, log, bar, entries: list[dict | None]) -> None:
         """One log.jsonl line with every rank's entries, in spec order (a collective)."""
@@ -298,7 +323,7 @@ class GroupTrainer:
         meta = {"step": str(self.step), "scale_in": repr(self.scale_in), "scale_out": repr(self.scale_out),
                 "rows_trained": str(self.rows_trained), "rows_dropped": str(self.rows_dropped)}
         path = save_tensors(self.checkpoint_path, tensors, metadata=meta)
-        self.checkpointed = self.step
+        self.checkpoint_step = self.step
         return path
 
     def _load_checkpoint(self) -> bool:
@@ -313,7 +338,7 @@ class GroupTrainer:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptFileError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh") from err
-        self.step = self.checkpointed = int(meta["step"])
+        self.step = self.checkpoint_step = int(meta["step"])
         self.scale_in, self.scale_out = float(meta["scale_in"]), float(meta["scale_out"])
         self.rows_trained, self.rows_dropped = int(meta.get("rows_trained", 0)), int(meta.get("rows_dropped", 0))
         for i, trainer in enumerate(self.trainers):

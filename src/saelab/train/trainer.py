@@ -35,6 +35,15 @@ class SAETrainer:
         # tokens since each feature last fired: dead features (aux-k, resampling) are read off it
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
         self.unit_norm = act.unit_norm_decoder(sae.cfg)
+        # the first step whose loss was NaN or Inf (-1: none), counted from 1 as log.jsonl and
+        # checkpoints count steps done; kept on the device, so no sync a step
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=sae.W_enc.device)
+
+    def nonfinite_step(self) -> int | None:
+        """The first step (counted from 1) whose loss was NaN or Inf, or None (reading it waits
+        for the device)."""
+        step = int(self.first_nonfinite)
+        return None if step < 0 else step
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.spec.dead_tokens
@@ -48,6 +57,8 @@ class SAETrainer:
             group["lr"] = lr
         dead = self.dead_mask() if sae.activation.uses_aux_k else None
         out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
+        new = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(new, step + 1, self.first_nonfinite)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.unit_norm:
