@@ -108,7 +108,7 @@ class LMSweepConfig:
         holds those already), and the later fields (LATER_FIELDS) only when not at their
         default, so run folders written before they existed still resume. Checked on resume
         like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs" and LATER_FIELDS.get(k, v) != v}
+        return {k: v for k, v in self.to_dict().items() if k != "specs" and (k not in LATER_FIELDS or LATER_FIELDS[k] != v)}
 
 
 @dataclass
