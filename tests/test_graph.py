@@ -1,0 +1,126 @@
+"""Attribution graphs (experiments/graph*.py, lm/frozen.py): the frozen replacement model
+reproduces the model, every edge equals the effect of ablating its source in the frozen model,
+incoming edges plus the bias add up to the target, and the command's bad inputs are one-line errors."""
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError, DataError
+from saelab.experiments.graph_attribution import Scales, attribute, mlp_hooks, replay
+from saelab.lm.frozen import frozen
+from saelab.lm.hooked import HookedLM
+from saelab.sae import SAE
+
+TOKENS = torch.tensor([[0, 5, 9, 13, 7, 22]])
+
+
+def transcoders_for(lm: HookedLM, d_sae: int = 24, seed: int = 0, arch: str = "relu") -> dict:
+    """Random relu transcoders at every layer, biased so about half their features fire."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(lm.n_layers):
+        hin, hout = mlp_hooks(layer)
+        tc = SAE(lm.d_model, d_sae, arch=arch, d_out=lm.d_model, hook_name=hin, hook_name_out=hout).double()
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(lm.d_model, d_sae, generator=gen, dtype=torch.float64) * 0.3)
+            tc.W_dec.copy_(torch.randn(d_sae, lm.d_model, generator=gen, dtype=torch.float64) * 0.3)
+            tc.b_enc.copy_(torch.randn(d_sae, generator=gen, dtype=torch.float64) * 0.5)
+            tc.b_dec.copy_(torch.randn(lm.d_model, generator=gen, dtype=torch.float64) * 0.1)
+        out[layer] = tc
+    return out
+
+
+@pytest.fixture(scope="module", params=["gpt_neox", "gpt_neox_sequential", "gpt2", "llama"])
+def setup(request, tiny_hf_model_dirs):
+    lm = HookedLM.load(tiny_hf_model_dirs[request.param], dtype=torch.float64)
+    tcs = transcoders_for(lm)
+    return lm, tcs, attribute(lm, tcs, TOKENS, progress=False)
+
+
+def values_with(lm, tcs, clean, edit) -> torch.Tensor:
+    """Every target's value (features' pre-activations, then all logits at the last position) in
+    the frozen model with the node scales `edit` changed from ones."""
+    with frozen(lm) as state:
+        lm.forward(inputs_embeds=clean.embed.unsqueeze(0))  # record on the clean input
+        state.replay()
+        scales = Scales.ones(clean)
+        edit(scales)
+        with torch.no_grad():
+            pre, logits = replay(lm, tcs, clean, scales)
+    return torch.cat([p.reshape(-1) for p in pre] + [logits[-1]])
+
+
+def target_values(nodes, values, tcs, lm) -> torch.Tensor:
+    """Pick each node's value out of `values_with`'s vector (non-targets: 0)."""
+    d_sae = tcs[0].cfg.d_sae
+    seq = TOKENS.shape[1]
+    out = torch.zeros(len(nodes), dtype=torch.float64)
+    for i, n in enumerate(nodes):
+        if n.kind == "feature":
+            out[i] = values[n.layer * seq * d_sae + n.pos * d_sae + n.feature]
+        elif n.kind == "logit":
+            out[i] = values[lm.n_layers * seq * d_sae + int(lm.tokenizer.convert_tokens_to_ids(n.token))]
+    return out
+
+
+def test_replacement_reproduces_the_model(setup):
+    """Transcoders + error nodes in the frozen model give the model's own MLP inputs and logits:
+    without the error nodes they would not."""
+    lm, tcs, att = setup
+    logits, cache = lm.run_with_cache(TOKENS, [mlp_hooks(L)[0] for L in range(lm.n_layers)], return_logits=True)
+    assert torch.allclose(att.clean.logits, logits[0], atol=1e-9)
+    values = values_with(lm, tcs, att.clean, lambda s: None)
+    d = tcs[0].cfg.d_sae * TOKENS.shape[1]
+    for L in range(lm.n_layers):
+        assert torch.allclose(values[L * d:(L + 1) * d], tcs[L].pre_acts(cache[mlp_hooks(L)[0]][0]).reshape(-1), atol=1e-9)
+    assert torch.allclose(values[lm.n_layers * d:], logits[0, -1], atol=1e-9)
+    without = values_with(lm, tcs, att.clean, lambda s: s.errors.zero_())
+    assert (without[lm.n_layers * d:] - logits[0, -1]).abs().max() > 1e-3  # the error nodes matter
+
+
+def test_edges_equal_ablations_and_add_up(setup):
+    """edge(s -> t) = value_t(clean) - value_t(s ablated) in the frozen model, for every source and
+    target; and value_t = bias_t + sum of its incoming edges, bias_t = value_t with every node at 0."""
+    lm, tcs, att = setup
+    nodes, A = att.nodes, att.adjacency
+    assert sum(n.kind == "feature" for n in nodes) > 10 and nodes[-1].kind == "logit"
+    clean = target_values(nodes, values_with(lm, tcs, att.clean, lambda s: None), tcs, lm)
+    is_target = torch.tensor([n.kind in ("feature", "logit") for n in nodes])
+
+    def ablate(node):
+        def edit(s):
+            if node.kind == "embedding":
+                s.embed[node.pos] = 0
+            elif node.kind == "error":
+                s.errors[node.layer, node.pos] = 0
+            else:
+                s.feats[node.layer][node.pos, node.feature] = 0
+        return edit
+
+    for j, src in enumerate(nodes[:-1]):
+        ablated = target_values(nodes, values_with(lm, tcs, att.clean, ablate(src)), tcs, lm)
+        assert torch.allclose(A[is_target, j], (clean - ablated)[is_target], atol=1e-9, rtol=1e-7), src
+    zero = target_values(nodes, values_with(lm, tcs, att.clean, lambda s: (s.embed.zero_(), s.errors.zero_(),
+                                                                        [f.zero_() for f in s.feats])), tcs, lm)
+    for i, n in enumerate(nodes):
+        if n.kind in ("feature", "logit"):
+            assert n.bias == pytest.approx(float(zero[i]), abs=1e-9)
+            assert float(A[i].sum()) + n.bias == pytest.approx(float(clean[i]), abs=1e-9)
+    assert (A[~is_target] == 0).all()  # nothing flows into embeddings or errors
+    for i, n in enumerate(nodes):  # causal and layered: no edge from a later position or layer
+        for j, s in enumerate(nodes):
+            if A[i, j] != 0:
+                assert s.pos <= n.pos and (s.layer is None or n.layer is None or s.layer < n.layer)
+
+
+def test_bad_transcoders(tiny_hf_model_dirs):
+    lm = HookedLM.load(tiny_hf_model_dirs["gpt_neox"], dtype=torch.float64)
+    tcs = transcoders_for(lm)
+    with pytest.raises(ConfigError, match="transcoder at every layer.*layer\\(s\\) 1"):
+        attribute(lm, {0: tcs[0]}, TOKENS, progress=False)
+    wrong = SAE(lm.d_model, 8, arch="relu", hook_name="blocks.1.hook_resid_post").double()
+    with pytest.raises(ConfigError, match="reads blocks.1.hook_resid_post"):
+        attribute(lm, {0: tcs[0], 1: wrong}, TOKENS, progress=False)
+    gated = transcoders_for(lm, arch="gated")
+    with pytest.raises(ConfigError, match="pre-activation"):
+        attribute(lm, gated, TOKENS, progress=False)
