@@ -2,10 +2,12 @@
 reproduces the model, every edge equals the effect of ablating its source in the frozen model,
 incoming edges plus the bias add up to the target, and the command's bad inputs are one-line errors."""
 
+import json
+
 import pytest
 import torch
 
-from saelab.errors import ConfigError, DataError
+from saelab.errors import ConfigError
 from saelab.experiments.graph_attribution import Scales, attribute, mlp_hooks, replay
 from saelab.lm.frozen import frozen
 from saelab.lm.hooked import HookedLM
@@ -124,3 +126,36 @@ def test_bad_transcoders(tiny_hf_model_dirs):
     gated = transcoders_for(lm, arch="gated")
     with pytest.raises(ConfigError, match="pre-activation"):
         attribute(lm, gated, TOKENS, progress=False)
+
+
+def _save_transcoders(lm, folder, layers=None):
+    for layer, tc in transcoders_for(lm).items():
+        if layers is None or layer in layers:
+            tc.float().save(folder / f"layer{layer}" / "saes" / "relu")
+    return folder
+
+
+def test_command_writes_graph_and_page(tmp_path, tiny_hf_model_dirs, capsys):
+    from saelab.cli import main
+
+    model = str(tiny_hf_model_dirs["gpt_neox"])
+    lm = HookedLM.load(model)
+    tcs = _save_transcoders(lm, tmp_path / "tc")
+    argv = ["graph", "w5 w9 w13 w7 w22", "--transcoders", str(tcs), "--model", model, "--out", str(tmp_path / "g")]
+    assert main(argv + ["--max-nodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "of the influence on the logit" in out and "warning: the pruned graph keeps only" in out
+    assert main(argv + ["--logit", "w7"]) == 0
+    data = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert data["logit_token"] == "w7" and data["kept_fraction"] >= 0.8 and data["warning"] is None
+    keys = {n["key"] for n in data["nodes"]}
+    assert all(e["source"] in keys and e["target"] in keys for e in data["edges"])
+    html = (tmp_path / "g" / "graph.html").read_text()
+    assert html.count('class="node ') == len(data["nodes"]) and "<svg" in html
+    for bad, msg in ((["graph", "  "], "prompt is empty"), (["graph", "w5 " * 20], "longer than the model's context"),
+                     (["graph", "w5", "--logit", "w5 w6"], "give one token")):
+        assert main(bad + argv[2:]) == 2
+        assert msg in capsys.readouterr().err
+    _save_transcoders(lm, tmp_path / "half", layers=[0])
+    assert main(["graph", "w5", "--transcoders", str(tmp_path / "half"), "--model", model]) == 2
+    assert "none for layer(s) 1" in capsys.readouterr().err

@@ -213,5 +213,5 @@ def attribute(lm: HookedLM, transcoders: dict, token_ids: Tensor, logit_id: int 
             value = logits[-1, logit_id] if node.kind == "logit" else pre[node.layer][node.pos, node.feature]
             grads = torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
             adjacency[i] = flat_grads(grads, leaves)[where]
-            node.bias = float(value) - float(adjacency[i].sum())
+            node.bias = float(value.detach()) - float(adjacency[i].sum())
     return Attribution(nodes, adjacency, clean)
