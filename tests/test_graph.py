@@ -61,7 +61,7 @@ def target_values(nodes, values, tcs, lm) -> torch.Tensor:
         if n.kind == "feature":
             out[i] = values[n.layer * seq * d_sae + n.pos * d_sae + n.feature]
         elif n.kind == "logit":
-            out[i] = values[lm.n_layers * seq * d_sae + int(lm.tokenizer.convert_tokens_to_ids(n.token))]
+            out[i] = values[lm.n_layers * seq * d_sae + n.feature]
     return out
 
 

@@ -75,9 +75,11 @@ def test_lm_weight_keeps_text_likely(lm, pair_feature):
 def test_dataset_comparison_and_reasons(lm, pair_feature):
     sae, pairs, acts = pair_feature
     scorer = Scorer(lm, sae, 2)
-    top = dataset_top_from_scan(scorer, torch.randint(2, 64, (6, 10)).index_put_((torch.arange(6), torch.zeros(6, dtype=torch.long)), torch.tensor(0)))
-    assert top.act == pytest.approx(float(scorer.all_positions(torch.tensor([
-        [0] + [lm.tokenizer.convert_tokens_to_ids(t) for t in top.tokens[1:]]]))[0, -1]), abs=1e-6)
+    contexts = torch.randint(2, 64, (6, 10), generator=torch.Generator().manual_seed(0))
+    contexts[:, 0] = 0
+    top = dataset_top_from_scan(scorer, contexts, batch=4)
+    assert top.act == pytest.approx(float(scorer.all_positions(contexts)[:, 1:].max()), abs=1e-6)
+    assert top.acts[-1] == pytest.approx(top.act, abs=1e-6) and len(top.tokens) == top.pos + 1
     cfg = MaximizeConfig(feature=2, length=2, beam=2, lm_weight=0.0)
     result = run_maximize(lm, sae, cfg, dataset=top)
     assert result.beats == (result.texts[0].act > top.act)

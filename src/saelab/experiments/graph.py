@@ -99,7 +99,7 @@ def logit_id(lm: HookedLM, token: str | None) -> int | None:
     tid = lm.tokenizer.convert_tokens_to_ids(token)
     if isinstance(tid, int) and tid != lm.tokenizer.unk_token_id and 0 <= tid < lm.d_vocab:
         return tid
-    raise ConfigError(f"--logit {token!r} is {len(ids)} tokens ({lm.tokenizer.convert_ids_to_tokens(ids)}); give one token")
+    raise ConfigError(f"--logit {token!r} is {len(ids)} tokens ({[lm.tokenizer.decode([i]) for i in ids]}); give one token")
 
 
 def load_transcoders(paths: list[str | Path]) -> dict[int, tuple[str, object]]:
@@ -160,7 +160,7 @@ def run_graph(lm: HookedLM, transcoders: dict[int, tuple[str, object]], cfg: Gra
     for node, share in zip(att.nodes, kept.influence.tolist()):
         node.influence = share
     logit_node = att.nodes[-1]
-    logit_tok = int(lm.tokenizer.convert_tokens_to_ids(logit_node.token))
+    logit_tok = logit_node.feature
     result = GraphResult(
         prompt=cfg.prompt, model=lm.name, tokens=[n.token for n in att.nodes if n.kind == "embedding"],
         logit_token=logit_node.token, logit=logit_node.value,
@@ -206,7 +206,7 @@ def format_graph(result: GraphResult, top: int = 15) -> str:
 
     nodes = sorted((n for n in result.nodes if n.kind != "logit"), key=lambda n: -n.influence)[:top]
     rows = [{**asdict(n), "token": visible_token(n.token)} for n in nodes]
-    lines = [f"prompt: {' '.join(visible_token(t) for t in result.tokens)}",
+    lines = [f"prompt: {''.join(visible_token(t) for t in result.tokens)}",
              f"logit: {visible_token(result.logit_token)} = {result.logit:.4g} (p = {result.logit_prob:.3f}) at the last position",
              f"graph: {result.total_nodes} nodes, {result.total_edges} edges; kept {len(result.nodes)} nodes and "
              f"{len(result.edges)} edges carrying {result.kept_fraction:.1%} of the influence on the logit "

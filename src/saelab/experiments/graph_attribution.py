@@ -47,8 +47,8 @@ class Node:
     kind: str  # "embedding", "feature", "error" or "logit"
     layer: int | None  # None for embeddings and the logit
     pos: int
-    feature: int | None  # feature index (features only)
-    token: str  # the prompt's token at pos (the logit: the predicted token)
+    feature: int | None  # feature index (features); the logit: its token id
+    token: str  # the prompt's token at pos, as text (the logit: the predicted token)
     value: float
     bias: float | None = None
     influence: float = 0.0  # share of the logit's indirect influence through it (graph_prune)
@@ -158,11 +158,11 @@ def node_list(lm: HookedLM, clean: Clean, tokens: list[str], logit_id: int) -> l
         nodes += [Node("error", layer, p, None, tokens[p], float(err[p].norm())) for p in range(seq)]
         nodes += [Node("feature", layer, int(p), int(f), tokens[int(p)], float(a[p, f])) for p, f in a.nonzero().tolist()]
     logit = float(clean.logits[-1, logit_id])
-    return nodes + [Node("logit", None, seq - 1, None, _token(lm, logit_id), logit)]
+    return nodes + [Node("logit", None, seq - 1, logit_id, _token(lm, logit_id), logit)]
 
 
 def _token(lm: HookedLM, token_id: int) -> str:
-    return lm.tokenizer.convert_ids_to_tokens(int(token_id)) if lm.tokenizer is not None else str(token_id)
+    return lm.tokenizer.decode([int(token_id)]) if lm.tokenizer is not None else str(token_id)
 
 
 def leaf_index(nodes: list[Node], scales: Scales) -> Tensor:
@@ -197,8 +197,7 @@ def attribute(lm: HookedLM, transcoders: dict, token_ids: Tensor, logit_id: int 
     from saelab.progress import progress_bar
 
     check_transcoders(lm, transcoders)
-    tokens = lm.tokenizer.convert_ids_to_tokens(token_ids[0].tolist()) if lm.tokenizer is not None \
-        else [str(t) for t in token_ids[0].tolist()]
+    tokens = [_token(lm, t) for t in token_ids[0].tolist()]
     with frozen(lm) as state:
         clean = clean_pass(lm, transcoders, token_ids)
         state.replay()

@@ -217,7 +217,7 @@ def synthetic_texts(scorer: Scorer, pool: Pool, top: int) -> list[SyntheticText]
         _, z, act, lp = pool[key]
         acts = scorer.all_positions(torch.tensor([key], device=lm.device))[0].tolist()
         acts[0] = 0.0
-        out.append(SyntheticText(text=lm.tokenizer.decode(list(key[1:])), tokens=lm.tokenizer.convert_ids_to_tokens(list(key)),
+        out.append(SyntheticText(text=lm.tokenizer.decode(list(key[1:])), tokens=lm.tokenizer.batch_decode([[i] for i in key]),
                                  token_ids=list(key), acts=acts, act=act, pre_act=z, mean_logprob=lp / (len(key) - 1)))
     return out
 
@@ -255,7 +255,7 @@ def dataset_top_from_scan(scorer: Scorer, contexts: Tensor, batch: int = 16) -> 
     act, row, pos = best
     ids = contexts[row, :pos + 1].tolist()
     acts = scorer.all_positions(torch.tensor([ids], device=scorer.lm.device))[0].tolist()
-    return DatasetTop(max(act, 0.0), scorer.lm.tokenizer.convert_ids_to_tokens(ids), acts, pos,
+    return DatasetTop(max(act, 0.0), scorer.lm.tokenizer.batch_decode([[i] for i in ids]), acts, pos,
                       f"{contexts.shape[0]} held-out contexts of {contexts.shape[1]} tokens")
 
 
