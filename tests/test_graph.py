@@ -152,6 +152,14 @@ def test_command_writes_graph_and_page(tmp_path, tiny_hf_model_dirs, capsys):
     assert all(e["source"] in keys and e["target"] in keys for e in data["edges"])
     html = (tmp_path / "g" / "graph.html").read_text()
     assert html.count('class="node ') == len(data["nodes"]) and "<svg" in html
+    feat = next(n for n in data["nodes"] if n["kind"] == "feature")  # a dashboard of its layer: the node links to it
+    dash = tmp_path / "dash"
+    (dash / "features").mkdir(parents=True)
+    (dash / "report.json").write_text(json.dumps({"sae": {"hook_name": mlp_hooks(feat["layer"])[0]}}))
+    (dash / "features" / f"{feat['feature']}.html").write_text("page")
+    assert main(argv + ["--logit", "w7", "--dashboards", str(dash)]) == 0
+    link = f'href="../dash/features/{feat["feature"]}.html"'
+    assert link in (tmp_path / "g" / "graph.html").read_text()
     for bad, msg in ((["graph", "  "], "prompt is empty"), (["graph", "w5 " * 20], "longer than the model's context"),
                      (["graph", "w5", "--logit", "w5 w6"], "give one token")):
         assert main(bad + argv[2:]) == 2

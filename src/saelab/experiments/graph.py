@@ -153,6 +153,7 @@ def run_graph(lm: HookedLM, transcoders: dict[int, tuple[str, object]], cfg: Gra
 
     out = Path(out_dir)
     tokens = prompt_tokens(lm, cfg.prompt)
+    out.mkdir(parents=True, exist_ok=True)  # dashboard links are checked relative to it
     saes = {layer: sae.to(lm.device, lm.W_E.dtype) for layer, (_, sae) in transcoders.items()}
     att = attribute(lm, saes, tokens, logit_id(lm, cfg.logit), progress=progress)
     kinds = [n.kind for n in att.nodes]

@@ -97,7 +97,8 @@ def graph_svg(result) -> str:
                      f'opacity="{0.2 + 0.7 * w:.2f}"><title>{e.weight:+.4g}</title></line>')
     names = ["embeddings"] + [f"layer {i}" for i in range(result.n_layers)] + ["logit"]
     rows = [f'<text class="lay" x="4" y="{height - 46 - r * ROW_H}">{name}</text>' for r, name in enumerate(names)]
-    toks = [f'<text x="{c:.1f}" y="{height - 8}" text-anchor="middle">{p}</text>' for p, c in enumerate(centres)]
+    toks = [f'<text x="{c:.1f}" y="{height - 8}" text-anchor="middle">{p}: {_tok(t)}</text>'
+            for p, (c, t) in enumerate(zip(centres, result.tokens))]
     nodes = [_node(n, *where[n.key()], result.links.get(n.key())) for n in result.nodes]
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
             + "".join(rows + toks + lines + nodes) + "</svg>")
