@@ -82,7 +82,10 @@ def test_dataset_comparison_and_reasons(lm, pair_feature):
     assert top.acts[-1] == pytest.approx(top.act, abs=1e-6) and len(top.tokens) == top.pos + 1
     cfg = MaximizeConfig(feature=2, length=2, beam=2, lm_weight=0.0)
     result = run_maximize(lm, sae, cfg, dataset=top)
-    assert result.beats == (result.texts[0].act > top.act)
+    assert result.beats == (result.texts[0].act > top.act * (1 + 5e-4))
+    same = DatasetTop(result.texts[0].act * (1 + 1e-4), [], [], 1, "rounded")
+    tie = run_maximize(lm, sae, cfg, dataset=same)
+    assert tie.beats is False and "same activation" in tie.why_not
     unbeatable = DatasetTop(1e9, ["<bos>"] * 20, [0.0] * 20, 19, "made up")
     result = run_maximize(lm, sae, cfg, dataset=unbeatable)
     assert result.beats is False and "raise --length" in result.why_not

@@ -259,8 +259,18 @@ def dataset_top_from_scan(scorer: Scorer, contexts: Tensor, batch: int = 16) -> 
                       f"{contexts.shape[0]} held-out contexts of {contexts.shape[1]} tokens")
 
 
+TIE = 5e-4  # relative: a dashboard keeps 4 significant digits, so closer than this is the same activation
+
+
+def beats(best: float, top: float) -> bool:
+    return best > top + TIE * abs(top)
+
+
 def why_not(best: SyntheticText, top: DatasetTop, cfg: MaximizeConfig) -> str:
     """Why the search did not beat the dataset's top example, from what is known about both."""
+    if abs(best.act - top.act) <= TIE * abs(top.act) and best.act > 0:
+        return (f"it reaches the same activation ({best.act:.4g}, equal to the 4 digits a dashboard keeps): the search "
+                "found the dataset's peak, likely the most this feature gives for the token it fires on")
     if best.act <= 0:
         return ("no text found fires the feature (its best pre-activation was "
                 f"{best.pre_act:.3g}); it may need a context the search's candidates never reach: widen --beam and "
@@ -287,10 +297,10 @@ def run_maximize(lm: HookedLM, sae, cfg: MaximizeConfig, sae_path: str = "", dat
     pool = refine(scorer, pool, cfg)
     texts = synthetic_texts(scorer, pool, cfg.top)
     best = max(texts, key=lambda t: t.act)
-    beats = None if dataset is None else best.act > dataset.act
+    beat = None if dataset is None else beats(best.act, dataset.act)
     return MaximizeResult(feature=cfg.feature, hook=sae.cfg.hook_name, sae=str(sae_path), model=lm.name,
-                          config=asdict(cfg), texts=texts, dataset=dataset, beats=beats,
-                          why_not=why_not(best, dataset, cfg) if beats is False else None, evaluated=len(pool))
+                          config=asdict(cfg), texts=texts, dataset=dataset, beats=beat,
+                          why_not=why_not(best, dataset, cfg) if beat is False else None, evaluated=len(pool))
 
 
 def format_maximize(result: MaximizeResult) -> str:
