@@ -167,3 +167,47 @@ def test_command_writes_graph_and_page(tmp_path, tiny_hf_model_dirs, capsys):
     _save_transcoders(lm, tmp_path / "half", layers=[0])
     assert main(["graph", "w5", "--transcoders", str(tmp_path / "half"), "--model", model]) == 2
     assert "none for layer(s) 1" in capsys.readouterr().err
+
+
+def test_frozen_records_replays_and_restores(tiny_hf_model_dirs):
+    """The recording pass is the model's forward; a replay keeps patterns and scales (so the
+    attention output and the MLP input are linear in the embeddings); leaving restores the
+    model; misuse is an error."""
+    lm = HookedLM.load(tiny_hf_model_dirs["llama"], dtype=torch.float64)
+    before = lm.forward(TOKENS)
+    impl = lm.model.config._attn_implementation
+    e = lm.embed(TOKENS)
+    with frozen(lm) as state:
+        with pytest.raises(ConfigError, match="nothing recorded"):
+            state.replay()
+        assert torch.allclose(lm.forward(inputs_embeds=e), before, atol=1e-6)
+        state.replay()
+        for name in ("blocks.0.hook_attn_out", "blocks.0.ln2.hook_normalized"):  # before any MLP; no biases
+            f1, f3 = (lm.run_with_cache(inputs_embeds=c * e, names=[name])[name] for c in (1.0, 3.0))
+            assert torch.allclose(f3, 3 * f1, atol=1e-9)
+        with pytest.raises(ConfigError, match="does not match the recorded"):
+            lm.forward(TOKENS[:, :3])
+    assert lm.model.config._attn_implementation == impl
+    assert torch.equal(lm.forward(TOKENS), before)
+    name = "blocks.0.hook_attn_out"  # unfrozen, the norm before attention undoes the scaling
+    f1, f3 = (lm.run_with_cache(inputs_embeds=c * e, names=[name])[name] for c in (1.0, 3.0))
+    assert torch.allclose(f3, f1, rtol=0.02, atol=1e-4) and not torch.allclose(f3, 3 * f1, rtol=0.5)
+
+
+def test_influence_sums_paths_and_prune_keeps_the_heavy_ones():
+    """emb0 -> f -> logit and emb0 -> logit, emb1 -> logit: influence is the sum over paths of the
+    products of each edge's share of its target's incoming |edges|."""
+    from saelab.experiments.graph_prune import influence, prune
+
+    kinds = ["embedding", "embedding", "feature", "logit"]
+    A = torch.zeros(4, 4, dtype=torch.float64)
+    A[2, 0] = 2.0  # emb0 -> f
+    A[3, 2], A[3, 0], A[3, 1] = 3.0, -1.0, 0.5  # f, emb0, emb1 -> logit (shares 3/4.5, 1/4.5, 0.5/4.5)
+    infl = influence(A, 3, depth=4)
+    assert infl.tolist() == pytest.approx([1 / 4.5 + 3 / 4.5 * 1.0, 0.5 / 4.5, 3 / 4.5, 0.0])
+    kept = prune(A, kinds, node_threshold=0.9)
+    assert kept.nodes == [0, 2, 3]
+    total = float(infl.sum())
+    assert kept.kept_fraction == pytest.approx((float(infl[0]) + float(infl[2])) / total)
+    assert (0, 2) in kept.edges and (2, 3) in kept.edges and all(1 not in e for e in kept.edges)
+    assert prune(A, kinds, node_threshold=0.9, max_nodes=1).nodes == [0, 3]

@@ -73,7 +73,8 @@ def _norm_hook(state: FrozenState, kind: str):
             scale = state.scales[id(module)]
         else:
             scale = state.lookup(state.scales, id(module), "norm scale", x.shape)
-        y = (centred / scale).to(x.dtype) * module.weight
+        y = (centred / scale).to(x.dtype)
+        y = y * module.weight if getattr(module, "weight", None) is not None else y
         return y + module.bias if getattr(module, "bias", None) is not None else y
     return hook
 
