@@ -61,7 +61,7 @@ def test_gradient_proposals_point_up(lm, pair_feature):
     ids = torch.tensor([[0, 39]])
     proposed = scorer.gradient_tokens(torch.cat([lm.embed(ids), lm.W_E[2:].mean(0).expand(1, 1, -1)], 1), 3)[0, -1]
     every = torch.tensor([[0, 39, t] for t in range(2, 64)])
-    z, _ = scorer.score(every, 64)
+    _, z, _ = scorer.score(every, 64)
     assert float(z[proposed[0] - 2]) > float(z.mean())
 
 
@@ -128,3 +128,23 @@ def _text(tmp_path):
     path.write_text("\n".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 62 + 2}" for j in range(40))})
                               for i in range(40)))
     return path
+
+
+def test_value_is_the_distance_to_firing(lm):
+    """topk: the activation where the feature is among the k largest, else z minus the k-th
+    largest z; relu: the activation, else z (its threshold is 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(50, lm.d_model) * 4
+    for arch, options in (("topk", {"k": 3}), ("relu", {})):
+        sae = SAE(lm.d_model, 12, arch=arch, hook_name=HOOK, **options)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.05)
+        for i in (0, 5):
+            value, z, act = Scorer(lm, sae, i).value(x)
+            zs = sae.pre_acts(x).detach()
+            kth = zs.topk(3, -1).values[:, -1]
+            threshold = kth.clamp(min=0) if arch == "topk" else torch.zeros(50)
+            act = act.detach()
+            want = torch.where(act > 0, act, (zs[:, i] - threshold).clamp(max=0))
+            assert torch.allclose(value.detach(), want, atol=1e-5), (arch, i)
+            assert ((act > 0) | (value <= 0)).all() and 0 < int((act > 0).sum()) < 50

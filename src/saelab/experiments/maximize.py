@@ -3,18 +3,18 @@ found by a search the language model guides, shown beside the dataset's top exam
 
 Beam search left to right over tokens. Each beam proposes next tokens from two sources: the
 LM's most likely continuations (so the text stays plausible) and the tokens whose embedding has
-the largest dot product with the gradient of the feature's pre-activation at the new position
-with respect to that position's input embedding (the first-order gain of putting the token
-there, as in coordinate / GCG-style searches; the gradient is taken at the mean embedding).
-Every candidate is then scored exactly by a forward pass:
+the largest dot product with the gradient of the feature's value at the new position with
+respect to that position's input embedding (the first-order gain of putting the token there, as
+in coordinate / GCG-style searches; the gradient is taken at the mean embedding). Every
+candidate is then scored exactly by a forward pass:
 
-    objective = z_last + lm_weight * mean log p(text)
+    objective = value_last + lm_weight * mean log p(text)
 
-with z_last the feature's pre-activation at the text's last token (for relu, jumprelu and topk
-the activation is z where the feature fires, and z still ranks texts where it does not yet) and
-the mean next-token log-probability of the text's tokens (nats). After the beam reaches
-`length` tokens, `refine_rounds` rounds of coordinate search try, at every position of the best
-texts, the tokens with the largest gradient there and keep a swap that raises the objective.
+with value_last the feature's activation at the text's last token where it fires, else how far
+its pre-activation is below firing there (`Scorer.value`), and the mean next-token
+log-probability of the text's tokens (nats). After the beam reaches `length` tokens,
+`refine_rounds` rounds of coordinate search try, at every position of the best texts, the tokens
+with the largest gradient there and keep a swap that raises the objective.
 Every text is reported with its activation (`sae.encode` at its last token), so a text counts as
 reaching X only if the SAE itself says so.
 """
@@ -106,18 +106,28 @@ class Scorer:
         banned = set(getattr(lm.tokenizer, "all_special_ids", []) or []) | {lm.bos_token_id}
         self.allowed = torch.tensor([t not in banned for t in range(vocab)] + [False] * (lm.W_E.shape[0] - vocab))
 
-    def _z(self, x: Tensor) -> Tensor:
-        return self.sae.pre_acts(x.to(self.sae.W_enc.dtype))[..., self.feature]
+    def value(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(searched value, pre-activation z, activation) of the feature on rows x (N, d_in).
+
+        The searched value is the activation where the feature fires, else how far its z is
+        below the level at which it would: the k-th largest z of the row (at least 0) for an
+        architecture with k features per token, else its threshold (0 for relu). z alone would
+        send a topk search to rows on which every z is large but this feature loses."""
+        x = x.to(self.sae.W_enc.dtype)
+        z, f = self.sae.pre_acts(x), self.sae.encode(x)
+        zi, act = z[:, self.feature], f[:, self.feature]
+        if self.sae.activation.per_token_k:
+            cut = z.detach().topk(self.sae.cfg.k, -1).values[:, -1].clamp(min=0)
+        else:
+            threshold = self.sae.threshold
+            cut = threshold[self.feature].detach() if threshold is not None else torch.zeros((), dtype=z.dtype)
+        return torch.where(act > 0, act, (zi - cut).clamp(max=0)), zi, act
 
     @torch.no_grad()
-    def score(self, ids: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        """(pre-activation, activation) at the last token of each row of ids (B, S)."""
-        zs, acts = [], []
-        for chunk in ids.split(batch):
-            x = self.lm.run_with_cache(chunk, [self.hook])[self.hook][:, -1]
-            zs.append(self._z(x))
-            acts.append(self.sae.encode(x.to(self.sae.W_enc.dtype))[:, self.feature])
-        return torch.cat(zs).double(), torch.cat(acts).double()
+    def score(self, ids: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(searched value, pre-activation, activation) at the last token of each row of ids (B, S)."""
+        parts = [self.value(self.lm.run_with_cache(chunk, [self.hook])[self.hook][:, -1]) for chunk in ids.split(batch)]
+        return tuple(torch.cat(p).double() for p in zip(*parts))
 
     @torch.no_grad()
     def all_positions(self, ids: Tensor) -> Tensor:
@@ -130,7 +140,7 @@ class Scorer:
         with d z_last / d embedding there (embeds (B, S, d): the input embeddings)."""
         embeds = embeds.detach().requires_grad_(True)
         x = self.lm.run_with_cache(inputs_embeds=embeds, names=[self.hook], grad=True)[self.hook][:, -1]
-        (grad,) = torch.autograd.grad(self._z(x).sum(), embeds)
+        (grad,) = torch.autograd.grad(self.value(x)[0].sum(), embeds)
         gain = grad @ self.lm.W_E.detach().T
         gain[..., ~self.allowed] = -torch.inf
         return gain.topk(min(k, int(self.allowed.sum())), dim=-1).indices
@@ -153,10 +163,11 @@ class Scorer:
 Pool = dict  # token ids (tuple, BOS first) -> (objective, pre-activation, activation, summed log p)
 
 
-def _add(pool: Pool, keys: list[tuple], z: Tensor, act: Tensor, lp: Tensor, lm_weight: float) -> Tensor:
-    """Score `keys` into the pool; returns their objectives."""
+def _add(pool: Pool, keys: list[tuple], scored: tuple[Tensor, Tensor, Tensor], lp: Tensor, lm_weight: float) -> Tensor:
+    """Score `keys` into the pool (scored: `Scorer.score`'s value, z, act); returns their objectives."""
+    value, z, act = scored
     n = torch.tensor([len(k) - 1 for k in keys], dtype=torch.float64)
-    obj = z + lm_weight * lp / n
+    obj = value + lm_weight * lp / n
     for k, o, zz, a, p in zip(keys, obj.tolist(), z.tolist(), act.tolist(), lp.tolist()):
         pool[k] = (o, zz, a, p)
     return obj
@@ -181,8 +192,8 @@ def beam_search(scorer: Scorer, start: tuple[int, ...], cfg: MaximizeConfig, pro
             for t in set(torch.cat([p[b] for p in proposals]).tolist()):
                 cands[seq + (t,)] = lp + float(logq[b, t])
         keys = list(cands)
-        z, act = scorer.score(torch.tensor(keys, device=lm.device), cfg.batch_size)
-        obj = _add(pool, keys, z, act, torch.tensor([cands[k] for k in keys], dtype=torch.float64), cfg.lm_weight)
+        scored = scorer.score(torch.tensor(keys, device=lm.device), cfg.batch_size)
+        obj = _add(pool, keys, scored, torch.tensor([cands[k] for k in keys], dtype=torch.float64), cfg.lm_weight)
         beams = [(keys[i], cands[keys[i]]) for i in obj.argsort(descending=True)[:cfg.beam].tolist()]
     return pool
 
@@ -202,9 +213,8 @@ def refine(scorer: Scorer, pool: Pool, cfg: MaximizeConfig) -> Pool:
         for length in sorted({len(c) for c in cands - pool.keys()}):
             keys = [c for c in cands if len(c) == length and c not in pool]
             ids = torch.tensor(keys, device=lm.device)
-            z, act = scorer.score(ids, cfg.batch_size)
             lp = torch.cat([scorer.text_logprob(chunk) for chunk in ids.split(cfg.batch_size)])
-            _add(pool, keys, z, act, lp, cfg.lm_weight)
+            _add(pool, keys, scorer.score(ids, cfg.batch_size), lp, cfg.lm_weight)
         if max(v[0] for v in pool.values()) <= before:
             break
     return pool
