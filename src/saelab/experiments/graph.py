@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.atomic import write_json, write_text
+from saelab.atomic import write_json
 from saelab.errors import ConfigError, DataError, MissingFileError
 from saelab.experiments.graph_attribution import Node, attribute, mlp_hooks
 from saelab.experiments.graph_prune import prune

@@ -29,13 +29,9 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
+from saelab.experiments.sparse_mlp import mlp_hooks  # the hooks a transcoder of layer L reads and writes
 from saelab.lm.frozen import frozen
 from saelab.lm.hooked import HookedLM
-
-
-def mlp_hooks(layer: int) -> tuple[str, str]:
-    """(input, output) hooks of a transcoder replacing layer `layer`'s MLP (as sparse-mlp trains)."""
-    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
 @dataclass
