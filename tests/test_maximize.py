@@ -121,6 +121,10 @@ def test_command_and_bad_input(tmp_path, lm, pair_feature, tiny_hf_model_dirs, c
                  "--beam", "2", "--source", str(_text(tmp_path)), "--context-length", "8", "--out", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "dataset's top example" in out and (tmp_path / "m" / "maximize.json").is_file()
+    page = (tmp_path / "m" / "maximize.html").read_text()
+    best = json.loads((tmp_path / "m" / "maximize.json").read_text())["texts"][0]
+    assert page.count('class="ex"') == 1 + len(json.loads((tmp_path / "m" / "maximize.json").read_text())["texts"])
+    assert f"{best['act']:.4g}" in page and "<script" not in page
 
 
 def _text(tmp_path):

@@ -6,7 +6,8 @@ coordinate search then refines them. Prints each text with the activation it rea
 the dataset's top example (from --dashboard, else a scan of held-out text), and says why when
 the search does not beat it.
 
-Writes the output folder (--out; default: beside the SAE, <SAE>-maximize-<I>): maximize.json.
+Writes the output folder (--out; default: beside the SAE, <SAE>-maximize-<I>): maximize.json and
+maximize.html (the texts and the dataset's top example, shaded on one scale).
 With --dashboard it also puts the texts on the feature's dashboard page, beside its top examples."""
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from saelab.atomic import write_json
+    from saelab.experiments.maximize_view import write_maximize_page
     from saelab.interpret.dashboard import write_synthetic
     from saelab.lm.resolve import heldout_contexts
 
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.sae.rstrip('/')}-maximize-{args.feature}")
     print(format_maximize(result))
     write_json(out / "maximize.json", result.to_dict())
-    print(f"\nwrote {out}/maximize.json")
+    write_maximize_page(result.to_dict(), out, args.dashboard)
+    print(f"\nwrote {out}/maximize.json and maximize.html")
     if args.dashboard:
         print(f"and the texts on {write_synthetic(args.dashboard, args.feature, result.to_dict())}")
     return 0
