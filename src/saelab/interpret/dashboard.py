@@ -275,6 +275,42 @@ def write_dashboard(report: Report | dict, out_dir, include_dead: bool = False, 
     return write_text(out / "index.html", index_html)
 
 
+SYNTHETIC = "synthetic"  # <dashboard>/synthetic/<i>.json: `saelab maximize`'s texts, shown on the feature's page
+
+
+def _synthetic(out: Path, index: int, max_act) -> dict | None:
+    """The synthetic texts `saelab maximize` put beside the dashboard for feature `index`, with
+    the shading scale shared by them and the dataset's examples; None when there are none."""
+    path = out / SYNTHETIC / f"{index}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    acts = [t.get("act") for t in data.get("texts") or []] + [max_act]
+    return {**data, "scale": _usable_scale(None, [a for a in acts if isinstance(a, (int, float))])}
+
+
+def write_synthetic(out_dir, index: int, data: dict) -> Path:
+    """Put `saelab maximize`'s result for feature `index` beside the dashboard in `out_dir`
+    (synthetic/<i>.json) and redraw that feature's page with it; returns the page's path."""
+    from saelab.errors import MissingFileError
+
+    out = Path(out_dir)
+    feature_json, report_json = out / "features" / f"{index}.json", out / "report.json"
+    if not feature_json.is_file() or not report_json.is_file():
+        raise MissingFileError(f"{out} has no page for feature {index} (features/{index}.json): give the dashboard "
+                               "`saelab dashboard` wrote for this SAE, with that feature in it")
+    write_text(out / SYNTHETIC / f"{index}.json", _dumps(data))
+    paged = sorted(int(p.stem) for p in (out / "features").glob("*.html") if p.stem.isdigit())
+    n = paged.index(index) if index in paged else None
+    prev = paged[n - 1] if n else None
+    nxt = paged[n + 1] if n is not None and n + 1 < len(paged) else None
+    f = json.loads(feature_json.read_text(encoding="utf-8"))
+    sae = json.loads(report_json.read_text(encoding="utf-8")).get("sae") or {}
+    page = _environment().get_template("feature.html").render(
+        f=f, sae=sae, prev=prev, next=nxt, root="../", synthetic=_synthetic(out, index, f.get("max_act")))
+    return write_text(out / "features" / f"{index}.html", page)
+
+
 def _write_features(env: Environment, folder: Path, features: list[FeatureSummary], paged: list[int], sae: dict,
                     progress: bool | None) -> set[str]:
     """features/<i>.json of every feature with detail, and <i>.html of the `paged` ones (linked
@@ -290,8 +326,9 @@ def _write_features(env: Environment, folder: Path, features: list[FeatureSummar
         written.add(write_text(folder / f"{i}.json", _dumps(data), fsync=False).name)
         if i in neighbours:
             prev, nxt = neighbours[i]
-            written.add(write_text(folder / f"{i}.html", page.render(f=data, sae=sae, prev=prev, next=nxt, root="../"),
-                                   fsync=False).name)
+            synthetic = _synthetic(folder.parent, i, data.get("max_act"))
+            written.add(write_text(folder / f"{i}.html", page.render(f=data, sae=sae, prev=prev, next=nxt, root="../",
+                                                                     synthetic=synthetic), fsync=False).name)
     return written
 
 
