@@ -30,7 +30,7 @@ import torch
 from saelab.data.outliers import OutlierRule
 from saelab.data.provenance import rule_for
 from saelab.errors import ConfigError
-from saelab.evals.entry import Extra, MetricsEntry, read_metrics, with_outlier_columns, write_metrics
+from saelab.evals.entry import Extra, MetricsEntry, read_metrics, recovered_column, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm, evaluate_saes, lm_batches
 from saelab.lm.hooked import HookedLM
 from saelab.plots import plot_l0_vs_loss_recovered
@@ -38,7 +38,7 @@ from saelab.sae import SAE
 from saelab.sae.architectures import names_where
 from saelab.tables import format_rows
 
-COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", "loss_recovered")
+COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", recovered_column("loss_recovered"))
 ORIGINAL = Extra({"n_killed": 0, "density_cutoff": None})  # the unpruned SAE's prune columns
 
 

@@ -31,7 +31,7 @@ from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
+from saelab.evals.entry import MetricsEntry, recovered_column, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import heldout_contexts, load_lm
@@ -43,7 +43,8 @@ from saelab.train.spec import TrainSpec
 
 # CE increase (nats) and KL beside loss recovered: on a real model zero ablation is far worse
 # than unigram, so a high loss recovered alone flatters an SAE
-TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
+TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", recovered_column("loss_recovered"),
+                 recovered_column("loss_recovered_mean"))
 
 
 @dataclass
@@ -103,7 +104,7 @@ class SweepColumns:
         return out
 
 
-def table_columns(rows) -> tuple[str, ...]:
+def table_columns(rows) -> tuple:
     """The table's columns: TABLE_COLUMNS, with the outlier columns when some row had outliers."""
     return with_outlier_columns(TABLE_COLUMNS, rows)
 
