@@ -90,7 +90,7 @@ def make_report() -> dict:
     """Four features: two full, one dead, one with index data only; indices not contiguous."""
     tokens = HOSTILE + ["def", " foo", "(", "):", "\n   ", " return"]
     return {
-        "schema": 3,
+        "schema": 4,
         "sae": {"path": "/runs/<b>x</b>/saes/\u202ereverse", "arch": "relu", "d_in": 128, "d_sae": 16,
                 "hook_name": "blocks.1.hook_resid_post", "model_name": "tiny \"model\" <i>"},
         "n_tokens": 4096,
@@ -219,7 +219,7 @@ def test_index_lists_every_feature_and_links_pages(built):
     rows = [a for t, a in parsed.tags if t == "tr"]
     assert len(rows) == 1 + len(report["features"])  # header + one per feature
     dead = [a for t, a in parsed.tags if t == "tr" and a.get("class") == "dead"]
-    assert dead == [{"class": "dead", "data-density": "0.0", "data-max-act": "0.0"}]
+    assert dead == [{"id": "f3", "class": "dead", "data-density": "0.0", "data-max-act": "0.0"}]  # f3: a link target
     hrefs = {a["href"] for t, a in parsed.tags if t == "a" and a.get("href", "").startswith("features/")}
     assert hrefs == {"features/2.html", "features/7.html"}
     assert len([1 for t, a in parsed.tags if t == "rect"]) == len(report["density_hist"]["counts"])
@@ -350,7 +350,7 @@ def test_schema_1_reports_are_read(tmp_path):
     """Their dense threshold was the renderer's 0.1, and a one-tree "root" becomes "roots"."""
     old = _schema1(make_report())
     report = Report.from_dict(old)
-    assert report.schema == 3 and report.dense_threshold == 0.1 and report.options is None
+    assert report.schema == 4 and report.dense_threshold == 0.1 and report.options is None
     tree = report.features[0].tree
     assert list(tree.roots) == ["decoder"] and tree.overlap is None and tree.vector == "decoder"
     write_dashboard(old, tmp_path, progress=False)
@@ -358,14 +358,14 @@ def test_schema_1_reports_are_read(tmp_path):
     assert "decoder vector" in text and "encoder vector" not in text
     index = " ".join("".join(_parse(tmp_path / "index.html").text).split())
     assert "dense (> 0.1)0" in index
-    assert json.loads((tmp_path / "report.json").read_text())["schema"] == 3
+    assert json.loads((tmp_path / "report.json").read_text())["schema"] == 4
 
 
 def test_schema_2_reports_are_read_and_outlier_rows_are_shown(tmp_path):
     """Schema 2 had no outlier rows; a schema-3 report shows how many the scan skipped."""
     old = {k: v for k, v in make_report().items() if k != "outliers"}
     report = Report.from_dict({**old, "schema": 2})
-    assert report.schema == 3 and report.outliers is None
+    assert report.schema == 4 and report.outliers is None
     write_dashboard({**old, "schema": 2}, tmp_path / "old", progress=False)
     assert "outlier rows" not in " ".join(_parse(tmp_path / "old" / "index.html").text)
     new = {**old, "outliers": {"multiple": 10.0, "skipped": 37, "positions": [[1, 30], [57, 7]],
@@ -378,7 +378,7 @@ def test_schema_2_reports_are_read_and_outlier_rows_are_shown(tmp_path):
 
 @pytest.mark.parametrize("bad, what", [
     ([], "is a JSON object (a dict), got list"),
-    ({"schema": 4, "features": []}, "schema 4 is not supported; this saelab reads schemas 1, 2, 3"),
+    ({"schema": 5, "features": []}, "schema 5 is not supported; this saelab reads schemas 1, 2, 3, 4"),
     ({**make_report(), "features": None}, "report.features: expected a list, got null"),
     ({**make_report(), "features": [{"density": 0.1}]}, "report.features[0]: missing key 'index'"),
     ({**make_report(), "features": [make_report()["features"][3]] * 2}, "feature index 11 appears twice"),
