@@ -57,12 +57,17 @@ def _feature(index: int, tokens: list, dead: bool = False, detail: bool = True) 
         return feat
     peak = feat["max_act"]
     examples = [] if dead else [_example(n, tokens, peak - n, (3 * n + 2) % len(tokens)) for n in range(3)]
+    if examples:  # its first token is the BOS position, which the scan left out
+        examples[0].update(excluded=[0], acts=[None, *examples[0]["acts"][1:]])
     feat.update({
         "act_hist": {"edges": [0.0, 2.0, 4.0, 6.0, 8.0], "counts": [10, 4, 2, 1]},
         "top_tokens": [{"token": t, "count": 9 - n, "mean_act": 3.5 - n / 4} for n, t in enumerate(tokens[:6])],
         "examples": examples,
-        "quantiles": [] if dead else [{"lo": 0.0, "hi": 4.0, "examples": examples[2:]},
-                                      {"lo": 4.0, "hi": peak, "examples": examples[:2]}],
+        "quantiles": [] if dead else [{"lo": 0.0, "hi": 4.0, "examples": examples[2:], "count": 30, "share": 0.75},
+                                      {"lo": 4.0, "hi": peak, "examples": examples[:2], "count": 10, "share": 0.25}],
+        "logit_hist": {"edges": [-2.0, -1.0, 0.0, 1.0, 2.0], "counts": [3, 40, 50, 7]},
+        "coactive": [] if dead else [{"index": 7 if index == 2 else 2, "count": 12, "correlation": 0.41},
+                                     {"index": 11, "count": 3, "correlation": 0.12}],
         "logits": {"top": [{"token": t, "value": 2.0 - n / 10} for n, t in enumerate(tokens[:8])],
                    "bottom": [{"token": t, "value": -2.0 + n / 10} for n, t in enumerate(tokens[8:])]},
         "ablation": [] if dead else [
@@ -475,3 +480,30 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def test_feature_page_shows_logit_histogram_band_shares_coactive_links_and_bos_excluded(built):
+    report, out, _ = built
+    page = _parse(out / "features" / "7.html")
+    text = " ".join("".join(page.text).split())
+    assert len([a for t, a in page.tags if t == "svg"]) == 2  # activations, and every token's logit weight
+    assert "logit weight (tokens per bin)" in text
+    assert "· 75.0% of its activations" in text and "· 25.0% of its activations" in text
+    links = [a["href"] for t, a in page.tags if t == "a"]
+    assert "2.html" in links  # a co-active feature with a page
+    assert "../index.html#f11" in links  # one without: its row of the index
+    assert "Fires with" in text
+    bos = [a for t, a in page.tags if t == "span" and a.get("class") == "xb"]
+    assert len(bos) == 2 and all("BOS, left out of the scan" in a["title"] for a in bos)  # top 1, and in a quantile bin
+    index = _parse(out / "index.html")
+    assert {"f2", "f3", "f7", "f11"} <= {a.get("id") for t, a in index.tags if t == "tr"}
+
+
+def test_an_outlier_row_in_an_example_is_marked_as_such():
+    from saelab.interpret.dashboard import excluded_tokens
+
+    assert excluded_tokens({"excluded": [0, 3]}) == {0: "BOS, left out of the scan (no activation)",
+                                                     3: "outlier row (massive activation), left out of the scan "
+                                                        "(no activation)"}
+    assert list(excluded_tokens({"excluded": [0], "start": 5}).values())[0].startswith("outlier row")
+    assert excluded_tokens({}) == {}
