@@ -273,3 +273,22 @@ def test_coactive_partners_are_the_features_most_correlated(table_max, capacity)
         for b, n, phi in got:
             assert n == int(together[j, b]) and phi == pytest.approx(corr[j, b].item(), rel=1e-6)
     assert scan_features(_batches(acts, tokens, 7), sae, vocab_size=VOCAB).coactive_partners(0) == []
+
+
+def test_coactivation_over_budget_counts_a_regular_sample_of_tokens():
+    from saelab.interpret.scan import CoActivation
+
+    # 6 positions; features active per position: 0:{0,1,2} 1:{0,1} 2:{1,2} 3:{0,2} 4:{0,1,2} 5:{}
+    active = {0: [0, 1, 2], 1: [0, 1], 2: [1, 2], 3: [0, 2], 4: [0, 1, 2]}
+    tok_i = torch.tensor([t for t, fs in active.items() for _ in fs])
+    feat = torch.tensor([f for fs in active.values() for f in fs])
+    kept = torch.ones(6, dtype=torch.bool)
+    full = CoActivation(torch.tensor([0]), 3, ScanConfig())
+    full.update(tok_i, feat, kept)
+    assert full.n_tokens == 6 and full.count.tolist() == [4, 4, 4]
+    assert sorted(full.counts.top(0, 3)) == [(1, 3, 1.0), (2, 3, 1.0)]
+    # tracked feature 0 has 4 entries on tokens of sizes 3, 2, 2, 3: 10 pairs; a budget of 4 takes every 3rd token
+    sampled = CoActivation(torch.tensor([0]), 3, ScanConfig(coactive_max_pairs=4))
+    sampled.update(tok_i, feat, kept)
+    assert sampled.n_tokens == 2 and sampled.count.tolist() == [2, 1, 2]  # positions 0 and 3 only
+    assert sorted(sampled.counts.top(0, 3)) == [(1, 1, 1.0), (2, 2, 1.0)]

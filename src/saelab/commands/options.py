@@ -264,6 +264,9 @@ def add_report_views(g, d: ReportOptions) -> None:
                    help="feature vector norm in mean token norms, for the nearest-token lists")
     g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
                    help="exponent on the cosine in the nearest-token score")
+    g.add_argument("--coactive", type=int, default=d.n_coactive, metavar="N",
+                   help="list the N features most correlated with each paged feature, counted during the scan "
+                        "(0: skip the count; its cost grows with L0 squared)")
     add_drop_high_norm(g, d.high_norm_z)
     g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
                    help="keep only these many tokens around each example (default: whole contexts)")
@@ -277,6 +280,7 @@ def report_view_options(args: argparse.Namespace) -> dict:
                 n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
                 embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
                 high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
+                n_coactive=max(args.coactive, 0),
                 exclude_bos=not args.include_bos, outliers=OutlierRule(args.outlier_multiple))
 
 

@@ -25,7 +25,8 @@ across features, into:
   (a (tracked, d_sae) table while it has at most `coactive_table_max` cells, else
   `coactive_capacity` partners per feature, kept by count), from which `coactive_partners` ranks
   partners by the correlation of the two features' firing (phi). The pairs of a token are its
-  active features taken two at a time, so the work is tokens x L0 x (tracked features' L0).
+  active features taken two at a time, so the work is tokens x L0 x (tracked features' L0),
+  bounded per batch by `coactive_max_pairs` (beyond it, a regular sample of the batch's tokens).
 
 Only (value, row, position) is kept per example; `sources.example_acts` fetches the per-token
 activations of the kept contexts afterwards (one more pass over just those contexts). Where
@@ -65,10 +66,12 @@ class ScanConfig:
     token_capacity: int = 64  # else token slots per feature
     coactive_table_max: int = 1 << 22  # dense (tracked features, d_sae) co-activation counts up to this many cells
     coactive_capacity: int = 32  # else co-active partner slots per tracked feature
+    coactive_max_pairs: int = 1 << 22  # co-active pairs counted per batch; beyond, every s-th token (CoActivation)
     seed: int = 0  # of the hash keys that pick quantile examples
 
     def validate(self) -> None:
-        for name in ("top_k", "n_quantiles", "per_quantile", "n_fine", "token_capacity", "coactive_capacity"):
+        for name in ("top_k", "n_quantiles", "per_quantile", "n_fine", "token_capacity", "coactive_capacity",
+                     "coactive_max_pairs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ScanConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_quantiles * 2 > self.n_fine:
@@ -158,8 +161,12 @@ def token_pairs(tok_i: Tensor, tracked: Tensor | None = None) -> tuple[Tensor, T
 
 
 class CoActivation:
-    """On how many scanned tokens each tracked feature fires together with each other feature
-    (counts in a `TokenCounts` whose "token ids" are partner features)."""
+    """On how many tokens each tracked feature fires together with each other feature (counts in
+    a `TokenCounts` whose "token ids" are partner features), with each feature's own count and
+    the tokens counted. A batch whose pairs would exceed `coactive_max_pairs` (dense codes: MLP
+    neurons, high-L0 SAEs) is counted on every s-th of its tokens only, s the smallest stride
+    within budget; the counts, the features' own and the token total then cover the same
+    tokens, so the correlations stay consistent."""
 
     def __init__(self, tracked: Tensor, d_sae: int, config: ScanConfig, device=None):
         self.features = tracked.long().to(device)
@@ -167,13 +174,25 @@ class CoActivation:
         self.row_of[self.features] = torch.arange(len(self.features), device=device)
         self.counts = TokenCounts(len(self.features), d_sae, config.coactive_table_max, config.coactive_capacity,
                                   device)
+        self.count = torch.zeros(d_sae, dtype=torch.int64, device=device)  # tokens each feature fires on
+        self.n_tokens, self.max_pairs = 0, config.coactive_max_pairs
 
-    def update(self, tok_i: Tensor, feat: Tensor, chunk: int = 1 << 16) -> None:
-        """Add the pairs of a batch's active entries (sorted by token), `chunk` tracked entries'
-        pairs at a time (memory: chunk x the largest L0)."""
+    def update(self, tok_i: Tensor, feat: Tensor, kept: Tensor, chunk: int = 1 << 16) -> None:
+        """Add a batch: its active entries (token index, feature) and `kept` (n_positions,) bool,
+        the positions scanned. `chunk` tracked entries' pairs at a time (memory: chunk x the
+        largest L0)."""
         if tok_i.numel() > 1 and not bool((tok_i[1:] >= tok_i[:-1]).all()):
             order = torch.argsort(tok_i, stable=True)
             tok_i, feat = tok_i[order], feat[order]
+        size = torch.bincount(tok_i, minlength=kept.numel())
+        pairs = int((size[tok_i] * (self.row_of[feat] >= 0)).sum())
+        stride = max(1, -(-pairs // self.max_pairs))
+        if stride > 1:
+            sampled = tok_i % stride == 0
+            tok_i, feat = tok_i[sampled], feat[sampled]
+            kept = kept & (torch.arange(kept.numel(), device=kept.device) % stride == 0)
+        self.n_tokens += int(kept.sum())
+        self.count += torch.bincount(feat, minlength=self.count.numel())
         rows = self.row_of[feat]
         tracked = torch.nonzero(rows >= 0).flatten()
         for start in range(0, tracked.numel(), chunk):
@@ -182,14 +201,15 @@ class CoActivation:
             a, b = token_pairs(tok_i, mask)
             self.counts.update(rows[a], feat[b], torch.ones_like(a, dtype=torch.float32))
 
-    def partners(self, feature: int, count: Tensor, n_tokens: int, n: int) -> list[tuple[int, int, float]]:
+    def partners(self, feature: int, n: int) -> list[tuple[int, int, float]]:
         """[(partner, tokens both fire on, phi)] of a tracked feature, highest phi first, only
         positive correlations. phi = (N n_ab - n_a n_b) / sqrt(n_a (N - n_a) n_b (N - n_b)), the
-        Pearson correlation of the two features' "fires" indicators over the N scanned tokens."""
+        Pearson correlation of the two features' "fires" indicators over the N tokens counted."""
         row = int(self.row_of[feature])
         if row < 0:
             return []
-        N, n_a = float(n_tokens), float(count[feature])
+        count = self.count
+        N, n_a = float(self.n_tokens), float(count[feature])
         out = []
         for b, n_ab, _ in self.counts.top(row, self.counts.count.shape[1]):
             n_b = float(count[b])
@@ -255,7 +275,8 @@ class FeatureScan:
         self.bins.add(feat, value, rows[tok_i // S], pos, self.config.seed)
         self.tokens.update(feat, tokens.reshape(-1)[tok_i], value)
         if self.coactive is not None:
-            self.coactive.update(tok_i, feat)
+            self.coactive.update(tok_i, feat, torch.ones(B * S, dtype=torch.bool, device=tok_i.device)
+                                 if skip is None else ~skip.reshape(-1))
 
     def _context_max(self, B, S, tok_i, feat, value, pos) -> tuple[Tensor, Tensor]:
         """Each context's max activation per feature and its first position, (B, d_sae) each,
@@ -306,7 +327,7 @@ class FeatureScan:
     def coactive_partners(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
         """The features that fire with `feature` most in step, [(partner, tokens both fire on,
         phi)], highest phi first (CoActivation.partners); [] unless it was tracked."""
-        return [] if self.coactive is None else self.coactive.partners(feature, self.count, self.n_tokens, n)
+        return [] if self.coactive is None else self.coactive.partners(feature, n)
 
     def top_token_share(self) -> Tensor:
         """(d_sae,) share of each feature's activation mass (the sum of its activations) on the
