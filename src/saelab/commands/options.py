@@ -253,7 +253,8 @@ def add_report_views(g, d: ReportOptions) -> None:
     g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
                    help="feature vector the ghost token is made of (both: two trees and their overlap)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help="levels of each definition tree")
-    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth, help="children of each node of a definition tree")
+    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth,
+                   help="children of each node of a definition tree")
     g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
     g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
     g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,

@@ -41,7 +41,8 @@ from saelab.sae.architectures import names_where
 from saelab.tables import format_rows
 from saelab.train.spec import TrainSpec
 
-COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", recovered_column("loss_recovered"))
+COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl",
+           recovered_column("loss_recovered"))
 ORIGINAL = Extra({"n_killed": 0, "density_cutoff": None})  # the unpruned SAE's prune columns
 
 
@@ -168,7 +169,8 @@ def evaluation_note(rows: list[MetricsEntry], tokens, source: str | None, sweep:
     the trained sweep's own evaluation (read from its metrics.json) when it is plotted too."""
     n, length = tokens.shape
     predicted = next((r.downstream.downstream_tokens for r in rows if r.downstream is not None), None)
-    text = f"pruned: {n} held-out contexts{f' of {source}' if source else ''} x {length} tokens, {predicted} predictions"
+    text = (f"pruned: {n} held-out contexts{f' of {source}' if source else ''} x {length} tokens, "
+            f"{predicted} predictions")
     if sweep:
         theirs = sorted({r.downstream.downstream_tokens for r in sweep if r.downstream is not None})
         same = " (the same count)" if theirs == [predicted] else ""

@@ -14,8 +14,9 @@ across features, into:
   final bins are runs of fine bins, equal in width to within one fine bin (max / 32 at the
   default 64 fine bins);
 * counts / sums (density, mean activation over active tokens), the exact histogram of active
-  values over the same fine bins (so each quantile bin's share of the activations is exact), and per-token-id counts and sums (top tokens, and the share of
-  a feature's activation mass on its top token id: single-token features): an exact dense
+  values over the same fine bins (so each quantile bin's count is exact), and per-token-id
+  counts and sums (top tokens, and the share of a feature's activation mass on its top token
+  id: single-token features): an exact dense
   (d_sae, vocab) table when d_sae * vocab <= `token_table_max`, else `token_capacity` slots per
   feature kept by count after each batch (then counts are lower bounds; the top few are right
   unless a token is frequent overall but rare in every batch).
