@@ -12,7 +12,7 @@ from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule, OutlierTally
 from saelab.data.toy import ToyDataSource
 from saelab.errors import ConfigError
 from saelab.evals.downstream import KeepFlagged, SameAs, compare_splices, evaluate_downstream, sae_splices
-from saelab.evals.entry import MetricsEntry, with_outlier_columns
+from saelab.evals.entry import MetricsEntry, recovered_column, with_outlier_columns
 from saelab.evals.metrics import fvu, l0, mse
 from saelab.evals.reconstruction import PerSAE, RowsAt, evaluate_on_lm, evaluate_saes
 from saelab.interpret.scan import scan_features
@@ -115,7 +115,7 @@ def test_the_report_round_trips_through_metrics_json(planted):
     back = MetricsEntry.from_dict(json.loads(json.dumps(row.to_dict())))
     assert back.to_dict() == row.to_dict() and back.recon.outliers == m.outliers and back.extra == []
     assert row["outliers"] == 2 and row["fvu_all"] == m.outliers.fvu_all
-    assert with_outlier_columns(("name",), [row]) == ("name", "outliers", "fvu_all", "loss_recovered_all")
+    assert with_outlier_columns(("name",), [row]) == ("name", "outliers", "fvu_all", recovered_column("loss_recovered_all"))
     clean = MetricsEntry("b", evaluate_saes([sae], [x[:3]], outliers=OutlierRule())[0])
     assert with_outlier_columns(("name",), [clean]) == ("name",)  # no outliers: the table as it was
 

@@ -31,7 +31,7 @@ from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
+from saelab.evals.entry import MetricsEntry, recovered_column, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, heldout_contexts, load_lm
@@ -50,7 +50,8 @@ from saelab.train.sweep import per_init
 # fields added after runs were first written, with their defaults: config.json leaves them out at those
 LATER_FIELDS = {"cache_dir": None, "inits": ["tied"], "reference": None, "curve_every": 0}
 
-TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
+TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", recovered_column("loss_recovered"),
+                 recovered_column("loss_recovered_mean"))
 
 
 @dataclass
@@ -123,7 +124,7 @@ class SweepColumns:
         return out
 
 
-def table_columns(rows) -> tuple[str, ...]:
+def table_columns(rows) -> tuple:
     """The table's columns: TABLE_COLUMNS, with the outlier columns when some row had outliers."""
     return with_outlier_columns(TABLE_COLUMNS, rows)
 
