@@ -14,7 +14,8 @@ metrics.json (one row per SAE, with train_tokens and the stage timings), table.t
 L0 / loss-recovered and feature-density plots.
 
 Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
-SAEs (saelab.train.shard), and rank 0 writes the results.
+SAEs (saelab.train.shard), and rank 0 writes the results; with `parallel="data"` every rank
+trains every SAE on its share of each batch (saelab.train.data_parallel).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class LMSweepConfig:
     outlier_multiple: float | None = DEFAULT_MULTIPLE  # rows above this x the median norm are outliers (None: off)
     cache_dir: str | None = None  # the activation cache's folder (default: <run>/cache); runs of one
     # experiment that train on the same text at the same hook share one (saelab frontier)
+    parallel: str = "sweep"  # under torchrun: each rank trains whole SAEs ("sweep") or a share of every batch ("data")
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
@@ -82,8 +84,11 @@ class LMSweepConfig:
     def settings(self) -> dict:
         """What config.json records under "pipeline": every field but the specs (config.json
         holds those already), and cache_dir only when set (so run folders written before it
-        existed still resume). Checked on resume like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs" and not (k == "cache_dir" and v is None)}
+        existed still resume). Checked on resume like the rest of the run's config. Not
+        `parallel`: how ranks split the work leaves the run the same (a data-parallel run
+        resumes under any rank count)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("specs", "parallel") and not (k == "cache_dir" and v is None)}
 
 
 @dataclass
@@ -136,6 +141,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         model_name=lm.name,
         pipeline=cfg.settings(),
         provenance=Provenance(source=cfg.source, context_length=length, prepend_bos=True, exclude_bos=True),
+        parallel=cfg.parallel,
     )
     start = time.perf_counter()
     result = trainer.fit(batches)

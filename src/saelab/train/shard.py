@@ -75,6 +75,26 @@ class Shard:
         """True on the one process that writes a run folder's shared files (rank 0)."""
         return self.rank == 0
 
+    @property
+    def owns_files(self) -> bool:
+        """True where this process writes its SAEs' folders and its checkpoint (every rank
+        here: each owns its SAEs)."""
+        return True
+
+    def checkpoint_name(self, name: str) -> str:
+        """This rank's checkpoint file name: one per rank, with the rank count in it."""
+        return name if self.world == 1 else name.replace(".", f".rank{self.rank}of{self.world}.", 1)
+
+    def rows(self, x, y):
+        """The rows of a batch this process trains on: all of them (data_parallel splits them)."""
+        return x, y
+
+    def trainer(self, spec: TrainSpec, sae: SAE, total_steps: int, generator):
+        """The trainer of one of this process's SAEs."""
+        from saelab.train.trainer import SAETrainer
+
+        return SAETrainer(spec, sae, total_steps, generator)
+
     def take(self, items: Sequence[T]) -> list[T]:
         """This process's share of a per-SAE list in spec order."""
         return [items[i] for i in self.indices]
