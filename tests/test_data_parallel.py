@@ -53,6 +53,9 @@ def _rank_main(rank: int, world: int, init_file: str, run_dir: str) -> None:
     assert len(trainer.trainers) == 3 and type(trainer.trainers[0]).__name__ == "DataParallelTrainer"
     result = trainer.fit(src)
     assert result.writes == (rank == 0)
+    seen = []  # collect (evaluation) splits the SAEs over the ranks and gathers in spec order
+    assert result.collect(lambda mine: seen.extend(mine) or [t.label for t in mine]) == trainer.labels
+    assert [t.label for t in seen] == trainer.labels[rank::world]
     mine = torch.cat([p.detach().reshape(-1) for t in trainer.trainers for p in t.sae.parameters()])
     both = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(both, mine)
@@ -94,3 +97,40 @@ def test_data_shard_splits_rows_and_one_process_is_plain():
     assert not shard.owns_files and shard.gather([1, 2, 3]) == [1, 2, 3]
     with pytest.raises(ConfigError, match="parallel must be one of sweep, data"):
         make_shard(3, "model")
+
+
+def _once_main(rank: int, world: int, init_file: str, root: str) -> None:
+    """Two ranks posing as the first process of two nodes with their own disks: each node's
+    folder is root/node<rank>; rank 0 writes its own, and rank 1, not seeing one, writes its."""
+    from pathlib import Path
+
+    from saelab.train.shard import once
+
+    os.environ["LOCAL_RANK"] = "0"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mine = Path(root) / f"node{rank}"
+    calls = []
+    once(lambda: calls.append(mine.mkdir()), present=mine.exists)
+    assert mine.exists() and len(calls) == 1
+    shared = Path(root) / "shared"  # a folder both see: written once, by rank 0
+    once(lambda: (shared.mkdir(), (shared / f"by{rank}").touch()), present=shared.exists)
+    assert [p.name for p in shared.iterdir()] == ["by0"]
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_once_writes_one_copy_per_filesystem(tmp_path):
+    mp.spawn(_once_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "node0").is_dir() and (tmp_path / "node1").is_dir()
+
+
+def test_cache_complete(tmp_path, tiny_lm):
+    from saelab.data.cache import cache_activations, cache_complete
+
+    assert not cache_complete(tmp_path / "none")
+    tokens = torch.randint(0, 100, (4, 8))
+    cache_activations(tiny_lm, tokens, "blocks.0.hook_resid_post", tmp_path / "c", progress=False)
+    assert cache_complete(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text("{")
+    assert not cache_complete(tmp_path / "c")

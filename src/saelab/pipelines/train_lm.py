@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saelab.atomic import write_text
-from saelab.data.cache import cache_activations, live_batches, open_cache
+from saelab.data.cache import cache_activations, cache_complete, live_batches, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
@@ -199,7 +199,8 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
-    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta),
+         present=lambda: cache_complete(folder))
     cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 

@@ -18,7 +18,9 @@ differ by at most one row). Per step, `DataParallelTrainer`:
 
 Schedules are pure functions of the step, so they need nothing. Every rank ends each step with
 the same weights and optimiser state, so rank 0 alone writes the checkpoint (one file, the same
-as a single process writes: a run resumes under any rank count, or none) and the SAEs.
+as a single process writes: a run resumes under any rank count, or none) and the SAEs. What
+follows training (`TrainResult.collect`, e.g. evaluation) runs on SAEs r, r + world, ... of
+each rank, as in sweep sharding.
 
 What equals the single-process run to float noise: every loss that is a mean over rows (relu,
 jumprelu, gated, topk, their penalties), dead-feature counts and resampling. Two terms are
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from saelab.errors import ConfigError
 from saelab.evals.metrics import ReconstructionStats
-from saelab.train.shard import Shard, rank_and_world
+from saelab.train.shard import Shard, interleave, one_each, rank_and_world
 from saelab.train.trainer import SAETrainer
 
 PARALLEL = ("sweep", "data")
@@ -70,6 +72,18 @@ class DataShard(Shard):
 
     def gather(self, mine):
         return list(mine)  # after the reductions every rank holds the same values
+
+    def collect(self, trained, fn):
+        """Every rank holds every SAE, so each runs fn (e.g. evaluation) on SAEs r, r + world,
+        ... only; the values come back from all ranks in spec order."""
+        mine = one_each(fn, list(trained)[self.rank::self.world])
+        if self.world == 1:
+            return mine
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return interleave(parts, self.n)
 
     def rows(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.world == 1:

@@ -14,6 +14,7 @@ or the only process), writes the run folder's shared files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -34,15 +35,24 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def once(fn: Callable[[], object]) -> None:
+def once(fn: Callable[[], object], present: Callable[[], bool] | None = None) -> None:
     """Run fn() on rank 0 only (e.g. writing a shared activation cache); every rank returns
-    once it has finished. A collective under torch.distributed; a plain call without it."""
+    once it has finished. A collective under torch.distributed; a plain call without it.
+
+    `present()` says whether fn's output can be seen from this process: where it cannot (nodes
+    that do not share rank 0's filesystem), the node's first process (LOCAL_RANK 0) runs fn
+    too, so each node gets its own copy: one cache per node, or one on a shared filesystem."""
     rank, world = rank_and_world()
     if rank == 0:
         fn()
-    if world > 1:
-        import torch.distributed as dist
+    if world == 1:
+        return
+    import torch.distributed as dist
 
+    dist.barrier()
+    if present is not None:
+        if rank != 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and not present():
+            fn()
         dist.barrier()
 
 
@@ -95,6 +105,10 @@ class Shard:
 
         return SAETrainer(spec, sae, total_steps, generator)
 
+    def collect(self, trained: Sequence, fn: Callable[[list], Sequence[T]]) -> list[T]:
+        """fn(this process's trained SAEs), gathered from every rank in spec order."""
+        return self.gather(one_each(fn, list(trained)))
+
     def take(self, items: Sequence[T]) -> list[T]:
         """This process's share of a per-SAE list in spec order."""
         return [items[i] for i in self.indices]
@@ -109,6 +123,14 @@ class Shard:
         parts: list = [None] * self.world
         dist.all_gather_object(parts, list(mine))
         return interleave(parts, self.n)
+
+
+def one_each(fn: Callable[[list], Sequence[T]], items: list) -> list[T]:
+    """fn(items), one value per item (no call for no items)."""
+    values = list(fn(items)) if items else []
+    if len(values) != len(items):
+        raise ConfigError(f"collect's function returned {len(values)} values for {len(items)} SAEs")
+    return values
 
 
 @dataclass(frozen=True)
@@ -144,7 +166,4 @@ class TrainResult:
     def collect(self, fn: Callable[[list[TrainedSAE]], Sequence[T]]) -> list[T]:
         """fn(this process's trained SAEs) -> one value each (e.g. a metrics row); returns the
         values of every SAE of the sweep, in spec order, on every rank. A collective."""
-        mine = list(fn(self.trained))
-        if len(mine) != len(self.trained):
-            raise ConfigError(f"collect's function returned {len(mine)} values for {len(self.trained)} SAEs")
-        return self.shard.gather(mine)
+        return self.shard.collect(self.trained, fn)
