@@ -62,7 +62,7 @@ ABLATIONS = ("zero", "mean")
 def _kl(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v) -> (...,). In float32 a per-token KL below
     ~1e-6 is at the rounding level of the log-softmax; pass float64 logits for such cases."""
-    return (p * (logp - logq)).sum(-1)
+    return torch.linalg.vecdot(logp - logq, p)  # the sum of products, without their (..., vocab) tensor
 
 
 def keep_bos(fn: Splice) -> Splice:
@@ -162,8 +162,8 @@ def _resume_layer(lm: HookedLM, splices: Splices) -> int:
 
 
 class CleanLogprobs:
-    """One batch's clean next-token log-probs, float32 or wider, in chunks of positions (the
-    only (tokens, vocab) tensor kept), and what a variant does against them.
+    """One batch's clean next-token log-probs and probabilities, float32 or wider, in chunks of
+    positions (the only (tokens, vocab) tensors kept), and what a variant does against them.
 
     h: the final norm's output (b, seq, d) of the clean pass; positions start..seq-2 predict
     tokens start+1..seq-1. `compare(h_variant)` -> (CE sum, KL(clean || variant) sum) over
@@ -175,6 +175,7 @@ class CleanLogprobs:
         rows = max(1, CHUNK_BYTES // (4 * lm.d_vocab))
         self.slices = [slice(i, i + rows) for i in range(0, self.targets.shape[0], rows)]
         self.logp = list(self._chunks(h))
+        self.p = [lp.exp() for lp in self.logp]  # kept beside the log-probs: no exp per variant
         self.n_tokens = self.targets.shape[0]
         self.nll_sum = sum(target_nll(lp, self.targets[sl]).double().sum().item()
                            for lp, sl in zip(self.logp, self.slices))
@@ -186,9 +187,9 @@ class CleanLogprobs:
 
     def compare(self, h: torch.Tensor) -> tuple[float, float]:
         ce = kl = 0.0
-        for logp, logq, sl in zip(self.logp, self._chunks(h), self.slices):
+        for logp, p, logq, sl in zip(self.logp, self.p, self._chunks(h), self.slices):
             ce += target_nll(logq, self.targets[sl]).double().sum().item()
-            kl += _kl(logp.exp(), logp, logq).double().sum().item()
+            kl += _kl(p, logp, logq).double().sum().item()
         return ce, kl
 
 
