@@ -105,12 +105,15 @@ class DataParallelTrainer(SAETrainer):
 
         params = [p for p in self.sae.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([1.0])]) * rows
+        had = params[0].new_tensor([p.grad is not None for p in params], dtype=torch.float32)
+        flat = torch.cat([g.reshape(-1).float() * rows for g in grads] + [had, had.new_tensor([rows])])
         dist.all_reduce(flat)
         total = int(round(float(flat[-1])))
-        flat = flat[:-1] / max(total, 1)
-        for p, g in zip(params, flat.split([q.numel() for q in params])):
-            p.grad = g.view_as(p).clone()
+        parts = flat[:-1 - len(params)].split([p.numel() for p in params])
+        for p, g, some in zip(params, parts, flat[-1 - len(params):-1]):
+            # a parameter no rank computed a gradient for keeps none (Adam then skips it, as
+            # it does in one process)
+            p.grad = (g / max(total, 1)).view_as(p).to(p.dtype) if some > 0 else None
         return total
 
     def _sync_buffers(self) -> None:
