@@ -322,3 +322,21 @@ def test_parse_hook_names_the_valid_forms(name):
 
     with pytest.raises(ConfigError, match="valid forms are blocks.L.<point>"):
         parse_hook(name)
+
+
+def test_resume_keeps_per_layer_attention_types():
+    """Qwen2 with sliding-window layers reads config.layer_types by the loop's index: a pass
+    resumed at block 2 still gives blocks 2 and 3 their sliding windows (the logits of a full pass)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                      use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    torch.manual_seed(0)
+    lm = HookedLM(AutoModelForCausalLM.from_config(cfg))
+    assert lm.model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    toks = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    full, cache = lm.run_with_cache(toks, ["blocks.2.hook_resid_pre"], return_logits=True)
+    resumed, _ = lm.run_with_cache(toks, [], return_logits=True, resume=(2, cache["blocks.2.hook_resid_pre"]))
+    assert torch.allclose(resumed, full, atol=ATOL)
+    assert lm.model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2

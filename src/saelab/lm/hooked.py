@@ -372,17 +372,24 @@ class HookedLM:
 
     @contextmanager
     def _blocks_from(self, first: int):
-        """The model runs blocks first.. only while inside (the ModuleList swapped for a slice)."""
+        """The model runs blocks first.. only while inside: the ModuleList is swapped for a slice,
+        and so is the config's per-layer list `layer_types` where the model has one (Qwen2
+        reads it by the loop's index)."""
         if first == 0:
             yield
             return
         parent_path, _, attr = self.arch.blocks.rpartition(".")
-        parent = _get(self.model, parent_path)
+        parent, config = _get(self.model, parent_path), self.model.config
+        types = getattr(config, "layer_types", None)
         setattr(parent, attr, nn.ModuleList(list(self.blocks)[first:]))
+        if isinstance(types, list) and len(types) == self.n_layers:
+            config.layer_types = types[first:]
         try:
             yield
         finally:
             setattr(parent, attr, self.blocks)
+            if isinstance(types, list):
+                config.layer_types = types
 
     def _install(self, name, splice, store, stop_after, grad) -> list:
         """Register the hooks for one name; return their handles."""
