@@ -134,3 +134,18 @@ def test_cache_complete(tmp_path, tiny_lm):
     assert cache_complete(tmp_path / "c")
     (tmp_path / "c" / "manifest.json").write_text("{")
     assert not cache_complete(tmp_path / "c")
+
+
+def _mismatch_main(rank: int, world: int, init_file: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    shard = DataShard(3)
+    with pytest.raises(ConfigError, match=r"start from steps \[10, 0\]"):
+        shard.check_start(10 if rank == 0 else 0)
+    shard.check_start(7)  # the same step everywhere: fine
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_ranks_that_do_not_see_the_checkpoint_stop(tmp_path):
+    mp.spawn(_mismatch_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

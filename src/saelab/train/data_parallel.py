@@ -85,6 +85,19 @@ class DataShard(Shard):
         dist.all_gather_object(parts, mine)
         return interleave(parts, self.n)
 
+    def check_start(self, step: int) -> None:
+        """Every rank must start from the same step (the one checkpoint, read by all)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        steps: list = [None] * self.world
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) > 1:
+            raise ConfigError(f"the ranks start from steps {steps}: some do not see the run folder's "
+                              "checkpoint.safetensors; put --out on a shared filesystem, or copy the "
+                              "checkpoint and config.json to every node")
+
     def rows(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.world == 1:
             return x, y

@@ -166,6 +166,7 @@ class GroupTrainer:
         self._check_or_write_config()
         if not self._load_checkpoint():
             self._initialise(source)
+        self.shard.check_start(self.step)
         self._truncate_log()
         if self.on_start is not None:  # the SAEs as initialised (or resumed), e.g. to measure them
             self.on_start(self.step)

@@ -95,6 +95,10 @@ class Shard:
         """This rank's checkpoint file name: one per rank, with the rank count in it."""
         return name if self.world == 1 else name.replace(".", f".rank{self.rank}of{self.world}.", 1)
 
+    def check_start(self, step: int) -> None:
+        """Called once every rank has loaded its checkpoint (or none): each rank resumes its
+        own SAEs, so any steps will do here."""
+
     def rows(self, x, y):
         """The rows of a batch this process trains on: all of them (data_parallel splits them)."""
         return x, y
