@@ -179,8 +179,8 @@ def test_without_flags_the_all_positions_splice_is_the_same_and_costs_no_pass(ll
     [off] = evaluate_downstream(llama, [sae], tokens, batch_size=4, exclude_bos=True, outliers=OutlierRule(None))
     assert off.outliers_kept is None and off.all_positions is None and off.ce_sae == entry.ce_sae
     calls = []
-    forward = llama.forward
-    monkeypatch.setattr(llama, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    run = llama.run_with_cache  # every pass of compare_splices goes through it
+    monkeypatch.setattr(llama, "run_with_cache", lambda *a, **k: calls.append(1) or run(*a, **k))
     variants = {"a": {HOOK: lambda act: act * 0.5}, "b": {HOOK: lambda act: act * 0.5}}
     res = compare_splices(llama, tokens, variants, batch_size=3, same_as={"b": SameAs("a", lambda: True)})
     assert len(calls) == 2 * 2 and res["b"] == res["a"]  # two batches: clean and "a" only

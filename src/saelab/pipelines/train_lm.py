@@ -14,7 +14,8 @@ metrics.json (one row per SAE, with train_tokens and the stage timings), table.t
 L0 / loss-recovered and feature-density plots.
 
 Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
-SAEs (saelab.train.shard), and rank 0 writes the results.
+SAEs (saelab.train.shard), and rank 0 writes the results; with `parallel="data"` every rank
+trains every SAE on its share of each batch (saelab.train.data_parallel).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.atomic import write_text
-from saelab.data.cache import cache_activations, live_batches, open_cache
+from saelab.data.cache import cache_activations, cache_complete, live_batches, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
@@ -83,6 +84,7 @@ class LMSweepConfig:
     reference: str | None = None  # an SAE folder at the same hook: its decoder is the reference
     # dictionary each SAE's MMCS is measured against during training (seed 001's init curves)
     curve_every: int = 0  # steps between those measurements (0: off; needs `reference`)
+    parallel: str = "sweep"  # under torchrun: each rank trains whole SAEs ("sweep") or a share of every batch ("data")
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
@@ -103,8 +105,10 @@ class LMSweepConfig:
         """What config.json records under "pipeline": every field but the specs (config.json
         holds those already), and the later fields (LATER_FIELDS) only when not at their
         default, so run folders written before they existed still resume. Checked on resume
-        like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs" and LATER_FIELDS.get(k, v) != v}
+        like the rest of the run's config. Not `parallel`: how ranks split the work leaves the
+        run the same (a data-parallel run resumes under any rank count)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("specs", "parallel") and LATER_FIELDS.get(k, v) != v}
 
 
 @dataclass
@@ -158,6 +162,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         model_name=lm.name,
         pipeline=cfg.settings(),
         provenance=Provenance(source=cfg.source, context_length=length, prepend_bos=True, exclude_bos=True),
+        parallel=cfg.parallel,
     )
     curve = None
     if reference is not None and cfg.curve_every:
@@ -235,7 +240,8 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
-    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta),
+         present=lambda: cache_complete(folder))
     cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 
