@@ -397,3 +397,25 @@ def test_a_training_run_resumes_on_cache_batches(pair_cache, tmp_path):
     GroupTrainer(spec(), 32, tmp_path / "cut", cfg, d_out=32).fit(src)
     a, b = (SAE.load(next((tmp_path / r / "saes").iterdir())).state_dict() for r in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_stops_after_the_last_hooked_block_and_matches_the_full_forward(tiny_lm, tmp_path):
+    """Caching blocks.0 hooks never runs block 1, and stores what HF's full forward computes
+    (its hidden state after block 0), one pass for both hooks."""
+    from saelab.data.cache import cache_activations
+
+    toks = torch.randint(1, 500, (5, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    later = tiny_lm.blocks[1].register_forward_hook(lambda *a: calls.append("block1"))
+    first = tiny_lm.blocks[0].register_forward_hook(lambda *a: calls.append("block0"))
+    try:
+        cache = cache_activations(tiny_lm, toks, ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"],
+                                  tmp_path / "c", batch_size=5, progress=False)
+    finally:
+        later.remove()
+        first.remove()
+    assert calls == ["block0"]  # one pass (batch_size 5) for both hooks, stopped before block 1
+    with torch.no_grad():
+        full = tiny_lm.model(input_ids=toks, output_hidden_states=True).hidden_states[1]
+    rows = next(iter(cache.sequential("blocks.0.hook_resid_post", batch_size=10_000))).acts
+    assert torch.allclose(rows, full[:, 1:].reshape(-1, full.shape[-1]), atol=1e-5)

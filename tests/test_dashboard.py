@@ -57,12 +57,17 @@ def _feature(index: int, tokens: list, dead: bool = False, detail: bool = True) 
         return feat
     peak = feat["max_act"]
     examples = [] if dead else [_example(n, tokens, peak - n, (3 * n + 2) % len(tokens)) for n in range(3)]
+    if examples:  # its first token is the BOS position, which the scan left out
+        examples[0].update(excluded=[0], acts=[None, *examples[0]["acts"][1:]])
     feat.update({
         "act_hist": {"edges": [0.0, 2.0, 4.0, 6.0, 8.0], "counts": [10, 4, 2, 1]},
         "top_tokens": [{"token": t, "count": 9 - n, "mean_act": 3.5 - n / 4} for n, t in enumerate(tokens[:6])],
         "examples": examples,
-        "quantiles": [] if dead else [{"lo": 0.0, "hi": 4.0, "examples": examples[2:]},
-                                      {"lo": 4.0, "hi": peak, "examples": examples[:2]}],
+        "quantiles": [] if dead else [{"lo": 0.0, "hi": 4.0, "examples": examples[2:], "count": 30, "share": 0.75},
+                                      {"lo": 4.0, "hi": peak, "examples": examples[:2], "count": 10, "share": 0.25}],
+        "logit_hist": {"edges": [-2.0, -1.0, 0.0, 1.0, 2.0], "counts": [3, 40, 50, 7]},
+        "coactive": [] if dead else [{"index": 7 if index == 2 else 2, "count": 12, "correlation": 0.41},
+                                     {"index": 11, "count": 3, "correlation": 0.12}],
         "logits": {"top": [{"token": t, "value": 2.0 - n / 10} for n, t in enumerate(tokens[:8])],
                    "bottom": [{"token": t, "value": -2.0 + n / 10} for n, t in enumerate(tokens[8:])]},
         "ablation": [] if dead else [
@@ -90,7 +95,7 @@ def make_report() -> dict:
     """Four features: two full, one dead, one with index data only; indices not contiguous."""
     tokens = HOSTILE + ["def", " foo", "(", "):", "\n   ", " return"]
     return {
-        "schema": 3,
+        "schema": 4,
         "sae": {"path": "/runs/<b>x</b>/saes/\u202ereverse", "arch": "relu", "d_in": 128, "d_sae": 16,
                 "hook_name": "blocks.1.hook_resid_post", "model_name": "tiny \"model\" <i>"},
         "n_tokens": 4096,
@@ -219,7 +224,7 @@ def test_index_lists_every_feature_and_links_pages(built):
     rows = [a for t, a in parsed.tags if t == "tr"]
     assert len(rows) == 1 + len(report["features"])  # header + one per feature
     dead = [a for t, a in parsed.tags if t == "tr" and a.get("class") == "dead"]
-    assert dead == [{"class": "dead", "data-density": "0.0", "data-max-act": "0.0"}]
+    assert dead == [{"id": "f3", "class": "dead", "data-density": "0.0", "data-max-act": "0.0"}]  # f3: a link target
     hrefs = {a["href"] for t, a in parsed.tags if t == "a" and a.get("href", "").startswith("features/")}
     assert hrefs == {"features/2.html", "features/7.html"}
     assert len([1 for t, a in parsed.tags if t == "rect"]) == len(report["density_hist"]["counts"])
@@ -350,7 +355,7 @@ def test_schema_1_reports_are_read(tmp_path):
     """Their dense threshold was the renderer's 0.1, and a one-tree "root" becomes "roots"."""
     old = _schema1(make_report())
     report = Report.from_dict(old)
-    assert report.schema == 3 and report.dense_threshold == 0.1 and report.options is None
+    assert report.schema == 4 and report.dense_threshold == 0.1 and report.options is None
     tree = report.features[0].tree
     assert list(tree.roots) == ["decoder"] and tree.overlap is None and tree.vector == "decoder"
     write_dashboard(old, tmp_path, progress=False)
@@ -358,14 +363,14 @@ def test_schema_1_reports_are_read(tmp_path):
     assert "decoder vector" in text and "encoder vector" not in text
     index = " ".join("".join(_parse(tmp_path / "index.html").text).split())
     assert "dense (> 0.1)0" in index
-    assert json.loads((tmp_path / "report.json").read_text())["schema"] == 3
+    assert json.loads((tmp_path / "report.json").read_text())["schema"] == 4
 
 
 def test_schema_2_reports_are_read_and_outlier_rows_are_shown(tmp_path):
     """Schema 2 had no outlier rows; a schema-3 report shows how many the scan skipped."""
     old = {k: v for k, v in make_report().items() if k != "outliers"}
     report = Report.from_dict({**old, "schema": 2})
-    assert report.schema == 3 and report.outliers is None
+    assert report.schema == 4 and report.outliers is None
     write_dashboard({**old, "schema": 2}, tmp_path / "old", progress=False)
     assert "outlier rows" not in " ".join(_parse(tmp_path / "old" / "index.html").text)
     new = {**old, "outliers": {"multiple": 10.0, "skipped": 37, "positions": [[1, 30], [57, 7]],
@@ -378,7 +383,7 @@ def test_schema_2_reports_are_read_and_outlier_rows_are_shown(tmp_path):
 
 @pytest.mark.parametrize("bad, what", [
     ([], "is a JSON object (a dict), got list"),
-    ({"schema": 4, "features": []}, "schema 4 is not supported; this saelab reads schemas 1, 2, 3"),
+    ({"schema": 5, "features": []}, "schema 5 is not supported; this saelab reads schemas 1, 2, 3, 4"),
     ({**make_report(), "features": None}, "report.features: expected a list, got null"),
     ({**make_report(), "features": [{"density": 0.1}]}, "report.features[0]: missing key 'index'"),
     ({**make_report(), "features": [make_report()["features"][3]] * 2}, "feature index 11 appears twice"),
@@ -475,3 +480,30 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def test_feature_page_shows_logit_histogram_band_shares_coactive_links_and_bos_excluded(built):
+    report, out, _ = built
+    page = _parse(out / "features" / "7.html")
+    text = " ".join("".join(page.text).split())
+    assert len([a for t, a in page.tags if t == "svg"]) == 2  # activations, and every token's logit weight
+    assert "logit weight (tokens per bin)" in text
+    assert "· 75.0% of its activations" in text and "· 25.0% of its activations" in text
+    links = [a["href"] for t, a in page.tags if t == "a"]
+    assert "2.html" in links  # a co-active feature with a page
+    assert "../index.html#f11" in links  # one without: its row of the index
+    assert "Fires with" in text
+    bos = [a for t, a in page.tags if t == "span" and a.get("class") == "xb"]
+    assert len(bos) == 2 and all("BOS, left out of the scan" in a["title"] for a in bos)  # top 1, and in a quantile bin
+    index = _parse(out / "index.html")
+    assert {"f2", "f3", "f7", "f11"} <= {a.get("id") for t, a in index.tags if t == "tr"}
+
+
+def test_an_outlier_row_in_an_example_is_marked_as_such():
+    from saelab.interpret.dashboard import excluded_tokens
+
+    assert excluded_tokens({"excluded": [0, 3]}) == {0: "BOS, left out of the scan (no activation)",
+                                                     3: "outlier row (massive activation), left out of the scan "
+                                                        "(no activation)"}
+    assert list(excluded_tokens({"excluded": [0], "start": 5}).values())[0].startswith("outlier row")
+    assert excluded_tokens({}) == {}

@@ -246,3 +246,81 @@ def test_errors_name_what_is_wrong(lm, tokens):
         splice_loss(lm, tokens, "blocks.9.hook_mlp_out", torch.zeros_like)
     with pytest.raises(DataError, match="seq >= 3"):
         splice_loss(lm, tokens[:, :2], "blocks.0.hook_mlp_out", torch.zeros_like, exclude_bos=True)
+
+
+def per_variant_reference(lm, tokens, variants, start):
+    """The path compare_splices replaced: a full forward per variant, (b, seq, vocab) logits,
+    log-softmax over all of them at once, CE and KL from those (float64 sums)."""
+    from saelab.evals.downstream import _kl
+    from saelab.lm.hooked import next_token_logprobs, next_token_nll
+
+    with torch.no_grad():
+        logp = next_token_logprobs(lm.forward(tokens), start)
+        out = {"clean": next_token_nll(logp, tokens, start).double().mean().item()}
+        for name, splices in variants.items():
+            wrapped = {h: keep_bos(fn) for h, fn in splices.items()} if start else splices
+            logq = next_token_logprobs(lm.forward(tokens, wrapped), start)
+            out[name] = (next_token_nll(logq, tokens, start).double().mean().item(),
+                         _kl(logp.exp(), logp, logq).double().mean().item())
+    return out
+
+
+@pytest.mark.parametrize("exclude_bos", [False, True])
+def test_shared_pass_equals_per_variant_forwards(lm, tokens, exclude_bos, monkeypatch):
+    """Variants resuming at blocks 0 and 1, at the final norm, a transcoder-style pair, and a
+    splice at the embedding (no resume): the same CE and KL as full forwards, with chunks of
+    5 positions (chunks straddle contexts)."""
+    import saelab.evals.downstream as ds
+
+    monkeypatch.setattr(ds, "CHUNK_BYTES", 5 * 4 * lm.d_vocab)
+    seen = []
+    variants = {
+        "mlp1": {"blocks.1.hook_mlp_out": lambda a: 0.3 * a},
+        "resid0": {"blocks.0.hook_resid_post": lambda a: a + 0.5 * a.roll(1, -1)},
+        "final": {"ln_final.hook_normalized": lambda a: a.flip(-1)},
+        "pair": {"blocks.0.hook_resid_pre": lambda a: seen.append(a) or a,
+                 "blocks.1.hook_attn_out": lambda a: a + seen[-1]},
+        "embed": {"hook_embed": lambda a: a.roll(1, -1)},
+    }
+    start = int(exclude_bos)
+    got = compare_splices(lm, tokens, variants, batch_size=4, exclude_bos=exclude_bos)
+    ref_batches = [per_variant_reference(lm, t, variants, start) for t in tokens.split(4)]
+    sizes = [t.shape[0] for t in tokens.split(4)]
+    mean = lambda xs: sum(x * s for x, s in zip(xs, sizes)) / sum(sizes)  # noqa: E731
+    assert got["clean"]["ce"] == pytest.approx(mean([r["clean"] for r in ref_batches]), rel=1e-6)
+    for name in variants:
+        assert got[name]["ce"] == pytest.approx(mean([r[name][0] for r in ref_batches]), rel=1e-6), name
+        assert got[name]["kl"] == pytest.approx(mean([r[name][1] for r in ref_batches]), rel=1e-4, abs=1e-7), name
+        assert got[name]["kl"] > 1e-6, name  # every variant changed something
+
+
+def test_variant_passes_skip_the_blocks_before_their_splice(lm, tokens):
+    """A variant spliced at block 1 never runs block 0 (the clean pass ran it once per batch)."""
+    calls = []
+    handle = lm.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        compare_splices(lm, tokens, {f"v{i}": {"blocks.1.hook_mlp_out": lambda a, i=i: a * i} for i in range(3)},
+                        batch_size=3)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # two batches, the clean pass each
+
+
+def test_evaluate_on_lm_takes_the_means_from_the_reconstruction_pass(lm, tokens, monkeypatch):
+    """The mean-ablation baseline summed from the reconstruction pass's rows is hook_means's,
+    exactly, and evaluate_on_lm runs no pass of its own for it."""
+    import saelab.evals.downstream as ds
+    from saelab.evals.reconstruction import TargetMeans, evaluate_on_lm, lm_batches
+
+    saes = [zero_sae(lm.d_model, "blocks.1.hook_resid_post"), zero_sae(lm.d_model, "blocks.0.hook_mlp_out"),
+            zero_sae(lm.d_model, "blocks.1.hook_resid_post")]
+    means = TargetMeans([s.cfg.hook_name for s in saes])
+    for _ in means.tap(lm_batches(lm, saes, tokens, batch_size=4, exclude_bos=True)):
+        pass
+    got = means.result(lm.W_E.dtype)
+    want = hook_means(lm, tokens, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"], batch_size=4, exclude_bos=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    reference = evaluate_downstream(lm, saes, tokens, batch_size=4, exclude_bos=True)
+    monkeypatch.setattr(ds, "hook_means", lambda *a, **k: pytest.fail("a pass for the means"))
+    evaluations = evaluate_on_lm(lm, saes, tokens, batch_size=4)
+    assert [e.downstream for e in evaluations] == reference

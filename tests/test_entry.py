@@ -79,3 +79,13 @@ def test_clear_errors(tmp_path):
     (tmp_path / "metrics.json").write_text('[{"name": "no metrics"}]')
     with pytest.raises(CorruptFileError):
         read_metrics(tmp_path)
+
+
+def test_loss_recovered_is_a_percent_in_every_table_and_a_fraction_in_json():
+    from saelab.evals.entry import OUTLIER_COLUMNS, recovered_column
+    from saelab.tables import format_rows
+
+    row = {"name": "a", "loss_recovered": 0.91234, "loss_recovered_all": 0.5, "outliers": 3, "fvu_all": 0.1}
+    text = format_rows([row], ["name", recovered_column()] + list(OUTLIER_COLUMNS))
+    assert text.splitlines()[2].split() == ["a", "91.2%", "3", "0.1", "50.0%"]
+    assert format_rows([{"loss_recovered": float("nan")}], [recovered_column()]).splitlines()[2].strip() == "nan"

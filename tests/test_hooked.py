@@ -156,6 +156,34 @@ def test_early_stop_skips_later_layers_and_matches_full_pass(lm, tokens):
     assert all(torch.equal(early[k], full[k]) for k in early)
 
 
+def test_resumed_pass_skips_earlier_blocks_and_matches_full_pass(lm, tokens):
+    """resume=(1, resid_pre of block 1) runs block 1 on: the same logits and activations as a
+    full pass, spliced or not, and block 0 never runs."""
+    pre = lm.run_with_cache(tokens, [b(1, "hook_resid_pre")])[b(1, "hook_resid_pre")]
+    names = [b(1, "hook_attn_out"), "ln_final.hook_normalized"]
+    for splices in ({}, {b(1, "hook_mlp_out"): lambda a: 0.5 * a}, {b(1, "hook_resid_mid"): torch.zeros_like}):
+        if lm.parallel_residual and b(1, "hook_resid_mid") in splices:
+            continue
+        full_logits, full = lm.run_with_cache(tokens, names, splices=splices, return_logits=True)
+        calls = []
+        handle = lm.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        try:
+            logits, cache = lm.run_with_cache(tokens, names, splices=splices, return_logits=True, resume=(1, pre))
+        finally:
+            handle.remove()
+        assert calls == []
+        assert torch.allclose(logits, full_logits, atol=ATOL)
+        assert all(torch.allclose(cache[k], full[k], atol=ATOL) for k in names)
+    assert len(lm.blocks) == lm.n_layers == len(lm.model.get_submodule(lm.arch.blocks))  # put back
+    assert lm.first_layer([b(1, "hook_mlp_out"), b(0, "hook_attn_out")]) == 0
+    assert lm.first_layer(["ln_final.hook_normalized"]) == lm.n_layers
+    assert lm.first_layer(["hook_embed", b(1, "hook_mlp_out")]) == 0
+    with pytest.raises(ConfigError, match="cannot read or splice hooks before it"):
+        lm.run_with_cache(tokens, [b(0, "hook_resid_post")], resume=(1, pre))
+    with pytest.raises(ConfigError, match="resume needs a block in 0..1"):
+        lm.run_with_cache(tokens, [b(1, "hook_resid_post")], resume=(2, pre))
+
+
 def test_per_token_loss_matches_log_softmax(lm, tokens):
     per = lm.loss(tokens, per_token=True)
     logp = F.log_softmax(lm.forward(tokens), dim=-1)
@@ -294,3 +322,21 @@ def test_parse_hook_names_the_valid_forms(name):
 
     with pytest.raises(ConfigError, match="valid forms are blocks.L.<point>"):
         parse_hook(name)
+
+
+def test_resume_keeps_per_layer_attention_types():
+    """Qwen2 with sliding-window layers reads config.layer_types by the loop's index: a pass
+    resumed at block 2 still gives blocks 2 and 3 their sliding windows (the logits of a full pass)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                      use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    torch.manual_seed(0)
+    lm = HookedLM(AutoModelForCausalLM.from_config(cfg))
+    assert lm.model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    toks = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    full, cache = lm.run_with_cache(toks, ["blocks.2.hook_resid_pre"], return_logits=True)
+    resumed, _ = lm.run_with_cache(toks, [], return_logits=True, resume=(2, cache["blocks.2.hook_resid_pre"]))
+    assert torch.allclose(resumed, full, atol=ATOL)
+    assert lm.model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2

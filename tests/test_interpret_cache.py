@@ -78,8 +78,8 @@ def test_cache_scan_equals_live_scan_bos_dropped(lm, setup):
     got = example_acts(cache_source(dropped, sae).encode_rows(sae), rows, pos, feats, batch_size=2)
     want = example_acts(live_source.encode_rows(sae, lm), rows, pos, feats)
     for (s1, a1), (s2, a2), r, j in zip(got, want, rows, feats):
-        assert s1 == s2 == 0 and a1[0] == 0
-        torch.testing.assert_close(a1, a2)
+        assert s1 == s2 == 0 and torch.isnan(a1[0])  # the BOS position: not scanned, no activation
+        torch.testing.assert_close(a1, a2, equal_nan=True)
         torch.testing.assert_close(a1[1:], f[r, 1:, j])
 
 
@@ -134,7 +134,7 @@ def test_report_from_bos_dropped_cache(lm, setup):
         entry = rep["features"][j]
         for ex in entry["examples"] + [e for q in entry["quantiles"] for e in q["examples"]]:
             assert ex["tokens"] == [vocab[t] for t in contexts[ex["context"]].tolist()]
-            assert ex["pos"] >= 1 and ex["acts"][0] == 0
+            assert ex["pos"] >= 1 and ex["acts"][0] is None and ex["excluded"] == [0]  # BOS: excluded, not 0
             assert ex["acts"][1:] == pytest.approx(f[ex["context"], 1:, j].tolist(), rel=2e-3, abs=1e-6)
         for abl in entry["ablation"]:
             q = abl.get("quantile")

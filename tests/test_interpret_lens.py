@@ -153,3 +153,17 @@ def test_drop_unused_lists_only_tokens_of_the_text(tiny_hf_model_dirs, tmp_path,
     without = listed()
     assert len(set(without)) == 10 and set(without) - used
     assert set(listed("--drop-unused", str(text))) == used
+
+
+def test_weight_histogram_bins_each_row_between_its_extremes():
+    from saelab.interpret.lens import weight_histogram
+
+    w = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    counts, span = weight_histogram(w, 4)
+    assert span.tolist() == [[0.0, 4.0], [5.0, 5.0]]
+    assert counts.tolist() == [[1, 1, 1, 3], [6, 0, 0, 0]]  # the max in the last bin; a constant row in the first
+    x = torch.randn(3, 500)
+    counts, span = weight_histogram(x, 10)
+    for row, c, (lo, hi) in zip(x, counts, span.tolist()):
+        want = torch.histc(row, bins=10, min=lo, max=hi)
+        assert c.sum() == 500 and (c - want.long()).abs().max() <= 1  # histc differs only at bin edges

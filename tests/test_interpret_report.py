@@ -41,7 +41,7 @@ def test_schema(setup):
     lm, sae, contexts, report = setup
     assert set(report) == {"schema", "sae", "n_tokens", "dense_threshold", "density_hist", "options", "features",
                            "outliers", "single_token_share"}
-    assert report["schema"] == 3 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
+    assert report["schema"] == 4 and report["n_tokens"] == contexts[:, 1:].numel()  # BOS not scanned
     # the default outlier rule, applied and recorded; the tiny LM has no massive activations
     assert report["outliers"] == {"multiple": 10.0, "skipped": 0, "positions": [], "tokens": []}
     assert report["options"]["outliers"] == {"multiple": 10.0}
@@ -64,7 +64,7 @@ def test_schema(setup):
     assert set(f["embedding"]) == {"encoder", "decoder", "scale", "exponent", "overlap"}
     assert f["tree"] is None
     for ex in f["examples"] + [e for q in f["quantiles"] for e in q["examples"]]:
-        assert set(ex) == EXAMPLE_KEYS and len(ex["tokens"]) == len(ex["acts"]) == contexts.shape[1]
+        assert set(ex) == EXAMPLE_KEYS | {"excluded"} and ex["excluded"] == [0] and len(ex["tokens"]) == len(ex["acts"]) == contexts.shape[1]
     json.dumps(report, allow_nan=False)  # valid JSON: no NaN anywhere
 
 
@@ -96,7 +96,8 @@ def test_numbers_match_direct_computation(setup):
         for ex in entry["examples"]:
             row, pos = ex["context"], ex["pos"]
             assert ex["tokens"] == [vocab[t] for t in contexts[row].tolist()]
-            assert ex["acts"] == pytest.approx(fj[row].tolist(), rel=1e-3, abs=1e-6)
+            assert ex["acts"][0] is None and ex["excluded"] == [0]  # BOS: left out of the scan, not an activation of 0
+            assert ex["acts"][1:] == pytest.approx(fj[row, 1:].tolist(), rel=1e-3, abs=1e-6)
             assert ex["act"] == pytest.approx(fj[row, pos].item(), rel=1e-3) == fj[row].max().item()
         for q in entry["quantiles"]:
             for ex in q["examples"]:

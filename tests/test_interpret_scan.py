@@ -221,3 +221,74 @@ def test_active_features_equal_the_dense_encoding(arch):
     order = torch.argsort(got.tok_i * 40 + got.feat)
     assert torch.equal(got.tok_i[order], want.tok_i) and torch.equal(got.feat[order], want.feat)
     assert torch.equal(got.value[order], want.value) and len(want.value) > 0
+
+
+def test_quantile_bins_count_every_active_token_once():
+    sae, acts, tokens = _data()
+    cfg = ScanConfig(n_quantiles=3, n_fine=16)
+    scan = scan_features(_batches(acts, tokens, 7), sae, config=cfg, vocab_size=VOCAB)
+    with torch.no_grad():
+        f = sae.encode(acts)
+    q = scan.quantiles()
+    for j in range(D_SAE):
+        v = f[..., j][f[..., j] > 0]
+        counts = q.counts_of(j)
+        assert sum(counts) == v.numel() == int(scan.count[j])
+        for (lo, hi, _), n in zip(q.of(j), counts):
+            if v.numel():
+                assert n == int(((v > lo) & (v <= hi)).sum()), (j, lo, hi)
+
+
+def test_token_pairs_are_every_ordered_pair_on_a_token():
+    from saelab.interpret.scan import token_pairs
+
+    tok_i = torch.tensor([0, 0, 0, 2, 5, 5])
+    a, b = token_pairs(tok_i)
+    want = {(x, y) for x in range(6) for y in range(6) if x != y and tok_i[x] == tok_i[y]}
+    assert set(zip(a.tolist(), b.tolist())) == want and len(a) == len(want)
+    tracked = torch.tensor([False, True, False, False, True, False])
+    a, b = token_pairs(tok_i, tracked)
+    assert set(zip(a.tolist(), b.tolist())) == {(x, y) for x, y in want if tracked[x]}
+    assert [t.numel() for t in token_pairs(tok_i[:0])] == [0, 0]
+
+
+@pytest.mark.parametrize("table_max,capacity", [(10**9, 32), (0, D_SAE)])  # dense table; slots that never fill
+def test_coactive_partners_are_the_features_most_correlated(table_max, capacity):
+    sae, acts, tokens = _data(3)
+    tracked = [0, 5, 11]
+    cfg = ScanConfig(coactive_table_max=table_max, coactive_capacity=capacity)
+    scan = scan_features(_batches(acts, tokens, 7), sae, config=cfg, vocab_size=VOCAB, coactive=torch.tensor(tracked))
+    with torch.no_grad():
+        fires = (sae.encode(acts) > 0).reshape(-1, D_SAE).double()  # (tokens, d_sae)
+    corr = torch.corrcoef(fires.T)  # Pearson correlation of the indicators: phi
+    together = fires.T @ fires
+    for j in range(D_SAE):
+        got = scan.coactive_partners(j, n=4)
+        if j not in tracked:
+            assert got == []
+            continue
+        want = sorted(((-corr[j, b].item(), b) for b in range(D_SAE)
+                       if b != j and corr[j, b] > 0 and not torch.isnan(corr[j, b])))[:4]
+        assert [b for b, _, _ in got] == [b for _, b in want]
+        for b, n, phi in got:
+            assert n == int(together[j, b]) and phi == pytest.approx(corr[j, b].item(), rel=1e-6)
+    assert scan_features(_batches(acts, tokens, 7), sae, vocab_size=VOCAB).coactive_partners(0) == []
+
+
+def test_coactivation_over_budget_counts_a_regular_sample_of_tokens():
+    from saelab.interpret.scan import CoActivation
+
+    # 6 positions; features active per position: 0:{0,1,2} 1:{0,1} 2:{1,2} 3:{0,2} 4:{0,1,2} 5:{}
+    active = {0: [0, 1, 2], 1: [0, 1], 2: [1, 2], 3: [0, 2], 4: [0, 1, 2]}
+    tok_i = torch.tensor([t for t, fs in active.items() for _ in fs])
+    feat = torch.tensor([f for fs in active.values() for f in fs])
+    kept = torch.ones(6, dtype=torch.bool)
+    full = CoActivation(torch.tensor([0]), 3, ScanConfig())
+    full.update(tok_i, feat, kept)
+    assert full.n_tokens == 6 and full.count.tolist() == [4, 4, 4]
+    assert sorted(full.counts.top(0, 3)) == [(1, 3, 1.0), (2, 3, 1.0)]
+    # tracked feature 0 has 4 entries on tokens of sizes 3, 2, 2, 3: 10 pairs; a budget of 4 takes every 3rd token
+    sampled = CoActivation(torch.tensor([0]), 3, ScanConfig(coactive_max_pairs=4))
+    sampled.update(tok_i, feat, kept)
+    assert sampled.n_tokens == 2 and sampled.count.tolist() == [2, 1, 2]  # positions 0 and 3 only
+    assert sorted(sampled.counts.top(0, 3)) == [(1, 1, 1.0), (2, 2, 1.0)]

@@ -12,7 +12,7 @@ from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule, OutlierTally
 from saelab.data.toy import ToyDataSource
 from saelab.errors import ConfigError
 from saelab.evals.downstream import KeepFlagged, SameAs, compare_splices, evaluate_downstream, sae_splices
-from saelab.evals.entry import MetricsEntry, with_outlier_columns
+from saelab.evals.entry import MetricsEntry, recovered_column, with_outlier_columns
 from saelab.evals.metrics import fvu, l0, mse
 from saelab.evals.reconstruction import PerSAE, RowsAt, evaluate_on_lm, evaluate_saes
 from saelab.interpret.scan import scan_features
@@ -115,7 +115,7 @@ def test_the_report_round_trips_through_metrics_json(planted):
     back = MetricsEntry.from_dict(json.loads(json.dumps(row.to_dict())))
     assert back.to_dict() == row.to_dict() and back.recon.outliers == m.outliers and back.extra == []
     assert row["outliers"] == 2 and row["fvu_all"] == m.outliers.fvu_all
-    assert with_outlier_columns(("name",), [row]) == ("name", "outliers", "fvu_all", "loss_recovered_all")
+    assert with_outlier_columns(("name",), [row]) == ("name", "outliers", "fvu_all", recovered_column("loss_recovered_all"))
     clean = MetricsEntry("b", evaluate_saes([sae], [x[:3]], outliers=OutlierRule())[0])
     assert with_outlier_columns(("name",), [clean]) == ("name",)  # no outliers: the table as it was
 
@@ -179,8 +179,8 @@ def test_without_flags_the_all_positions_splice_is_the_same_and_costs_no_pass(ll
     [off] = evaluate_downstream(llama, [sae], tokens, batch_size=4, exclude_bos=True, outliers=OutlierRule(None))
     assert off.outliers_kept is None and off.all_positions is None and off.ce_sae == entry.ce_sae
     calls = []
-    forward = llama.forward
-    monkeypatch.setattr(llama, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    run = llama.run_with_cache  # every pass of compare_splices goes through it
+    monkeypatch.setattr(llama, "run_with_cache", lambda *a, **k: calls.append(1) or run(*a, **k))
     variants = {"a": {HOOK: lambda act: act * 0.5}, "b": {HOOK: lambda act: act * 0.5}}
     res = compare_splices(llama, tokens, variants, batch_size=3, same_as={"b": SameAs("a", lambda: True)})
     assert len(calls) == 2 * 2 and res["b"] == res["a"]  # two batches: clean and "a" only

@@ -5,6 +5,7 @@ from saelab.errors import ConfigError
 from saelab.experiments.prune import plan_pruning, prune_features
 from saelab.evals.metrics import SparsityStats
 from saelab.sae import SAE
+from saelab.train.spec import TrainSpec
 
 
 def test_plan_kills_most_frequent_until_below_target():
@@ -50,3 +51,25 @@ def test_pruned_sae_measured_l0_matches_plan(arch):
 def test_topk_pruning_is_refused():
     with pytest.raises(ConfigError, match="topk"):
         prune_features(SAE(8, 16, arch="topk", k=2), torch.tensor([0]))
+
+
+def test_a_compared_sweep_is_one_curve_per_architecture_and_width():
+    from saelab.evals.entry import Ablation, DownstreamMetrics, MetricsEntry
+    from saelab.evals.metrics import SAEMetrics
+    from saelab.experiments.prune import evaluation_note, sweep_series
+
+    def row(arch, d_sae, l0, knob):
+        spec = TrainSpec(arch=arch, d_sae=d_sae, **knob).to_dict()
+        down = DownstreamMetrics(3.0, 3.1, 0.1, {"zero": Ablation(5.0, 1.0, 0.95)}, 1000, True, "h")
+        return MetricsEntry("r", SAEMetrics(n_tokens=10, mse=1.0, fvu=0.1, explained_variance=0.9, cos=0.9, l0=l0,
+                                            d_sae=d_sae), down, spec)
+    sweep = [row("relu", 64, 30.0, {"coefficient": 1.0}), row("topk", 64, 16.0, {"k": 16}),
+             row("relu", 128, 25.0, {"coefficient": 1.0}), row("relu", 64, 12.0, {"coefficient": 4.0}),
+             row("topk", 64, 8.0, {"k": 8})]
+    series = sweep_series(sweep, d_in=16)
+    assert list(series) == ["trained relu x4", "trained relu x8", "trained topk x4"]
+    assert [(p[0], p[2]) for p in series["trained relu x4"]] == [(30.0, "c1"), (12.0, "c4")]
+    assert [(p[0], p[2]) for p in series["trained topk x4"]] == [(16.0, "k16"), (8.0, "k8")]
+    note = evaluation_note(sweep[:1], torch.zeros(4, 32), "stdlib", sweep)
+    assert note == "pruned: 4 held-out contexts of stdlib x 32 tokens, 1000 predictions; trained: their run's own " \
+                   "evaluation, 1000 predictions (the same count)"

@@ -99,7 +99,7 @@ def test_report_shows_each_row():
         "layer": 1, "enc_cos_mean": 0.5, "enc_chance": 0.25, "dec_cos_mean": 0.75, "dec_chance": 0.125})
     lines = format_report([row], "tiny").splitlines()
     assert lines[0] == "# Sparse MLPs on tiny" and lines[-3].startswith("| layer | SAE | L0 |")
-    assert lines[-1] == ("| 1 | topk_64_k4 | 4.0 | 0.250 | 3 | 3.0000 | 4.0000 | 3.5000 | 0.500 | nan | 0.1250 "
+    assert lines[-1] == ("| 1 | topk_64_k4 | 4.0 | 0.250 | 3 | 3.0000 | 4.0000 | 3.5000 | 50.0% | nan | 0.1250 "
                          "| 0.500 (0.250) | 0.750 (0.125) |")
 
 

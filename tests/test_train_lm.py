@@ -58,7 +58,10 @@ def test_sweep_end_to_end_and_prune(tiny_lm, tiny_lm_path, tmp_path, capsys):
     assert (cfg_json["dataset_path"], cfg_json["context_size"]) == ("stdlib", 32)
     assert all(e.recon.outliers.n_outliers == 0 and e.downstream.outliers_kept == 0 for e in entries)
     assert all(e["train_outliers"] == 0 and e["train_tokens"] == 60 * 512 for e in entries)
-    assert (tmp_path / "run" / "table.txt").read_text().splitlines()[0].split() == list(TABLE_COLUMNS)
+    table = (tmp_path / "run" / "table.txt").read_text().splitlines()
+    assert table[0].split() == [c if isinstance(c, str) else c.title for c in TABLE_COLUMNS]
+    recovered = table[2].split()[TABLE_COLUMNS.index(TABLE_COLUMNS[-2])]  # loss recovered: a percent, as plotted
+    assert recovered == f"{100 * entries[0]['loss_recovered']:.1f}%"
     # prune it to half its L0 and re-measure through the CLI
     out = tmp_path / "pruned"
     assert main(["prune", str(tmp_path / "run" / "saes" / "relu_128_c1"), "--target-l0", str(entries[0].recon.l0 / 2),

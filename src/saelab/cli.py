@@ -8,18 +8,47 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saelab.commands import (cache, compare, count, dashboard, frontier, logit_lens, models, neurons, perturb, prune,
-                             quickstart, sparse_mlp, steer, tokens, toy, train)
+from saelab.commands import (cache, compare, count, dashboard, frontier, graph, logit_lens, maximize, models, neurons,
+                             perturb, prune, quickstart, sparse_mlp, steer, tokens, toy, train)
+from saelab.commands.options import shown
 from saelab.errors import SaelabError
 
 INTERRUPTED = 130  # the exit code shells give a job stopped by Ctrl-C (128 + SIGINT)
+METRICS_DOC = "docs/metrics.md in the saelab source tree"
 
 COMMANDS = [dashboard, neurons, quickstart, train, toy, count, prune, frontier, sparse_mlp, perturb, steer, logit_lens,
-            tokens, compare, cache, models]
+            tokens, compare, cache, models, graph, maximize]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as every saelab command writes it: descriptions kept as written, and each option's
+    default shown. Most help texts state their default in words (`saelab.commands.options`);
+    an option whose help does not gets "(default: VALUE)" added here, so none goes without.
+    `hidden_defaults`: the defaults `options.defaults_apart` keeps off argparse, by dest."""
+
+    hidden_defaults: dict = {}
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = self.hidden_defaults.get(action.dest) if action.default is argparse.SUPPRESS else action.default
+        if "default" in text or any(default is v for v in (None, False)) or not action.option_strings:
+            return text
+        return f"{text} (default: {shown(default).replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (exit code 2), like saelab's own."""
+    """An argparse parser whose usage errors are one line (exit code 2), like saelab's own, and
+    whose help shows every option's default (HelpFormatter; subcommands' parsers are Parsers too,
+    and take it whatever formatter their module names)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+    def _get_formatter(self) -> HelpFormatter:
+        formatter = super()._get_formatter()
+        formatter.hidden_defaults = self._defaults.get("option_defaults", {})
+        return formatter
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -27,7 +56,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="saelab",
-                    description="Train, measure and interpret sparse autoencoders on language-model activations.")
+                    description="Train, measure and interpret sparse autoencoders on language-model activations.",
+                    epilog=f"What each column of the metrics tables means (formula, tokens counted, which way is "
+                           f"better): {METRICS_DOC}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)

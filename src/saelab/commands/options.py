@@ -99,9 +99,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: which LM runs, where, at what precision."""
     g = p.add_argument_group("language model")
     g.add_argument("--model", default=None,
-                   help="Hugging Face model folder, hub id, a .gguf file, a named model (smollm2-135m) or build (minuscule; see "
-                        "`saelab models`), or 'default' (the offline default LM) (default: for an SAE, the model "
-                        "it records; else the offline default LM, built on first use)")
+                   help="a Hugging Face model folder, a .gguf file, a named model (smollm2-135m) or build (minuscule; see "
+                        "`saelab models`), 'default' (the offline default LM), or any other name, which is taken as a "
+                        "Hugging Face hub id (e.g. EleutherAI/pythia-70m) and downloaded, so it needs the internet: "
+                        "offline, it fails with an error naming it (default: for an SAE, the model it records; else "
+                        "the offline default LM, built on first use)")
     g.add_argument("--device", type=_device, default="cpu",
                    help="where the LM runs (and, for training, the SAEs): cpu, cuda, cuda:N, mps (default: cpu)")
     g.add_argument("--dtype", choices=LM_DTYPES, default="float32",
@@ -333,8 +335,9 @@ def add_report_views(g, d: ReportOptions) -> None:
     g.add_argument("--tree", action="store_true", help="also grow definition trees (slow: forwards per feature)")
     g.add_argument("--tree-vector", choices=TREE_VECTORS, default=d.tree_vector,
                    help="feature vector the ghost token is made of (both: two trees and their overlap)")
-    g.add_argument("--tree-depth", type=int, default=d.tree_depth)
-    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth)
+    g.add_argument("--tree-depth", type=int, default=d.tree_depth, help="levels of each definition tree")
+    g.add_argument("--tree-breadth", type=int, default=d.tree_breadth,
+                   help="children of each node of a definition tree")
     g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
     g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
     g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,
@@ -345,6 +348,9 @@ def add_report_views(g, d: ReportOptions) -> None:
                    help="feature vector norm in mean token norms, for the nearest-token lists")
     g.add_argument("--embedding-exponent", type=float, default=d.embedding_exponent,
                    help="exponent on the cosine in the nearest-token score")
+    g.add_argument("--coactive", type=int, default=d.n_coactive, metavar="N",
+                   help="list the N features most correlated with each paged feature, counted during the scan "
+                        "(0: skip the count; its cost grows with L0 squared)")
     add_drop_high_norm(g, d.high_norm_z)
     g.add_argument("--window", type=int, nargs=2, default=d.window, metavar=("BEFORE", "AFTER"),
                    help="keep only these many tokens around each example (default: whole contexts)")
@@ -358,6 +364,7 @@ def report_view_options(args: argparse.Namespace) -> dict:
                 n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
                 embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
                 high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,
+                n_coactive=max(args.coactive, 0),
                 exclude_bos=not args.include_bos, outliers=OutlierRule(args.outlier_multiple))
 
 

@@ -44,7 +44,7 @@ def run(args) -> int:
     out = options.output_folder(args)
     cfg = PruneConfig(target_l0=list(args.target_l0), label=Path(args.sae).name, save=args.save,
                       compare=Path(args.compare) if args.compare else None, exclude_bos=not args.include_bos,
-                      outliers=OutlierRule(args.outlier_multiple))
+                      outliers=OutlierRule(args.outlier_multiple), source=args.source)
     lm, tokens = options.lm_and_eval_contexts(args, sae)
     sae.to(lm.device)
     print(format_prune(run_prune(lm, sae, tokens, out, cfg)))

@@ -79,6 +79,9 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out: str, grid: SweepGrid, 
     options.add_out(g, out)
     g.add_argument("--config", type=Path, metavar="FILE", help="JSON file of the run's settings (see below)")
     g.add_argument("--print-config", action="store_true", help="print the settings as a --config file and exit")
+    g.add_argument("--parallel", choices=("sweep", "data"), default=d["parallel"],
+                   help="under torchrun: each rank trains whole SAEs of the sweep (sweep), or every SAE on its "
+                        "share of each batch, gradients all-reduced (data); see docs/distributed.md")
     options.defaults_apart(p)
     p.set_defaults(sweep_grid=grid)
 

@@ -28,16 +28,18 @@ position: they set the scale.
 
 Everything is built on `compare_splices`: one clean pass per batch, then one pass per
 variant (a mapping hook -> splice), so many SAEs, ablations and perturbations share the clean
-pass. A transcoder (sparse MLP) reads `cfg.hook_name` and replaces `cfg.hook_name_out`: its
+pass. A variant's pass starts at the block of its first splice, from the clean pass's residual
+stream there (blocks before it are the clean ones), and stops at the final norm; the
+unembedding and log-softmax run on chunks of positions, the clean log-probs once per batch. A transcoder (sparse MLP) reads `cfg.hook_name` and replaces `cfg.hook_name_out`: its
 splice records the input in the same pass and swaps the output when the model reaches it.
-Per-token CE is `saelab.lm.hooked.next_token_logprobs` / `next_token_nll` (defined once, there);
+Per-token CE is `saelab.lm.hooked.logprobs` / `target_nll` (defined once, there);
 `evaluate_downstream` returns one typed `DownstreamMetrics` (saelab.evals.entry) per SAE.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -46,7 +48,7 @@ from saelab.data.outliers import OutlierRule, Rules
 from saelab.data.provenance import rules_for
 from saelab.errors import ConfigError, DataError
 from saelab.evals.entry import Ablation, AllPositions, DownstreamMetrics
-from saelab.lm.hooked import HookedLM, Splice, next_token_logprobs, next_token_nll
+from saelab.lm.hooked import HookedLM, Splice, logprobs, target_nll
 from saelab.lm.resolve import check_sae_fits
 from saelab.progress import progress_bar
 from saelab.sae import SAE
@@ -56,11 +58,11 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (act, x_hat) -
 ABLATIONS = ("zero", "mean")
 
 
-# ---- per-token quantities (CE itself: saelab.lm.hooked.next_token_logprobs / next_token_nll) --
+# ---- per-token quantities (CE itself: saelab.lm.hooked.logprobs / target_nll) -----------------
 def _kl(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v) -> (...,). In float32 a per-token KL below
     ~1e-6 is at the rounding level of the log-softmax; pass float64 logits for such cases."""
-    return (p * (logp - logq)).sum(-1)
+    return torch.linalg.vecdot(logp - logq, p)  # the sum of products, without their (..., vocab) tensor
 
 
 def keep_bos(fn: Splice) -> Splice:
@@ -97,6 +99,10 @@ class SameAs(NamedTuple):
     same: Callable[[], bool]
 
 
+FINAL = "ln_final.hook_normalized"  # what the unembedding reads
+CHUNK_BYTES = 64 * 2**20  # float32 log-probs of one chunk of positions
+
+
 @torch.no_grad()
 def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
                     batch_size: int = 16, exclude_bos: bool = False,
@@ -106,7 +112,13 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
 
     tokens: (n, seq) tensor or iterable of (b, seq) batches. `same_as`: variants that may reuse
     an earlier variant's pass batch by batch (`SameAs`). Returns {"clean": {"ce", "n_tokens"},
-    name: {"ce", "kl", "n_tokens"} for each variant} (floats, nats)."""
+    name: {"ce", "kl", "n_tokens"} for each variant} (floats, nats).
+
+    Per batch, the clean pass runs to the final norm and keeps the residual stream entering
+    each block where a variant's first splice is (`HookedLM.first_layer`); each variant then
+    resumes there (blocks before its splices are the clean ones) and stops at the final norm.
+    The unembedding and log-softmax run in chunks of positions (`CleanLogprobs`): the clean
+    log-probs once, each variant's once, never a (batch, seq, vocab) tensor per variant."""
     batches = token_batches(tokens, batch_size)
     same_as = dict(same_as or {})
     order = list(variants)
@@ -114,32 +126,71 @@ def compare_splices(lm: HookedLM, tokens, variants: Mapping[str, Splices], *,
         raise ConfigError("a same_as variant must name an earlier variant as its base")
     wrap = keep_bos if exclude_bos else (lambda fn: fn)
     wrapped = {name: {h: wrap(fn) for h, fn in sp.items()} for name, sp in variants.items()}
+    resume_at = {name: _resume_layer(lm, sp) for name, sp in wrapped.items()}
+    keep = sorted({f"blocks.{layer}.hook_resid_pre" for layer in resume_at.values() if layer})
     sums = {name: [0.0, 0.0] for name in ["clean", *wrapped]}  # ce_sum, kl_sum (float64)
     n = 0
     start = 1 if exclude_bos else 0
     for batch in progress_bar(batches, desc="downstream", unit="batch", enabled=progress):
         if batch.dim() != 2 or batch.shape[1] < 2 + start:
             raise DataError(f"token batches must be (b, seq) with seq >= {2 + start}, got shape {tuple(batch.shape)}")
-        logp_clean = next_token_logprobs(lm.forward(batch), start)  # forward validates ids and length
-        p_clean = logp_clean.exp()
-        nll = next_token_nll(logp_clean, batch, start)
-        sums["clean"][0] += nll.double().sum().item()
-        n += nll.numel()
+        acts = lm.run_with_cache(batch, [*keep, FINAL])  # validates ids and length
+        clean = CleanLogprobs(lm, acts[FINAL], batch, start)
+        sums["clean"][0] += clean.nll_sum
+        n += clean.n_tokens
         this_batch: dict[str, tuple[float, float]] = {}
         for name, splices in wrapped.items():
             twin = same_as.get(name)
             if twin is not None and twin.same():
                 this_batch[name] = this_batch[twin.base]
             else:
-                logq = next_token_logprobs(lm.forward(batch, splices), start)
-                this_batch[name] = (next_token_nll(logq, batch, start).double().sum().item(),
-                                    _kl(p_clean, logp_clean, logq).double().sum().item())
+                layer = resume_at[name]
+                resume = (layer, acts[f"blocks.{layer}.hook_resid_pre"]) if layer else None
+                this_batch[name] = clean.compare(lm.run_with_cache(batch, [FINAL], splices=splices, resume=resume)[FINAL])
             sums[name][0] += this_batch[name][0]
             sums[name][1] += this_batch[name][1]
     out = {"clean": {"ce": sums["clean"][0] / n, "n_tokens": n}}
     for name in wrapped:
         out[name] = {"ce": sums[name][0] / n, "kl": sums[name][1] / n, "n_tokens": n}
     return out
+
+
+def _resume_layer(lm: HookedLM, splices: Splices) -> int:
+    """The block a variant's pass may resume at: its first splice's (0: run from the start;
+    a splice at the final norm itself resumes at the last block)."""
+    return min(lm.first_layer(list(splices)), lm.n_layers - 1) if splices else 0
+
+
+class CleanLogprobs:
+    """One batch's clean next-token log-probs and probabilities, float32 or wider, in chunks of
+    positions (the only (tokens, vocab) tensors kept), and what a variant does against them.
+
+    h: the final norm's output (b, seq, d) of the clean pass; positions start..seq-2 predict
+    tokens start+1..seq-1. `compare(h_variant)` -> (CE sum, KL(clean || variant) sum) over
+    those positions (float64 sums), unembedding and log-softmaxing one chunk at a time."""
+
+    def __init__(self, lm: HookedLM, h: torch.Tensor, tokens: torch.Tensor, start: int):
+        self.lm, self.start = lm, start
+        self.targets = tokens[:, 1 + start:].reshape(-1).to(h.device)
+        rows = max(1, CHUNK_BYTES // (4 * lm.d_vocab))
+        self.slices = [slice(i, i + rows) for i in range(0, self.targets.shape[0], rows)]
+        self.logp = list(self._chunks(h))
+        self.p = [lp.exp() for lp in self.logp]  # kept beside the log-probs: no exp per variant
+        self.n_tokens = self.targets.shape[0]
+        self.nll_sum = sum(target_nll(lp, self.targets[sl]).double().sum().item()
+                           for lp, sl in zip(self.logp, self.slices))
+
+    def _chunks(self, h: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Log-probs of the predicting positions of h, chunk by chunk."""
+        rows = h[:, self.start:-1].reshape(-1, h.shape[-1])
+        return (logprobs(self.lm.unembed(rows[sl], apply_norm=False)) for sl in self.slices)
+
+    def compare(self, h: torch.Tensor) -> tuple[float, float]:
+        ce = kl = 0.0
+        for logp, p, logq, sl in zip(self.logp, self.p, self._chunks(h), self.slices):
+            ce += target_nll(logq, self.targets[sl]).double().sum().item()
+            kl += _kl(p, logp, logq).double().sum().item()
+        return ce, kl
 
 
 def splice_loss(lm: HookedLM, tokens, hook: str, fn: Splice, *, batch_size: int = 16,

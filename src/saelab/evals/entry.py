@@ -18,6 +18,9 @@ an outlier rule also outliers_kept, ce_sae_all, kl_all, ce_delta_all and loss_re
 loss_recovered_<a>_all), spec, then the extra columns. `from_dict` reads
 one back; columns no type claims come back as `Extra`. The spec stays a plain dict so rows of
 runs made before a TrainSpec field was added or renamed still read.
+
+Loss recovered is stored as a fraction (1.0: the splice costs nothing over the clean model) and
+shown as a percent in every table and plot (`recovered_column`; docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Protocol, Sequence
 from saelab.atomic import write_json
 from saelab.errors import ConfigError, CorruptFileError, MissingFileError
 from saelab.evals.metrics import SAEMetrics
+from saelab.tables import Column
 
 METRICS_FILE = "metrics.json"
 _DOWNSTREAM_KEYS = ("ce_clean", "ce_sae", "kl", "ce_delta", "downstream_tokens", "exclude_bos", "splice_hook",
@@ -180,9 +184,15 @@ class MetricsEntry:
         return self.to_dict().get(key, default)
 
 
+def recovered_column(key: str = "loss_recovered", header: str | None = None) -> Column:
+    """A table column of loss recovered (`key`: loss_recovered, loss_recovered_mean, ..._all):
+    stored as a fraction, shown as a percent with one decimal, as the plots show it."""
+    return Column(key, header, ".1%")
+
+
 # shown beside a table's columns when some row had outlier rows: how many, and FVU and loss
 # recovered with them replaced too
-OUTLIER_COLUMNS = ("outliers", "fvu_all", "loss_recovered_all")
+OUTLIER_COLUMNS = ("outliers", "fvu_all", recovered_column("loss_recovered_all"))
 
 
 def with_outlier_columns(columns: Sequence, rows: Sequence) -> tuple:

@@ -11,7 +11,8 @@ so toy data, cached activations and a live LM go through the same code. `lm_batc
 live-LM adapter: one early-stopping LM pass per token batch for every hook the SAEs need,
 yielding each SAE's rows (BOS position dropped with `exclude_bos`) and where they sat
 (`RowsAt`: positions, token ids). `evaluate_on_lm` adds the downstream metrics of
-`saelab.evals.downstream` (shared clean and ablation passes). Metric definitions live in
+`saelab.evals.downstream` (shared clean and ablation passes; the mean-ablation baseline is
+summed from the reconstruction pass's rows, `TargetMeans`). Metric definitions live in
 `saelab.evals.metrics` and `saelab.evals.downstream`, nowhere else. Activations holding NaN or
 Inf are refused (`saelab.evals.finite`), naming the hook and the first such row's context and
 position (`RowsAt`), or its row number for plain batches.
@@ -172,13 +173,37 @@ def evaluate_on_lm(lm: HookedLM, saes: Sequence[SAE], tokens, *, batch_size: int
     default: left out of the metrics and reported, and kept clean in the splice (with a splice
     of every position reported beside it; saelab.evals.downstream)."""
     rules = rules_for(saes, outliers)
+    means = TargetMeans([check_sae_fits(lm, sae)[1] for sae in saes])
     batches = lm_batches(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos)
-    recon = evaluate_saes(saes, batches, outliers=rules, token_text=lambda i: _token_text(lm, i))
+    recon = evaluate_saes(saes, means.tap(batches), outliers=rules, token_text=lambda i: _token_text(lm, i))
     if not downstream:
         return [Evaluation(r, None) for r in recon]
     down = evaluate_downstream(lm, saes, tokens, batch_size=batch_size, exclude_bos=exclude_bos, outliers=rules,
-                               progress=progress)
+                               means=means.result(lm.W_E.dtype), progress=progress)
     return [Evaluation(r, d) for r, d in zip(recon, down)]
+
+
+class TargetMeans:
+    """The mean of each SAE target hook's rows, summed (float64) as the reconstruction pass
+    streams them, batch by batch as `hook_means` sums them: the mean-ablation baseline then
+    costs no LM pass of its own. `targets`: each SAE's output hook, in the order of the SAEs."""
+
+    def __init__(self, targets: Sequence[str]):
+        self.first = {t: i for i, t in reversed(list(enumerate(targets)))}  # the first SAE per hook
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def tap(self, batches: Iterable[PerSAE]) -> Iterator[PerSAE]:
+        for batch in batches:
+            for target, i in self.first.items():
+                s = batch[i][1].double().sum(0)
+                self.sums[target] = self.sums[target] + s if target in self.sums else s
+            self.n += batch[0][1].shape[0]
+            yield batch
+
+    def result(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{hook: mean (d,)} in the LM's dtype; {} when no rows were seen."""
+        return {t: (s / self.n).to(dtype) for t, s in self.sums.items()} if self.n else {}
 
 
 def _token_text(lm: HookedLM, token_id: int) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from saelab.atomic import write_json, write_text
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.entry import MetricsEntry, recovered_column, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.experiments.coefficient_search import CoefficientSearch, search_coefficients
 from saelab.experiments.crossing import METRICS, Crossing, curve_crossing
@@ -46,7 +46,7 @@ from saelab.train.sweep import SweepGrid, sweep_specs
 
 TABLE = (Column("name"), Column("family"), Column("target_l0", "target", "g"), Column("coefficient", "coef", ".4g"),
          Column("l0", fmt=".1f"), Column("mse", fmt=".4g"), Column("fvu", fmt=".4f"), Column("ce_delta", "CE +", ".4f"),
-         Column("kl", "KL", ".4f"), Column("loss_recovered", "loss rec.", ".4f"))
+         Column("kl", "KL", ".4f"), recovered_column("loss_recovered", "loss rec."))
 
 
 @dataclass

@@ -16,7 +16,9 @@ smaller k instead).
 `run_prune` is the whole experiment: measure the densities on held-out tokens, plan and prune
 each target, evaluate the original and every pruned SAE on the LM, and write metrics.json
 (rows named "original" and "pruned_l0<T>", with the plan's columns), the L0 / loss-recovered
-plot (a trained sweep beside it with `compare`) and, with `save`, each pruned SAE's folder.
+plot (a trained sweep beside it with `compare`: one curve per architecture and width, each
+point labelled with its k or coefficient; the note under the title says what each family was
+evaluated on) and, with `save`, each pruned SAE's folder.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ import torch
 from saelab.data.outliers import OutlierRule
 from saelab.data.provenance import rule_for
 from saelab.errors import ConfigError
-from saelab.evals.entry import Extra, MetricsEntry, read_metrics, with_outlier_columns, write_metrics
+from saelab.evals.entry import Extra, MetricsEntry, read_metrics, recovered_column, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm, evaluate_saes, lm_batches
 from saelab.lm.hooked import HookedLM
 from saelab.plots import plot_l0_vs_loss_recovered
 from saelab.sae import SAE
 from saelab.sae.architectures import names_where
 from saelab.tables import format_rows
+from saelab.train.spec import TrainSpec
 
-COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl", "loss_recovered")
+COLUMNS = ("name", "n_killed", "density_cutoff", "l0", "mse", "fvu", "ce_delta", "kl",
+           recovered_column("loss_recovered"))
 ORIGINAL = Extra({"n_killed": 0, "density_cutoff": None})  # the unpruned SAE's prune columns
 
 
@@ -96,6 +100,7 @@ class PruneConfig:
     label: str = "SAE"  # how the plot's title names the pruned SAE (e.g. its folder's name)
     compare: Path | None = None  # a run folder whose SAEs to plot beside the pruning curve
     save: bool = False  # also save each pruned SAE's folder
+    source: str | None = None  # the text the held-out tokens come from, for the plot's note
     batch_size: int = 16  # contexts per LM forward pass
     exclude_bos: bool = True
     outliers: OutlierRule | None = None  # rows left out of densities and metrics; None: the SAE's rule
@@ -131,17 +136,46 @@ def run_prune(lm: HookedLM, sae: SAE, tokens, out_dir: str | Path, cfg: PruneCon
     files = [write_metrics(out, rows)]
     if cfg.save:
         files += [variant.save(out / f"pruned_l0_{plan.target_l0:g}") for variant, plan in zip(variants[1:], plans)]
-    series = {"pruned (this SAE)": _points(rows)}
+    family = f"{sae.cfg.arch} x{sae.cfg.d_sae / sae.cfg.d_in:g}"
+    series = {f"pruned {family} (this SAE)": _points(rows, lambda r: r.name.replace("pruned_", ""))}
     if sweep is not None:
-        series["trained sweep"] = _points(sweep)
-    files.append(plot_l0_vs_loss_recovered(series, out / "l0_vs_loss_recovered.png", title=f"pruning {cfg.label}"))
+        series.update(sweep_series(sweep, sae.cfg.d_in))
+    note = evaluation_note(rows, tokens, cfg.source, sweep)
+    files.append(plot_l0_vs_loss_recovered(series, out / "l0_vs_loss_recovered.png", title=f"pruning {cfg.label}",
+                                           note=note))
     return PruneResult(rows, plans, out, files)
 
 
-def _points(rows: list[MetricsEntry]) -> list[tuple[float, float, str, float]]:
-    """(L0, loss recovered, name, CE increase) of the rows that have a loss recovered."""
-    return [(r.recon.l0, r.downstream.loss_recovered, r.name, r.downstream.ce_delta)
+def _points(rows: list[MetricsEntry], label) -> list[tuple[float, float, str, float]]:
+    """(L0, loss recovered, label(row), CE increase) of the rows that have a loss recovered."""
+    return [(r.recon.l0, r.downstream.loss_recovered, label(r), r.downstream.ce_delta)
             for r in rows if r.downstream is not None and r.downstream.loss_recovered is not None]
+
+
+def sweep_series(sweep: list[MetricsEntry], d_in: int) -> dict[str, list[tuple]]:
+    """A training run's rows as plot series, one per family: "trained relu x4", "trained topk
+    x8", ... (architecture and width; a row without a spec goes under "trained"), each point
+    labelled with its k or coefficient, so each family is its own curve along its penalty."""
+    series: dict[str, list[tuple]] = {}
+    for row in sweep:
+        spec = TrainSpec.from_dict(row.spec) if row.spec else None
+        family = "trained" if spec is None else f"trained {spec.arch} x{row.recon.d_sae / d_in:g}"
+        series.setdefault(family, []).extend(_points([row], lambda r: spec.knob() if spec else r.name))
+    return {name: points for name, points in sorted(series.items()) if points}
+
+
+def evaluation_note(rows: list[MetricsEntry], tokens, source: str | None, sweep: list[MetricsEntry] | None) -> str:
+    """What the points were evaluated on: the pruned SAEs' held-out contexts and predictions, and
+    the trained sweep's own evaluation (read from its metrics.json) when it is plotted too."""
+    n, length = tokens.shape
+    predicted = next((r.downstream.downstream_tokens for r in rows if r.downstream is not None), None)
+    text = (f"pruned: {n} held-out contexts{f' of {source}' if source else ''} x {length} tokens, "
+            f"{predicted} predictions")
+    if sweep:
+        theirs = sorted({r.downstream.downstream_tokens for r in sweep if r.downstream is not None})
+        same = " (the same count)" if theirs == [predicted] else ""
+        text += f"; trained: their run's own evaluation, {', '.join(map(str, theirs))} predictions{same}"
+    return text
 
 
 def format_prune(result: PruneResult) -> str:

@@ -31,7 +31,7 @@ from saelab.data.cache.shuffle import live_batches
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, write_metrics
+from saelab.evals.entry import MetricsEntry, recovered_column, write_metrics
 from saelab.evals.metrics import max_cosine
 from saelab.evals.reconstruction import Evaluation, evaluate_on_lm
 from saelab.lm.arch import MLPWeights
@@ -218,8 +218,8 @@ def plot_cosine_histograms(hists: dict[str, dict], path: str | Path) -> Path:
 
 REPORT = (Column("layer"), Column("name", "SAE"), Column("l0", "L0", ".1f"), Column("fvu", "FVU", ".3f"),
           Column("dead"), Column("ce_clean", "CE clean", ".4f"), Column("ce_zero", "CE zero", ".4f"),
-          Column("ce_sae", "CE sparse", ".4f"), Column("loss_recovered", "loss rec.", ".3f"),
-          Column("loss_recovered_mean", "loss rec. (mean)", ".3f"), Column("kl", "KL", ".4f"),
+          Column("ce_sae", "CE sparse", ".4f"), recovered_column("loss_recovered", "loss rec."),
+          recovered_column("loss_recovered_mean", "loss rec. (mean)"), Column("kl", "KL", ".4f"),
           Column("enc", "enc cos (chance)"), Column("dec", "dec cos (chance)"))
 
 

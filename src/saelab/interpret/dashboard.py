@@ -119,14 +119,20 @@ def _usable_scale(scale, values: list) -> float:
     return max(finite, default=0.0) or 1.0
 
 
-def _token_run(tokens: list, values: list, start: int, stop: int, scale: float, pos, delta: bool) -> str:
+def _token_run(tokens: list, values: list, start: int, stop: int, scale: float, pos, delta: bool,
+               excluded: dict | None = None) -> str:
     """HTML of tokens[start:stop]: plain text where the value is 0 or None (most tokens of a
-    sparse feature, so pages stay small), else a shaded span titled `token = value`."""
+    sparse feature, so pages stay small), else a shaded span titled `token = value`; tokens in
+    `excluded` ({index: why}) are marked as left out of the scan, not as an activation of 0."""
     parts, parts_of = [], _token_parts
     append = parts.append
     values = values if len(values) >= stop else list(values) + [None] * (stop - len(values))
     for t in range(start, stop):
         v = values[t]
+        if excluded and t in excluded:
+            inner, title = parts_of(tokens[t])
+            append(f'<span class="xb" title="{title}: {excluded[t]}">{inner}</span>')
+            continue
         if not v and t != pos:
             append(parts_of(tokens[t])[0])
             continue
@@ -141,25 +147,41 @@ def _token_run(tokens: list, values: list, start: int, stop: int, scale: float, 
     return "".join(parts)
 
 
-def tokens_html(tokens: list, values: list, scale: float, pos: int | None = None, delta: bool = False) -> Markup:
+def tokens_html(tokens: list, values: list, scale: float, pos: int | None = None, delta: bool = False,
+                excluded: dict | None = None) -> Markup:
     """Tokens shaded by `values`: orange for activations; red / blue for negative / positive
-    ablation deltas (None = not measured). `pos` is boxed; tokens more than WINDOW before / after
-    it sit in `span.x` wrappers, hidden until the page shows full contexts."""
+    ablation deltas (None = not measured); `excluded` ({index: why}) dashed and grey, as not
+    scanned. `pos` is boxed; tokens more than WINDOW before / after it sit in `span.x` wrappers,
+    hidden until the page shows full contexts."""
     n = len(tokens)
     if not isinstance(pos, int) or not 0 <= pos < n:
         pos = None
     lo, hi = (max(pos - WINDOW[0], 0), min(pos + WINDOW[1] + 1, n)) if pos is not None else (0, n)
-    html = _token_run(tokens, values, lo, hi, scale, pos, delta)
+    run = lambda a, b: _token_run(tokens, values, a, b, scale, pos, delta, excluded)  # noqa: E731
+    html = run(lo, hi)
     if lo > 0:
-        html = f'<span class="x">{_token_run(tokens, values, 0, lo, scale, pos, delta)}</span><span class="el">… </span>{html}'
+        html = f'<span class="x">{run(0, lo)}</span><span class="el">… </span>{html}'
     if hi < n:
-        html = f'{html}<span class="el"> …</span><span class="x">{_token_run(tokens, values, hi, n, scale, pos, delta)}</span>'
+        html = f'{html}<span class="el"> …</span><span class="x">{run(hi, n)}</span>'
     return Markup(html)
+
+
+def excluded_tokens(example: dict) -> dict[int, str]:
+    """{index into tokens: why} for an example's positions the scan left out: context position 0
+    is the BOS position, any other an outlier row (interpret/sources.py)."""
+    first = example.get("start") or 0
+    out = {}
+    for i in example.get("excluded") or []:
+        if isinstance(i, int):
+            out[i] = "BOS, left out of the scan (no activation)" if first + i == 0 else \
+                "outlier row (massive activation), left out of the scan (no activation)"
+    return out
 
 
 def example_html(example: dict, scale: float) -> Markup:
     acts = example.get("acts", [])
-    return tokens_html(example.get("tokens", []), acts, _usable_scale(scale, acts), example.get("pos"))
+    return tokens_html(example.get("tokens", []), acts, _usable_scale(scale, acts), example.get("pos"),
+                       excluded=excluded_tokens(example))
 
 
 def ablation_source(row: dict, quantiles) -> str:
@@ -275,6 +297,42 @@ def write_dashboard(report: Report | dict, out_dir, include_dead: bool = False, 
     return write_text(out / "index.html", index_html)
 
 
+SYNTHETIC = "synthetic"  # <dashboard>/synthetic/<i>.json: `saelab maximize`'s texts, shown on the feature's page
+
+
+def _synthetic(out: Path, index: int, max_act) -> dict | None:
+    """The synthetic texts `saelab maximize` put beside the dashboard for feature `index`, with
+    the shading scale shared by them and the dataset's examples; None when there are none."""
+    path = out / SYNTHETIC / f"{index}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    acts = [t.get("act") for t in data.get("texts") or []] + [max_act]
+    return {**data, "scale": _usable_scale(None, [a for a in acts if isinstance(a, (int, float))])}
+
+
+def write_synthetic(out_dir, index: int, data: dict) -> Path:
+    """Put `saelab maximize`'s result for feature `index` beside the dashboard in `out_dir`
+    (synthetic/<i>.json) and redraw that feature's page with it; returns the page's path."""
+    from saelab.errors import MissingFileError
+
+    out = Path(out_dir)
+    feature_json, report_json = out / "features" / f"{index}.json", out / "report.json"
+    if not feature_json.is_file() or not report_json.is_file():
+        raise MissingFileError(f"{out} has no page for feature {index} (features/{index}.json): give the dashboard "
+                               "`saelab dashboard` wrote for this SAE, with that feature in it")
+    write_text(out / SYNTHETIC / f"{index}.json", _dumps(data))
+    paged = sorted(int(p.stem) for p in (out / "features").glob("*.html") if p.stem.isdigit())
+    n = paged.index(index) if index in paged else None
+    prev = paged[n - 1] if n else None
+    nxt = paged[n + 1] if n is not None and n + 1 < len(paged) else None
+    f = json.loads(feature_json.read_text(encoding="utf-8"))
+    sae = json.loads(report_json.read_text(encoding="utf-8")).get("sae") or {}
+    page = _environment().get_template("feature.html").render(
+        f=f, sae=sae, prev=prev, next=nxt, root="../", synthetic=_synthetic(out, index, f.get("max_act")))
+    return write_text(out / "features" / f"{index}.html", page)
+
+
 def _write_features(env: Environment, folder: Path, features: list[FeatureSummary], paged: list[int], sae: dict,
                     progress: bool | None) -> set[str]:
     """features/<i>.json of every feature with detail, and <i>.html of the `paged` ones (linked
@@ -282,7 +340,7 @@ def _write_features(env: Environment, folder: Path, features: list[FeatureSummar
     neighbours = {i: (paged[n - 1] if n else None, paged[n + 1] if n + 1 < len(paged) else None)
                   for n, i in enumerate(paged)}
     page = env.get_template("feature.html")
-    written = set()
+    written, paged_set = set(), set(paged)
     for feat in progress_bar(features, desc="dashboard", unit="feature", enabled=progress):
         if not isinstance(feat, FeatureDetail):
             continue
@@ -290,8 +348,9 @@ def _write_features(env: Environment, folder: Path, features: list[FeatureSummar
         written.add(write_text(folder / f"{i}.json", _dumps(data), fsync=False).name)
         if i in neighbours:
             prev, nxt = neighbours[i]
-            written.add(write_text(folder / f"{i}.html", page.render(f=data, sae=sae, prev=prev, next=nxt, root="../"),
-                                   fsync=False).name)
+            synthetic = _synthetic(folder.parent, i, data.get("max_act"))
+            html = page.render(f=data, sae=sae, prev=prev, next=nxt, root="../", paged=paged_set, synthetic=synthetic)
+            written.add(write_text(folder / f"{i}.html", html, fsync=False).name)
     return written
 
 

@@ -111,6 +111,16 @@ class LensResult:
     bottom_values: Tensor
     skew: Tensor
     kurtosis: Tensor
+    # histogram of each feature's logit weights over the ranked ids: (n, bins) counts over
+    # `bins` equal bins from the feature's lowest weight to its highest, (n, 2)
+    hist_counts: Tensor | None = None
+    hist_range: Tensor | None = None
+
+    def hist_edges(self, i: int) -> list[float]:
+        """The bin edges of row i's histogram."""
+        lo, hi = self.hist_range[i].tolist()
+        bins = self.hist_counts.shape[1]
+        return [lo + (hi - lo) * b / bins for b in range(bins + 1)]
 
     def kinds(self) -> list[str]:
         return [classify(s, k) for s, k in zip(self.skew.tolist(), self.kurtosis.tolist())]
@@ -118,9 +128,10 @@ class LensResult:
 
 @torch.no_grad()
 def feature_lens(sae, lm, features=None, *, k: int = 10, mask: Tensor | None = None,
-                 fold_norm: bool = True, chunk: int = 256) -> LensResult:
+                 fold_norm: bool = True, chunk: int = 256, bins: int = 40) -> LensResult:
     """Logit lens for `features` (default all), `chunk` features at a time so that the
-    (chunk, d_vocab) product is all that is ever held. `mask` (d_vocab,) bool: ids to rank."""
+    (chunk, d_vocab) product is all that is ever held. `mask` (d_vocab,) bool: ids to rank (and
+    to histogram: `bins` bins per feature, `weight_histogram`)."""
     d_sae = sae.cfg.d_sae
     feats = torch.arange(d_sae) if features is None else torch.as_tensor(features).long().flatten()
     if feats.numel() and (feats.min() < 0 or feats.max() >= d_sae):
@@ -129,14 +140,25 @@ def feature_lens(sae, lm, features=None, *, k: int = 10, mask: Tensor | None = N
     keep = torch.ones(lm.d_vocab, dtype=torch.bool) if mask is None else mask.cpu()
     ids = torch.nonzero(keep).flatten()
     k = min(k, ids.numel())
-    parts: list[list[Tensor]] = [[] for _ in range(6)]
+    parts: list[list[Tensor]] = [[] for _ in range(8)]
     for start in range(0, feats.numel(), chunk):
         w = logit_weights(dirs[feats[start:start + chunk].to(dirs.device)], lm, fold_norm)
         w = w[:, ids.to(w.device)].float().cpu()
         top, bottom = w.topk(k, dim=1), w.topk(k, dim=1, largest=False)
         skew, kurt = moments(w)
+        counts, span = weight_histogram(w, bins)
         for part, t in zip(parts, (ids[top.indices], top.values, ids[bottom.indices],
-                                   bottom.values, skew, kurt)):
+                                   bottom.values, skew, kurt, counts, span)):
             part.append(t)
     cat = [torch.cat(p) if p else torch.zeros(0) for p in parts]
     return LensResult(feats, *cat)
+
+
+def weight_histogram(w: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """Per row of w (n, V): counts (n, bins) int64 over `bins` equal bins spanning the row's
+    [min, max] (the max in the last bin; a constant row all in the first), and (n, 2) (min, max)."""
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    width = (hi - lo) / bins
+    idx = torch.where(width > 0, (w - lo) / torch.where(width > 0, width, 1.0), 0.0).floor().long().clamp(0, bins - 1)
+    counts = torch.zeros(w.shape[0], bins, dtype=torch.int64).scatter_add_(1, idx, torch.ones_like(idx))
+    return counts, torch.cat([lo, hi], 1)

@@ -33,7 +33,7 @@ from saelab.interpret.embedding import (DEFAULT_PROMPT, definition_tree, enc_dec
                                         feature_vectors, nearest_tokens, overlap)
 from saelab.interpret.lens import LensResult, classify, feature_lens
 from saelab.interpret.scan import SINGLE_TOKEN_SHARE, FeatureScan, ScanConfig, scan_features
-from saelab.interpret.schema import (AblationRow, Embedding, Example, FeatureDetail, FeatureSummary,
+from saelab.interpret.schema import (AblationRow, CoActive, Embedding, Example, FeatureDetail, FeatureSummary,
                                      Histogram, Logits, Overlap, QuantileBin, Report, SAEInfo, SkippedRows,
                                      TokenCount, TokenScore, TokenTally, TokenValue, Tree, TreeNode)
 from saelab.interpret.sources import ContextBatch, ContextSource, cache_source, example_acts
@@ -66,6 +66,7 @@ class ReportOptions:
     window: tuple[int, int] | None = None  # tokens kept (before, after) an example; None: all
     n_logits: int = 10
     n_top_tokens: int = 10
+    n_coactive: int = 10  # features most correlated with each feature given detail (0: not counted)
     n_ablate: int = 2  # top examples per feature with ablated text
     # quantile examples per feature with ablated text: the middle example of each of the
     # n_ablate_quantile non-empty bins nearest the middle of [0, max act] (what a typical, not
@@ -149,7 +150,8 @@ def build_report(sae, model=None, contexts: Tensor | None = None, *,
     detail = _detail_features(opts.features, sae.cfg.d_sae)
     source = _source(lm, sae, contexts, acts, cache, opts, progress)
     scan = scan_features(source.batches(opts.batch_size), sae, lm, config=opts.scan, progress=progress,
-                         total=source.n_batches(opts.batch_size), outliers=opts.outliers)
+                         total=source.n_batches(opts.batch_size), outliers=opts.outliers,
+                         coactive=torch.tensor(detail, dtype=torch.long) if opts.n_coactive > 0 else None)
     inputs = _inputs(lm, sae, source, opts)
     lens = feature_lens(sae, lm, k=max(INDEX_LOGITS, opts.n_logits), mask=inputs.mask(lm.d_vocab, lm.W_U))
     summaries = _summaries(inputs, scan, lens)
@@ -279,7 +281,10 @@ def _details(inputs: ReportInputs, scan: FeatureScan, lens: LensResult, summarie
             examples=top, quantiles=quantiles,
             logits=Logits(top=_token_values(lens.top_ids[j, :n], lens.top_values[j, :n], vocab),
                           bottom=_token_values(lens.bottom_ids[j, :n], lens.bottom_values[j, :n], vocab)),
-            ablation=ablation[j], embedding=embedding.get(j), tree=_tree(inputs, j) if opts.tree else None)
+            ablation=ablation[j], embedding=embedding.get(j), tree=_tree(inputs, j) if opts.tree else None,
+            logit_hist=Histogram(_floats(lens.hist_edges(j)), lens.hist_counts[j].tolist()),
+            coactive=[CoActive(b, c, _r(phi)) for b, c, phi in scan.coactive_partners(j, opts.n_coactive)]
+            if opts.n_coactive > 0 else None)
     return out
 
 
@@ -304,11 +309,13 @@ def _examples(inputs: ReportInputs, scan: FeatureScan,
                            torch.tensor([w[4] for w in wanted], dtype=torch.long),
                            torch.tensor([w[0] for w in wanted], dtype=torch.long),
                            window=opts.window, batch_size=opts.batch_size) if wanted else []
-    out = {j: ([], [QuantileBin(_r(lo), _r(hi), []) for lo, hi, _ in bins[j]]) for j in feats}
+    out = {j: ([], [QuantileBin(_r(lo), _r(hi), [], count, _r(count / max(int(scan.count[j]), 1)))
+                    for (lo, hi, _), count in zip(bins[j], quantiles.counts_of(j))]) for j in feats}
     for (j, where, act, row, pos), (start, acts) in zip(wanted, fetched):
+        excluded = torch.nonzero(torch.isnan(acts)).flatten().tolist()
         ex = Example(context=row, tokens=[vocab[t] for t in contexts[row, start:start + len(acts)].tolist()],
                      acts=_floats(acts), pos=pos - start, act=_r(act),
-                     start=start if opts.window is not None else None)
+                     start=start if opts.window is not None else None, excluded=excluded or None)
         top, quantile_bins = out[j]
         (top if where == "top" else quantile_bins[where].examples).append(ex)
     return out

@@ -141,8 +141,9 @@ class BinSamples:
         """Final bins: the fine bins in use, m = ceil(max / w), grouped into `n_bins` runs of
         near-equal width (fine bin b -> b * n_bins // m), each sampled by smallest key.
 
-        Returns edges (d_sae, n_bins + 1) (last = max) and key / value / row / pos
-        (d_sae, n_bins, per_bin); empty entries have key KEY_MAX."""
+        Returns edges (d_sae, n_bins + 1) (last = max), count (d_sae, n_bins): the active values
+        in each final bin, exactly, and key / value / row / pos (d_sae, n_bins, per_bin); empty
+        entries have key KEY_MAX."""
         d, nf, device = self.d_sae, self.n_fine, self.exp.device
         seen = self.exp != self.UNSET
         width = torch.where(seen, torch.ldexp(torch.ones(d, dtype=torch.float64, device=device),
@@ -164,4 +165,5 @@ class BinSamples:
         for name in out:
             out[name][group[idx], rank] = getattr(self, name).flatten()[idx]
         out = {k: v.view(d, n_bins, per_bin) for k, v in out.items()}
-        return {"edges": edges, **out}
+        count = torch.zeros(d, n_bins, dtype=self.counts.dtype, device=device).scatter_add_(1, final, self.counts)
+        return {"edges": edges, "count": count, **out}

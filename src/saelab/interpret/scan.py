@@ -14,11 +14,20 @@ across features, into:
   final bins are runs of fine bins, equal in width to within one fine bin (max / 32 at the
   default 64 fine bins);
 * counts / sums (density, mean activation over active tokens), the exact histogram of active
-  values over the same fine bins, and per-token-id counts and sums (top tokens, and the share of
-  a feature's activation mass on its top token id: single-token features): an exact dense
+  values over the same fine bins (so each quantile bin's count is exact), and per-token-id
+  counts and sums (top tokens, and the share of a feature's activation mass on its top token
+  id: single-token features): an exact dense
   (d_sae, vocab) table when d_sae * vocab <= `token_table_max`, else `token_capacity` slots per
   feature kept by count after each batch (then counts are lower bounds; the top few are right
   unless a token is frequent overall but rare in every batch).
+
+* co-activation of the features given detail (`coactive`): on how many tokens each fires
+  together with each other feature, in the same dense-table-or-slots form as the token counts
+  (a (tracked, d_sae) table while it has at most `coactive_table_max` cells, else
+  `coactive_capacity` partners per feature, kept by count), from which `coactive_partners` ranks
+  partners by the correlation of the two features' firing (phi). The pairs of a token are its
+  active features taken two at a time, so the work is tokens x L0 x (tracked features' L0),
+  bounded per batch by `coactive_max_pairs` (beyond it, a regular sample of the batch's tokens).
 
 Only (value, row, position) is kept per example; `sources.example_acts` fetches the per-token
 activations of the kept contexts afterwards (one more pass over just those contexts). Where
@@ -56,10 +65,14 @@ class ScanConfig:
     n_fine: int = 64  # fine bins: histogram resolution and the quantile bins' building blocks
     token_table_max: int = 1 << 24  # dense (d_sae, vocab) token counts up to this many cells
     token_capacity: int = 64  # else token slots per feature
+    coactive_table_max: int = 1 << 22  # dense (tracked features, d_sae) co-activation counts up to this many cells
+    coactive_capacity: int = 32  # else co-active partner slots per tracked feature
+    coactive_max_pairs: int = 1 << 22  # co-active pairs counted per batch; beyond, every s-th token (CoActivation)
     seed: int = 0  # of the hash keys that pick quantile examples
 
     def validate(self) -> None:
-        for name in ("top_k", "n_quantiles", "per_quantile", "n_fine", "token_capacity"):
+        for name in ("top_k", "n_quantiles", "per_quantile", "n_fine", "token_capacity", "coactive_capacity",
+                     "coactive_max_pairs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ScanConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_quantiles * 2 > self.n_fine:
@@ -128,10 +141,92 @@ class TokenCounts:
                 for t, o in zip(ids.tolist(), order.tolist())]
 
 
-class FeatureScan:
-    """Accumulates everything the pass keeps; `update` once per batch of whole contexts."""
+def token_pairs(tok_i: Tensor, tracked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(a, b) entry indices of every ordered pair of distinct active entries on one token, for
+    entries `tok_i` (n,) sorted by token; with `tracked` (n,) bool only pairs whose first entry
+    is tracked."""
+    n = tok_i.numel()
+    if n == 0:
+        return tok_i.new_zeros(0), tok_i.new_zeros(0)
+    _, group, size = torch.unique_consecutive(tok_i, return_inverse=True, return_counts=True)
+    first = (torch.cumsum(size, 0) - size)[group]  # each entry's token's first entry
+    own = size[group]
+    a = torch.arange(n, device=tok_i.device)
+    if tracked is not None:
+        a, own, first = a[tracked], own[tracked], first[tracked]
+    pair_a = a.repeat_interleave(own)
+    offset = torch.arange(pair_a.numel(), device=tok_i.device) - (torch.cumsum(own, 0) - own).repeat_interleave(own)
+    pair_b = first.repeat_interleave(own) + offset
+    keep = pair_a != pair_b
+    return pair_a[keep], pair_b[keep]
 
-    def __init__(self, d_sae: int, vocab: int, config: ScanConfig | None = None, device=None):
+
+class CoActivation:
+    """On how many tokens each tracked feature fires together with each other feature (counts in
+    a `TokenCounts` whose "token ids" are partner features), with each feature's own count and
+    the tokens counted. A batch whose pairs would exceed `coactive_max_pairs` (dense codes: MLP
+    neurons, high-L0 SAEs) is counted on every s-th of its tokens only, s the smallest stride
+    within budget; the counts, the features' own and the token total then cover the same
+    tokens, so the correlations stay consistent."""
+
+    def __init__(self, tracked: Tensor, d_sae: int, config: ScanConfig, device=None):
+        self.features = tracked.long().to(device)
+        self.row_of = torch.full((d_sae,), -1, dtype=torch.int64, device=device)
+        self.row_of[self.features] = torch.arange(len(self.features), device=device)
+        self.counts = TokenCounts(len(self.features), d_sae, config.coactive_table_max, config.coactive_capacity,
+                                  device)
+        self.count = torch.zeros(d_sae, dtype=torch.int64, device=device)  # tokens each feature fires on
+        self.n_tokens, self.max_pairs = 0, config.coactive_max_pairs
+
+    def update(self, tok_i: Tensor, feat: Tensor, kept: Tensor, chunk: int = 1 << 16) -> None:
+        """Add a batch: its active entries (token index, feature) and `kept` (n_positions,) bool,
+        the positions scanned. `chunk` tracked entries' pairs at a time (memory: chunk x the
+        largest L0)."""
+        if tok_i.numel() > 1 and not bool((tok_i[1:] >= tok_i[:-1]).all()):
+            order = torch.argsort(tok_i, stable=True)
+            tok_i, feat = tok_i[order], feat[order]
+        size = torch.bincount(tok_i, minlength=kept.numel())
+        pairs = int((size[tok_i] * (self.row_of[feat] >= 0)).sum())
+        stride = max(1, -(-pairs // self.max_pairs))
+        if stride > 1:
+            sampled = tok_i % stride == 0
+            tok_i, feat = tok_i[sampled], feat[sampled]
+            kept = kept & (torch.arange(kept.numel(), device=kept.device) % stride == 0)
+        self.n_tokens += int(kept.sum())
+        self.count += torch.bincount(feat, minlength=self.count.numel())
+        rows = self.row_of[feat]
+        tracked = torch.nonzero(rows >= 0).flatten()
+        for start in range(0, tracked.numel(), chunk):
+            mask = torch.zeros_like(rows, dtype=torch.bool)
+            mask[tracked[start:start + chunk]] = True
+            a, b = token_pairs(tok_i, mask)
+            self.counts.update(rows[a], feat[b], torch.ones_like(a, dtype=torch.float32))
+
+    def partners(self, feature: int, n: int) -> list[tuple[int, int, float]]:
+        """[(partner, tokens both fire on, phi)] of a tracked feature, highest phi first, only
+        positive correlations. phi = (N n_ab - n_a n_b) / sqrt(n_a (N - n_a) n_b (N - n_b)), the
+        Pearson correlation of the two features' "fires" indicators over the N tokens counted."""
+        row = int(self.row_of[feature])
+        if row < 0:
+            return []
+        count = self.count
+        N, n_a = float(self.n_tokens), float(count[feature])
+        out = []
+        for b, n_ab, _ in self.counts.top(row, self.counts.count.shape[1]):
+            n_b = float(count[b])
+            denom = (n_a * (N - n_a) * n_b * (N - n_b)) ** 0.5
+            phi = (N * n_ab - n_a * n_b) / denom if denom > 0 else float("nan")
+            if phi > 0:
+                out.append((b, n_ab, phi))
+        return sorted(out, key=lambda p: (-p[2], p[0]))[:n]
+
+
+class FeatureScan:
+    """Accumulates everything the pass keeps; `update` once per batch of whole contexts.
+    `coactive`: the features whose co-active partners are counted (None: none)."""
+
+    def __init__(self, d_sae: int, vocab: int, config: ScanConfig | None = None, device=None,
+                 coactive: Tensor | None = None):
         self.config = config or ScanConfig()
         self.config.validate()
         c = self.config
@@ -143,6 +238,8 @@ class FeatureScan:
         self.bins = BinSamples(d_sae, c.n_fine, c.per_quantile, device)
         self.tokens = TokenCounts(d_sae, vocab, c.token_table_max, c.token_capacity, device)
         self.outliers = OutlierTally()  # rows an outlier rule kept out of the scan
+        self.coactive = None if coactive is None or not len(coactive) else \
+            CoActivation(torch.as_tensor(coactive), d_sae, c, device)
 
     def update(self, f: Tensor, tokens: Tensor, rows: Tensor, start: int = 0) -> None:
         """f (B, S, d_sae) feature activations of contexts `tokens` (B, S) at `rows` (B,);
@@ -178,6 +275,9 @@ class FeatureScan:
         self.bins.grow(batch_max)
         self.bins.add(feat, value, rows[tok_i // S], pos, self.config.seed)
         self.tokens.update(feat, tokens.reshape(-1)[tok_i], value)
+        if self.coactive is not None:
+            self.coactive.update(tok_i, feat, torch.ones(B * S, dtype=torch.bool, device=tok_i.device)
+                                 if skip is None else ~skip.reshape(-1))
 
     def _context_max(self, B, S, tok_i, feat, value, pos) -> tuple[Tensor, Tensor]:
         """Each context's max activation per feature and its first position, (B, d_sae) each,
@@ -225,6 +325,11 @@ class FeatureScan:
     def top_tokens(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
         return self.tokens.top(feature, n)
 
+    def coactive_partners(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
+        """The features that fire with `feature` most in step, [(partner, tokens both fire on,
+        phi)], highest phi first (CoActivation.partners); [] unless it was tracked."""
+        return [] if self.coactive is None else self.coactive.partners(feature, n)
+
     def top_token_share(self) -> Tensor:
         """(d_sae,) share of each feature's activation mass (the sum of its activations) on the
         one token id holding the most of it; NaN where dead. A share above SINGLE_TOKEN_SHARE
@@ -238,6 +343,7 @@ class FeatureScan:
 
 class Quantiles(NamedTuple):
     edges: Tensor  # (d_sae, n_bins + 1); the last edge is the feature's max
+    count: Tensor  # (d_sae, n_bins) active tokens in each bin, exactly
     key: Tensor  # (d_sae, n_bins, per_bin); KEY_MAX where a bin has fewer items
     value: Tensor
     row: Tensor
@@ -252,19 +358,24 @@ class Quantiles(NamedTuple):
             out.append((edges[b], edges[b + 1], sorted(items)))
         return out
 
+    def counts_of(self, feature: int) -> list[int]:
+        """Active tokens in each bin of `feature`, low to high (they sum to its active count)."""
+        return self.count[feature].tolist()
+
 
 @torch.no_grad()
 def scan_features(batches: Iterable[Tensor | ContextBatch], sae, lm=None, *,
                   config: ScanConfig | None = None, vocab_size: int | None = None,
                   progress: bool | None = None, total: int | None = None,
-                  outliers: OutlierRule | None = None) -> FeatureScan:
+                  outliers: OutlierRule | None = None, coactive=None) -> FeatureScan:
     """The one pass: feed every batch's feature activations to a FeatureScan and return it,
-    without the rows `outliers` flags in each batch (None: every row scanned)."""
+    without the rows `outliers` flags in each batch (None: every row scanned). `coactive`:
+    features whose co-active partners to count (FeatureScan)."""
     vocab = vocab_size or (lm.W_E.shape[0] if lm is not None else None)
     if vocab is None:
         raise ConfigError("scan_features needs vocab_size when no LM is given")
     device = sae.W_enc.device
-    scan, next_row = FeatureScan(sae.cfg.d_sae, vocab, config, device), 0
+    scan, next_row = FeatureScan(sae.cfg.d_sae, vocab, config, device, coactive), 0
     bar = progress_bar(batches, desc="feature scan", total=total, unit="batch", enabled=progress)
     for batch in bar:
         batch = batch if isinstance(batch, ContextBatch) else ContextBatch(batch)

@@ -9,11 +9,14 @@ memory `Report.features` holds a `FeatureDetail` for each feature given detail. 
 rounded to 4 significant digits by the writer, null where not finite.
 
 Versions: 2 added `dense_threshold` and `options`; 3 added `outliers` (the rows an outlier rule
-kept out of the scan; absent when no rule was applied). The optional `top_token_share` (per
+kept out of the scan; absent when no rule was applied); 4 added, all optional, a feature's
+`logit_hist` (its logit-lens weights over the vocabulary) and `coactive` (the features firing most
+in step with it), each quantile bin's `count` and `share` of the active tokens, and an
+example's `excluded` positions (BOS, outlier rows: not scanned, so no activation). The optional `top_token_share` (per
 feature) and `single_token_share` (the report's threshold) may be absent from older files (their
 single-token count is then unknown). Schema-1 reports are still read: their dense threshold was
 the renderer's fixed 0.1, their options were not recorded, and a tree held as "vector" + "root"
-becomes "roots". Schema-2 reports read as they are. Other versions are refused.
+becomes "roots". Schema-2 and -3 reports read as they are. Other versions are refused.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 from saelab.errors import DataError
 from saelab.interpret.records import OMIT_NONE, Record, dump_fields, json_schema
 
-SCHEMA = 3
-READS = (1, 2, 3)
+SCHEMA = 4
+READS = (1, 2, 3, 4)
 SCHEMA_FILE = "report.schema.json"
 V1_DENSE_THRESHOLD = 0.1  # schema 1 carried no threshold: its renderer counted density > 0.1 as dense
 
@@ -92,6 +95,9 @@ class Example(Record):
     act: float | None  # the activation there
     # context position of tokens[0]; present only when the report keeps a window around `pos`
     start: int | None = field(default=None, metadata=OMIT_NONE)
+    # indices into `tokens` that were not scanned (the BOS position, outlier rows): their
+    # activation is not a measurement (`acts` holds null there); absent when there are none
+    excluded: list[int] | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
@@ -101,6 +107,10 @@ class QuantileBin(Record):
     lo: float | None
     hi: float | None
     examples: list[Example]
+    # active tokens with activation in (lo, hi], and their share of all the feature's active
+    # tokens (absent: a report made before they were counted)
+    count: int | None = field(default=None, metadata=OMIT_NONE)
+    share: float | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
@@ -126,6 +136,15 @@ class Logits(Record):
 
     top: list[TokenValue]
     bottom: list[TokenValue]
+
+
+@dataclass
+class CoActive(Record):
+    """A feature that fires in step with this one over the scanned tokens (interpret/scan.py)."""
+
+    index: int
+    count: int  # tokens both fire on
+    correlation: float | None  # phi: Pearson correlation of the two features' "fires" indicators
 
 
 @dataclass
@@ -201,6 +220,10 @@ class FeatureDetail(FeatureSummary):
     ablation: list[AblationRow]  # top examples first, then quantile ones
     embedding: Embedding | None  # None: the SAE's vectors are not d_model wide
     tree: Tree | None  # None: not asked for, or no vector is d_model wide
+    # its logit-lens weights over every listed token id (absent: no logit lens, or an older report)
+    logit_hist: Histogram | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
+    # the features most correlated with it, highest first (absent: not measured)
+    coactive: list[CoActive] | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
 
     @classmethod
     def of(cls, summary: FeatureSummary, **detail) -> FeatureDetail:

@@ -6,8 +6,8 @@ token array they are and, optionally, precomputed hook activations. A `ContextSo
 the scan's batches and the example fetcher (`encode_rows`, read by `example_acts`), so the two
 read the same activations: live (the LM), from an activation cache (`cache_source`: the cache's
 contexts, its stored activations, its BOS position skipped), or from batches a caller computed.
-Rows an outlier rule flags (`ContextSource.outliers`) read as 0 in examples, as the scan skips
-them.
+Positions the scan skips (before `start`: the BOS position; rows an outlier rule flags,
+`ContextSource.outliers`) read as NaN in examples: not scanned, so no activation to show.
 The scan itself (what is kept per feature) is interpret/scan.py.
 """
 
@@ -111,13 +111,13 @@ class ContextSource:
     """Whole held-out contexts and where their activations at the SAE's hook come from: the
     LM (live), or `acts_of(rows) -> (n, S - start, d_in)` (e.g. an activation cache, so nothing
     is recomputed). Feeds both the scan (`batches`) and `example_acts` (`encode_rows`), so the
-    two read the same activations. Positions before `start` (the BOS a cache dropped) are
-    context only: not scanned, and 0 in example activations; positions always index `tokens`.
+    two read the same activations. Positions before `start` (BOS) are context only: not
+    scanned, and NaN in example activations; positions always index `tokens`.
 
     `given`: batches of these contexts (rows = rows of `tokens`) with activations a caller
     computed; the scan reads them (once, from `start` on) instead of making its own, and
     examples still come from `acts_of` or the LM. `outliers`: the rule whose flagged rows the
-    scan skips; they read as 0 in example activations too."""
+    scan skips; they read as NaN in example activations too."""
 
     tokens: Tensor  # (n, S) token ids
     start: int = 0
@@ -136,13 +136,14 @@ class ContextSource:
         return None if self.given is not None else -(-len(self.tokens) // batch_size)
 
     def encode_rows(self, sae, lm=None) -> Callable[[Tensor], Tensor]:
-        """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts."""
+        """rows -> feature activations (n, S, d_sae) of those contexts, for example_acts; NaN at
+        the positions the scan skips (before `start`, outlier rows)."""
         def encode(rows: Tensor) -> Tensor:
             x = hook_acts(sae, lm, self.tokens[rows], self._acts(rows), self.start, rows)
             f = sae.encode(x)
             if self.outliers is not None:
-                f = f.masked_fill(self.outliers.mask(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], 1), 0.0)
-            return torch.nn.functional.pad(f, (0, 0, self.start, 0))
+                f = f.masked_fill(self.outliers.mask(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], 1), float("nan"))
+            return torch.nn.functional.pad(f, (0, 0, self.start, 0), value=float("nan"))
         return encode
 
     def _acts(self, rows: Tensor) -> Tensor | None:

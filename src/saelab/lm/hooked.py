@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -47,17 +48,26 @@ from saelab.lm.hook_names import BLOCK_POINTS, MLP_WIDE, parse_hook
 Splice = Callable[[torch.Tensor], torch.Tensor]
 
 
+def logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary (last dim), in float32 or wider: (..., vocab)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
 def next_token_logprobs(logits: torch.Tensor, start: int = 0) -> torch.Tensor:
     """log q(. | x_<=t) at the predicting positions t = start..seq-2: logits (b, seq, vocab) ->
     (b, seq - 1 - start, vocab), in float32 or wider."""
-    return F.log_softmax(logits[:, start:-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logprobs(logits[:, start:-1])
+
+
+def target_nll(logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log q(target) per row: logq (..., vocab), targets (...) -> (...)."""
+    return -logq.gather(-1, targets.to(logq.device).long().unsqueeze(-1)).squeeze(-1)
 
 
 def next_token_nll(logq: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
     """-log q(x_{t+1} | x_<=t) per predicting position (nats): logq from
     `next_token_logprobs(logits, start)`, tokens (b, seq) -> (b, seq - 1 - start)."""
-    targets = tokens[:, 1 + start:].to(logq.device).long()
-    return -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_nll(logq, tokens[:, 1 + start:])
 
 
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -167,11 +177,18 @@ class HookedLM:
     # ---- running -------------------------------------------------------------------------
     def run_with_cache(self, tokens=None, names: Sequence[str] = (), *,
                        splices: Mapping[str, Splice] | None = None, inputs_embeds=None,
-                       return_logits: bool = False, grad: bool = False, past=None):
+                       return_logits: bool = False, grad: bool = False, past=None,
+                       resume: tuple[int, torch.Tensor] | None = None):
         """Activations at `names` from ONE forward pass: {name: (batch, seq, d)}.
 
         Without `return_logits` the pass stops as soon as the last requested activation is
         recorded (later layers are never run). With it, returns (logits, cache).
+
+        `resume` = (L, resid_pre): skip blocks 0..L-1 and start block L from `resid_pre`, the
+        (batch, seq, d_model) `blocks.L.hook_resid_pre` of these tokens from an earlier pass
+        (the embedding still runs, for positions; it is cheap). Many passes that change
+        nothing before block L (splices at a middle layer) then share the first L blocks:
+        names and splices before block L are an error.
 
         `past` (from `new_kv_cache`): the attention keys and values of earlier tokens. A pass
         adds its own tokens' to it, and a pass given a filled one continues those sequences
@@ -181,7 +198,7 @@ class HookedLM:
         names = list(dict.fromkeys(names))
         self._check_names(names)
         logits, cache = self._run(tokens, inputs_embeds, names, splices or {},
-                                  stop_early=not return_logits, grad=grad, past=past)
+                                  stop_early=not return_logits, grad=grad, past=past, resume=resume)
         return (logits, cache) if return_logits else cache
 
     @staticmethod
@@ -311,8 +328,22 @@ class HookedLM:
                             f"{self.context_length}")
         return t.long()
 
-    def _run(self, tokens, inputs_embeds, capture, splices, stop_early, grad, past=None):
+    def first_layer(self, names: Sequence[str]) -> int:
+        """The first block any of `names` is in (0 for model-level names before the blocks,
+        n_layers for ln_final): where a pass that reads or changes only them may `resume`."""
+        layers = [parse_hook(n).layer for n in names]
+        if any(layer is None and n != "ln_final.hook_normalized" for n, layer in zip(names, layers)):
+            return 0
+        return min([layer for layer in layers if layer is not None], default=self.n_layers)
+
+    def _run(self, tokens, inputs_embeds, capture, splices, stop_early, grad, past=None, resume=None):
         self._check_names(list(splices))
+        if resume is not None:
+            if not 0 <= resume[0] < self.n_layers or past is not None:
+                raise ConfigError(f"resume needs a block in 0..{self.n_layers - 1} and no key/value cache; "
+                                  f"got block {resume[0]}{' with past' if past is not None else ''}")
+            if self.first_layer([*capture, *splices]) < resume[0]:
+                raise ConfigError(f"a pass resumed at block {resume[0]} cannot read or splice hooks before it")
         if (tokens is None) == (inputs_embeds is None):
             raise ConfigError("give exactly one of tokens and inputs_embeds")
         kwargs = ({"input_ids": self._tokens(tokens)} if tokens is not None
@@ -322,19 +353,43 @@ class HookedLM:
         wanted = sorted(set(capture) | set(splices), key=order.__getitem__)
         handles = []
         try:
+            if resume is not None:  # first: block L's own hooks then see the given input
+                handles.append(_hook(self.blocks[resume[0]], "in", lambda act: resume[1].to(act)))
             for name in wanted:
                 handles += self._install(name, splices.get(name), cache if name in capture
                                          else None, len(capture) if stop_early else -1, grad)
             with torch.set_grad_enabled(grad):
                 try:
                     cached = {"use_cache": False} if past is None else {"use_cache": True, self._cache_kwarg: past}
-                    logits = self.model(**kwargs, **cached).logits
+                    with self._blocks_from(0 if resume is None else resume[0]):
+                        logits = self.model(**kwargs, **cached).logits
                 except _StopForward:
                     logits = None
         finally:
             for handle in handles:
                 handle.remove()
         return logits, {n: cache[n] for n in capture}
+
+    @contextmanager
+    def _blocks_from(self, first: int):
+        """The model runs blocks first.. only while inside: the ModuleList is swapped for a slice,
+        and so is the config's per-layer list `layer_types` where the model has one (Qwen2
+        reads it by the loop's index)."""
+        if first == 0:
+            yield
+            return
+        parent_path, _, attr = self.arch.blocks.rpartition(".")
+        parent, config = _get(self.model, parent_path), self.model.config
+        types = getattr(config, "layer_types", None)
+        setattr(parent, attr, nn.ModuleList(list(self.blocks)[first:]))
+        if isinstance(types, list) and len(types) == self.n_layers:
+            config.layer_types = types[first:]
+        try:
+            yield
+        finally:
+            setattr(parent, attr, self.blocks)
+            if isinstance(types, list):
+                config.layer_types = types
 
     def _install(self, name, splice, store, stop_after, grad) -> list:
         """Register the hooks for one name; return their handles."""

@@ -14,7 +14,8 @@ metrics.json (one row per SAE, with train_tokens and the stage timings), table.t
 L0 / loss-recovered and feature-density plots.
 
 Under torchrun, rank 0 writes the cache, every rank trains and evaluates its share of the
-SAEs (saelab.train.shard), and rank 0 writes the results.
+SAEs (saelab.train.shard), and rank 0 writes the results; with `parallel="data"` every rank
+trains every SAE on its share of each batch (saelab.train.data_parallel).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.atomic import write_text
-from saelab.data.cache import cache_activations, live_batches, open_cache
+from saelab.data.cache import cache_activations, cache_complete, live_batches, open_cache
 from saelab.data.corpus import token_contexts
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.data.provenance import Provenance
 from saelab.errors import ConfigError
-from saelab.evals.entry import MetricsEntry, with_outlier_columns, write_metrics
+from saelab.evals.entry import MetricsEntry, recovered_column, with_outlier_columns, write_metrics
 from saelab.evals.reconstruction import evaluate_on_lm
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_sae_fits, fit_context_length, heldout_contexts, load_lm
@@ -50,7 +51,8 @@ from saelab.train.sweep import per_init
 # fields added after runs were first written, with their defaults: config.json leaves them out at those
 LATER_FIELDS = {"cache_dir": None, "inits": ["tied"], "reference": None, "curve_every": 0}
 
-TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", "loss_recovered", "loss_recovered_mean")
+TABLE_COLUMNS = ("name", "l0", "mse", "fvu", "dead", "dense", "ce_delta", "kl", recovered_column("loss_recovered"),
+                 recovered_column("loss_recovered_mean"))
 
 
 @dataclass
@@ -82,6 +84,7 @@ class LMSweepConfig:
     reference: str | None = None  # an SAE folder at the same hook: its decoder is the reference
     # dictionary each SAE's MMCS is measured against during training (seed 001's init curves)
     curve_every: int = 0  # steps between those measurements (0: off; needs `reference`)
+    parallel: str = "sweep"  # under torchrun: each rank trains whole SAEs ("sweep") or a share of every batch ("data")
 
     def __post_init__(self) -> None:
         self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple  # checked; 0 reads as None
@@ -107,8 +110,10 @@ class LMSweepConfig:
         """What config.json records under "pipeline": every field but the specs (config.json
         holds those already), and the later fields (LATER_FIELDS) only when not at their
         default, so run folders written before they existed still resume. Checked on resume
-        like the rest of the run's config."""
-        return {k: v for k, v in self.to_dict().items() if k != "specs" and (k not in LATER_FIELDS or LATER_FIELDS[k] != v)}
+        like the rest of the run's config. Not `parallel`: how ranks split the work leaves the
+        run the same (a data-parallel run resumes under any rank count)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("specs", "parallel") and (k not in LATER_FIELDS or LATER_FIELDS[k] != v)}
 
 
 @dataclass
@@ -128,7 +133,7 @@ class SweepColumns:
         return out
 
 
-def table_columns(rows) -> tuple[str, ...]:
+def table_columns(rows) -> tuple:
     """The table's columns: TABLE_COLUMNS, with the outlier columns when some row had outliers."""
     return with_outlier_columns(TABLE_COLUMNS, rows)
 
@@ -162,6 +167,7 @@ def run_lm_sweep(cfg: LMSweepConfig, run_dir: str | Path, lm: HookedLM | None = 
         model_name=lm.name,
         pipeline=cfg.settings(),
         provenance=Provenance(source=cfg.source, context_length=length, prepend_bos=True, exclude_bos=True),
+        parallel=cfg.parallel,
     )
     curve = None
     if reference is not None and cfg.curve_every:
@@ -239,7 +245,8 @@ def _training_batches(cfg: LMSweepConfig, lm: HookedLM, hook: str, length: int, 
     hooks = [hook] + ([cfg.hook_out] if cfg.hook_out else [])
     meta = {"source": cfg.source, "split": "train"}
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
-    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta))
+    once(lambda: cache_activations(lm, contexts(), hooks, folder, dtype=cfg.cache_dtype, meta=meta),
+         present=lambda: cache_complete(folder))
     cache = open_cache(folder, model=lm, hooks=hooks)
     return cache.batches(hook, cfg.batch_size, target=cfg.hook_out, seed=cfg.seed)
 

@@ -27,7 +27,8 @@ Scaling out: under `torch.distributed` (e.g. `torchrun`, any backend), each rank
 share of the sweep (saelab.train.shard) on the same batch stream and keeps its own checkpoint
 file; rank 0 writes config.json and the log lines of all ranks. Each SAE has its own seeded
 generator and is initialised the same way whatever the rank count, so a sharded sweep ends
-with exactly the weights of a single-process one.
+with exactly the weights of a single-process one. With `parallel="data"` every rank trains every
+SAE on its share of each batch instead (saelab.train.data_parallel: DDP, one checkpoint).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from saelab.errors import ConfigError, CorruptFileError, DataError, Interrupted
 from saelab.progress import progress_bar
 from saelab.sae.config import PROVENANCE
 from saelab.sae.model import SAE
-from saelab.train.shard import Shard, TrainedSAE, TrainResult, rank_and_world
+from saelab.train.data_parallel import make_shard
+from saelab.train.shard import TrainedSAE, TrainResult, rank_and_world
 from saelab.train.spec import TrainSpec
-from saelab.train.trainer import SAETrainer
 
 __all__ = ["GroupTrainer", "TrainConfig", "TrainResult", "rank_and_world"]
 
@@ -97,7 +98,8 @@ class GroupTrainer:
     process's share of it (all of it without torch.distributed). `pipeline` is the settings of
     the job driving the trainer (JSON-able), recorded in config.json and checked on resume.
     `provenance` (the training text: source, context length, BOS) is saved in each SAE's
-    metadata with the outlier rule applied."""
+    metadata with the outlier rule applied. `parallel` ("sweep" or "data") says how ranks
+    under torch.distributed split the work: whole SAEs, or the rows of every batch."""
 
     def __init__(
         self,
@@ -113,6 +115,7 @@ class GroupTrainer:
         pipeline: dict | None = None,
         provenance: Provenance | None = None,
         on_start: Callable[[int], None] | None = None,
+        parallel: str = "sweep",
     ):
         if not specs:
             raise ConfigError("give at least one TrainSpec")
@@ -127,12 +130,12 @@ class GroupTrainer:
             raise ConfigError(f"two specs share a label: {self.labels}; give them distinct `name`s")
         self.on_step = on_step  # after every step: (steps done, this rank's log entries or Nones)
         self.on_start = on_start  # once per fit, before the first step: (the step it starts from)
-        self.shard = Shard(len(self.specs))
+        self.shard = make_shard(len(self.specs), parallel)  # under torch.distributed: whole SAEs or rows per rank
         torch.manual_seed(self.config.seed)
         saes = [SAE.from_config(s.sae_config(d_in, self.d_out, **self.where)) for s in self.specs]  # all: same init on any rank
         self.trainers = [
-            SAETrainer(self.specs[i], saes[i].to(self.config.device), self.config.total_steps,
-                       torch.Generator().manual_seed(self.config.seed * 1_000_003 + i))
+            self.shard.trainer(self.specs[i], saes[i].to(self.config.device), self.config.total_steps,
+                               torch.Generator().manual_seed(self.config.seed * 1_000_003 + i))
             for i in self.shard.indices
         ]
         self.scale_in = self.scale_out = 1.0
@@ -170,6 +173,7 @@ class GroupTrainer:
     def _fit(self, source: Iterable) -> TrainResult:
         if not self._load_checkpoint():
             self._initialise(source)
+        self.shard.check_start(self.step)
         self._truncate_log()
         if self.on_start is not None:  # the SAEs as initialised (or resumed), e.g. to measure them
             self.on_start(self.step)
@@ -181,7 +185,7 @@ class GroupTrainer:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") if writes else _NoFile() as log:
                 while self.step < cfg.total_steps:
                     try:
-                        x, y = self._prepare(*self._drop_outliers(next(batches), count=True))
+                        x, y = self._prepare(*self.shard.rows(*self._drop_outliers(next(batches), count=True)))
                     except StopIteration:
                         raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
                     logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
@@ -305,17 +309,18 @@ class GroupTrainer:
             sae.fold_scaling(self.scale_in, self.scale_out)
             sae.cfg.metadata = {**sae.cfg.metadata, "train": trainer.spec.to_dict(), "label": label,
                                 PROVENANCE: self.provenance.to_dict()}
-            out.append(TrainedSAE(label, trainer.spec, sae, sae.save(self.run_dir / "saes" / label)))
+            path = self.run_dir / "saes" / label
+            out.append(TrainedSAE(label, trainer.spec, sae, sae.save(path) if self.shard.owns_files else path))
         return out
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        rank, world = self.shard.rank, self.shard.world
-        name = CHECKPOINT if world == 1 else CHECKPOINT.replace(".", f".rank{rank}of{world}.", 1)
-        return self.run_dir / name
+        return self.run_dir / self.shard.checkpoint_name(CHECKPOINT)
 
     def save_checkpoint(self) -> Path:
+        if not self.shard.owns_files:
+            return self.checkpoint_path
         tensors = {}
         for i, trainer in enumerate(self.trainers):
             tensors.update({f"{i}.{k}": v for k, v in trainer.state_tensors().items()})

@@ -14,6 +14,7 @@ or the only process), writes the run folder's shared files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -34,15 +35,24 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def once(fn: Callable[[], object]) -> None:
+def once(fn: Callable[[], object], present: Callable[[], bool] | None = None) -> None:
     """Run fn() on rank 0 only (e.g. writing a shared activation cache); every rank returns
-    once it has finished. A collective under torch.distributed; a plain call without it."""
+    once it has finished. A collective under torch.distributed; a plain call without it.
+
+    `present()` says whether fn's output can be seen from this process: where it cannot (nodes
+    that do not share rank 0's filesystem), the node's first process (LOCAL_RANK 0) runs fn
+    too, so each node gets its own copy: one cache per node, or one on a shared filesystem."""
     rank, world = rank_and_world()
     if rank == 0:
         fn()
-    if world > 1:
-        import torch.distributed as dist
+    if world == 1:
+        return
+    import torch.distributed as dist
 
+    dist.barrier()
+    if present is not None:
+        if rank != 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and not present():
+            fn()
         dist.barrier()
 
 
@@ -75,6 +85,34 @@ class Shard:
         """True on the one process that writes a run folder's shared files (rank 0)."""
         return self.rank == 0
 
+    @property
+    def owns_files(self) -> bool:
+        """True where this process writes its SAEs' folders and its checkpoint (every rank
+        here: each owns its SAEs)."""
+        return True
+
+    def checkpoint_name(self, name: str) -> str:
+        """This rank's checkpoint file name: one per rank, with the rank count in it."""
+        return name if self.world == 1 else name.replace(".", f".rank{self.rank}of{self.world}.", 1)
+
+    def check_start(self, step: int) -> None:
+        """Called once every rank has loaded its checkpoint (or none): each rank resumes its
+        own SAEs, so any steps will do here."""
+
+    def rows(self, x, y):
+        """The rows of a batch this process trains on: all of them (data_parallel splits them)."""
+        return x, y
+
+    def trainer(self, spec: TrainSpec, sae: SAE, total_steps: int, generator):
+        """The trainer of one of this process's SAEs."""
+        from saelab.train.trainer import SAETrainer
+
+        return SAETrainer(spec, sae, total_steps, generator)
+
+    def collect(self, trained: Sequence, fn: Callable[[list], Sequence[T]]) -> list[T]:
+        """fn(this process's trained SAEs), gathered from every rank in spec order."""
+        return self.gather(one_each(fn, list(trained)))
+
     def take(self, items: Sequence[T]) -> list[T]:
         """This process's share of a per-SAE list in spec order."""
         return [items[i] for i in self.indices]
@@ -89,6 +127,14 @@ class Shard:
         parts: list = [None] * self.world
         dist.all_gather_object(parts, list(mine))
         return interleave(parts, self.n)
+
+
+def one_each(fn: Callable[[list], Sequence[T]], items: list) -> list[T]:
+    """fn(items), one value per item (no call for no items)."""
+    values = list(fn(items)) if items else []
+    if len(values) != len(items):
+        raise ConfigError(f"collect's function returned {len(values)} values for {len(items)} SAEs")
+    return values
 
 
 @dataclass(frozen=True)
@@ -124,7 +170,4 @@ class TrainResult:
     def collect(self, fn: Callable[[list[TrainedSAE]], Sequence[T]]) -> list[T]:
         """fn(this process's trained SAEs) -> one value each (e.g. a metrics row); returns the
         values of every SAE of the sweep, in spec order, on every rank. A collective."""
-        mine = list(fn(self.trained))
-        if len(mine) != len(self.trained):
-            raise ConfigError(f"collect's function returned {len(mine)} values for {len(self.trained)} SAEs")
-        return self.shard.gather(mine)
+        return self.shard.collect(self.trained, fn)

@@ -61,31 +61,57 @@ class SAETrainer:
         self.first_nonfinite = torch.where(new, step + 1, self.first_nonfinite)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        rows = self._sync_gradients(x.shape[0])
         if self.unit_norm:
             sae.remove_parallel_decoder_grad()
         self.opt.step()
         if self.unit_norm:
             sae.normalize_decoder()
         with torch.no_grad():
-            self.since_fired = torch.where(out.fired, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
+            self._sync_buffers()
+            fired = self._sync_fired(out.fired)
+            self.since_fired = torch.where(fired, torch.zeros_like(self.since_fired), self.since_fired + rows)
         resampled = 0
         if spec.resample_every and (step + 1) % spec.resample_every == 0:
-            resampled = self.resample(x, y)
+            resampled = self.resample(*self._whole_batch(x, y))
         if not log:
             return None
-        variance = metrics.total_variance(y)
+        parts = self._batch_means({"loss": out.loss.item(), "mse": out.mse.item(), "sparsity": out.sparsity.item(),
+                                   "aux": out.aux.item(), "l0": out.l0.item()}, x.shape[0])
+        variance = self._total_variance(y)
         return {
-            "loss": out.loss.item(),
-            "mse": out.mse.item(),
-            "sparsity": out.sparsity.item(),
-            "aux": out.aux.item(),
-            "l0": out.l0.item(),
-            "fvu": out.mse.item() / variance if variance > 0 else math.nan,  # undefined on a constant batch
+            **parts,
+            "fvu": parts["mse"] / variance if variance > 0 else math.nan,  # undefined on a constant batch
             "dead": int(self.dead_mask().sum()),
             "lr": lr,
             "coefficient": coefficient,
             **({"resampled": resampled} if resampled else {}),
         }
+
+    # ---- what a data-parallel trainer (saelab.train.data_parallel) reduces across ranks -----
+    # Here, in one process, each is the identity on the whole batch.
+    def _sync_gradients(self, rows: int) -> int:
+        """Make the gradients those of the whole batch; returns its row count."""
+        return rows
+
+    def _sync_buffers(self) -> None:
+        """Make the SAE's buffers (e.g. batchtopk's threshold) the same on every rank."""
+
+    def _sync_fired(self, fired: Tensor) -> Tensor:
+        """(d_sae,) bool: which features fired anywhere in the whole batch."""
+        return fired
+
+    def _whole_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole batch (resampling draws from it)."""
+        return x, y
+
+    def _batch_means(self, means: dict[str, float], rows: int) -> dict[str, float]:
+        """Per-row means over this process's rows -> the same means over the whole batch."""
+        return means
+
+    def _total_variance(self, y: Tensor) -> float:
+        """The whole batch's total variance of the target (the log's FVU divides by it)."""
+        return metrics.total_variance(y)
 
     @torch.no_grad()
     def resample(self, x: Tensor, y: Tensor) -> int:

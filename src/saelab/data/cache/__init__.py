@@ -14,7 +14,8 @@ shuffle shared by disk and live batches (`shuffle`) live in their own modules.
 from saelab.data.cache.format import dtype_name, model_fingerprint, tokenizer_fingerprint
 from saelab.data.cache.read import ActivationCache, CacheChunk, open_cache
 from saelab.data.cache.shuffle import LiveLoader, ShuffledBatches, live_batches
-from saelab.data.cache.write import cache_activations
+from saelab.data.cache.write import cache_activations, cache_complete
 
 __all__ = ["ActivationCache", "CacheChunk", "LiveLoader", "ShuffledBatches", "cache_activations",
+           "cache_complete",
            "dtype_name", "live_batches", "model_fingerprint", "open_cache", "tokenizer_fingerprint"]

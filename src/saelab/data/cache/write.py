@@ -22,7 +22,7 @@ import torch
 
 import saelab.data.cache.format as fmt
 from saelab.atomic import write_json
-from saelab.errors import ConfigError, DataError, Interrupted
+from saelab.errors import ConfigError, DataError, Interrupted, SaelabError
 from saelab.progress import progress_bar
 
 SHARD_BYTES = 32 * 2**20  # default shard size, all hooks together (two shards are in memory)
@@ -195,6 +195,15 @@ def _commit(bufs: _ShardBuffers, rows: int, ctx: torch.Tensor, manifest: dict, r
     manifest["contexts_done"] += ctx.shape[0]
     manifest["tokens_done"] += rows
     write_json(root / fmt.MANIFEST, manifest)
+
+
+def cache_complete(out_dir: str | Path) -> bool:
+    """True when `out_dir` holds a finished activation cache (as seen from this process: on a
+    node that does not share the writer's filesystem it is not there)."""
+    try:
+        return bool(fmt.read_manifest(Path(out_dir)).get("complete"))
+    except (OSError, ValueError, SaelabError):
+        return False
 
 
 def cache_activations(lm, contexts, hooks: str | Sequence[str], out_dir: str | Path, *,
