@@ -1,0 +1,178 @@
+"""Sparse products for k-sparse codes: decode, and both backward passes, from the active entries.
+
+A k-sparse SAE step needs one dense product, the encoder's `z = x @ W_enc + bias` (N, d_sae), to
+choose its active features. Everything else touches only the chosen entries, so it is done on a
+`SparsePattern` (the chosen (row, column) pairs, row-major, in CSR form) rather than as a product
+with a mostly-zero (N, d_sae) matrix:
+
+    decode          x_hat = F @ W_dec                  embedding_bag over the pattern
+    its backward    dF    = (g @ W_dec^T)[pattern]     sampled_addmm (an SDDMM)
+                    dW_dec = F^T @ g                   the transposed pattern (CSR) @ g
+    encoder backward dW_enc = x^T @ dZ, dZ sparse      the transposed pattern (CSR) @ x
+                    db    = column sums of dZ          index_add
+
+For topk at k 32, d_sae 16384 that replaces four of the five dense products of a step with work
+proportional to N * k (the OpenAI and sparsify kernels do the same on GPU with Triton). Which
+path runs is chosen once, here (`use_sparse`), by shape, with `kernel_mode` to force either one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("auto", "sparse", "dense")
+# measured on CPU (bench/sparse_kernels.py): the sparse step wins once k / d_sae is below ~1/4;
+# the encoder GEMM dominates both paths there, the rest is N * d_sae * d_in work against N * k * d_in
+CROSSOVER_DENSITY = 0.25
+_mode = [os.environ.get("SAELAB_SPARSE_KERNELS", "auto")]
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """Force the sparse ("sparse") or dense ("dense") training path inside the block ("auto":
+    by shape). The environment variable SAELAB_SPARSE_KERNELS sets the default."""
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+    old, _mode[0] = _mode[0], mode
+    try:
+        yield
+    finally:
+        _mode[0] = old
+
+
+def use_sparse(k: float, d_sae: int) -> bool:
+    """Whether a code with k active features per token (on average) of d_sae trains through the
+    sparse kernels: forced by `kernel_mode`, else when k / d_sae is below CROSSOVER_DENSITY."""
+    mode = _mode[0]
+    if mode not in MODES:
+        raise ValueError(f"SAELAB_SPARSE_KERNELS must be one of {MODES}, got {mode!r}")
+    return mode == "sparse" or (mode == "auto" and k < CROSSOVER_DENSITY * d_sae)
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+class SparsePattern:
+    """The chosen entries of an (n_rows, n_cols) matrix, row by row with columns ascending in a
+    row (CSR): `crow` (n_rows + 1,) row starts, `cols` (nnz,) columns. Built without gradients;
+    the values on it are what is differentiated."""
+
+    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int):
+        self.crow, self.cols, self.n_cols = crow, cols, n_cols
+        self.n_rows = crow.numel() - 1
+        self._transposed = None
+
+    @classmethod
+    def from_rows(cls, indices: Tensor, n_cols: int) -> "SparsePattern":
+        """From (N, k) column indices, k per row (any order within a row)."""
+        n, k = indices.shape
+        cols = torch.sort(indices, dim=-1).values.reshape(-1)
+        return cls(torch.arange(0, n * k + 1, k, device=indices.device), cols, n_cols)
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, n_rows: int, n_cols: int) -> "SparsePattern":
+        """From positions in the flattened (n_rows, n_cols) matrix (any order, no repeats)."""
+        flat = torch.sort(flat).values
+        rows = torch.div(flat, n_cols, rounding_mode="floor")
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+        return cls(crow, flat - rows * n_cols, n_cols)
+
+    @property
+    def rows(self) -> Tensor:
+        """(nnz,) the row of each entry."""
+        counts = self.crow[1:] - self.crow[:-1]
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.cols.device), counts)
+
+    def flat(self) -> Tensor:
+        """(nnz,) each entry's position in the flattened (n_rows, n_cols) matrix."""
+        return self.rows * self.n_cols + self.cols
+
+    def gather(self, dense: Tensor) -> Tensor:
+        """(nnz,) the entries of a dense (n_rows, n_cols) matrix."""
+        return dense.reshape(-1)[self.flat()]
+
+    def matmul(self, values: Tensor, W: Tensor) -> Tensor:
+        """(n_rows, d) = S @ W for S the sparse matrix of `values` on this pattern, W (n_cols, d)."""
+        return F.embedding_bag(self.cols, W, self.crow[:-1], mode="sum", per_sample_weights=values)
+
+    def sample(self, A: Tensor, B: Tensor) -> Tensor:
+        """(nnz,) the entries of A @ B on this pattern (A (n_rows, d), B (d, n_cols)): an SDDMM."""
+        shape = (self.n_rows, self.n_cols)
+        if self.cols.numel() == 0:
+            return A.new_zeros(0)
+        mask = _csr(self.crow, self.cols, A.new_zeros(self.cols.numel()), shape)
+        return torch.sparse.sampled_addmm(mask, A, B, beta=0.0).values()
+
+    def transpose_matmul(self, values: Tensor, A: Tensor) -> Tensor:
+        """(n_cols, d) = S^T @ A for S the sparse matrix of `values` on this pattern, A (n_rows, d)."""
+        if self._transposed is None:
+            order = torch.argsort(self.cols, stable=True)
+            tcrow = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.cols.device)
+            tcrow[1:] = torch.cumsum(torch.bincount(self.cols, minlength=self.n_cols), 0)
+            self._transposed = (order, tcrow, self.rows[order])
+        order, tcrow, tcols = self._transposed
+        return _csr(tcrow, tcols, values[order], (self.n_cols, self.n_rows)) @ A
+
+
+class _SparseDecode(torch.autograd.Function):
+    """S @ W_dec with S the sparse matrix of `values` on `pattern` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(values, W_dec)
+        return pattern.matmul(values, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, W_dec = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_values = ctx.pattern.sample(grad, W_dec.T) if ctx.needs_input_grad[0] else None
+        d_W = ctx.pattern.transpose_matmul(values, grad) if ctx.needs_input_grad[1] else None
+        return d_values, d_W, None
+
+
+class _SampledPreActs(torch.autograd.Function):
+    """The entries of z = x @ W_enc + bias on `pattern`; `z` (detached, the dense product already
+    computed to choose the pattern) supplies the forward values when given."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, bias: Tensor, pattern: SparsePattern, z: Tensor | None) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, W_enc)
+        if z is not None:
+            return pattern.gather(z)
+        return pattern.sample(x, W_enc) + bias[pattern.cols]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, W_enc = ctx.saved_tensors
+        p = ctx.pattern
+        d_x = p.matmul(grad, W_enc.T.contiguous()) if ctx.needs_input_grad[0] else None
+        d_W = p.transpose_matmul(grad, x).T if ctx.needs_input_grad[1] else None
+        d_bias = None
+        if ctx.needs_input_grad[2]:
+            d_bias = grad.new_zeros(p.n_cols).index_add_(0, p.cols, grad)
+        return d_x, d_W, d_bias, None, None
+
+
+def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+    """(N, d_out): sum over each row's entries of value * W_dec[column]; differentiable in both."""
+    return _SparseDecode.apply(values, W_dec, pattern)
+
+
+def sampled_pre_acts(x: Tensor, W_enc: Tensor, bias: Tensor, pattern: SparsePattern,
+                     z: Tensor | None = None) -> Tensor:
+    """(nnz,): (x @ W_enc + bias) on the pattern; its backward touches only those entries
+    (dW_enc = x^T @ dZ as a sparse product). `z`: the dense pre-activations, detached, if known."""
+    return _SampledPreActs.apply(x, W_enc, bias, pattern, None if z is None else z.detach())
