@@ -69,6 +69,9 @@ class Activation(nn.Module):
     # training may run on saelab.sae.sparse_kernels: the loss is reconstruction + aux-k, and
     # `select(z)` gives the active entries as a SparsePattern (saelab.sae.sparse_step)
     sparse_kernels = False
+    # same-shaped SAEs of a sweep may train stacked (saelab.train.batched): features, select and
+    # penalty_column work on (n, N, d_sae) stacks, and the class holds no per-SAE tensors
+    stackable = False
 
     @classmethod
     def from_config(cls, cfg: "SAEConfig") -> "Activation":
@@ -172,6 +175,7 @@ class ReLU(_DecoderNormPenalty):
     name = "relu"
     saelens_name, saelens_transcoder_name = "standard", "transcoder"
     resamples = True
+    stackable = True
 
     def forward(self, z: Tensor) -> Tensor:
         # in place: z is a fresh pre-activation nobody else reads (its GEMM's backward needs only
@@ -179,7 +183,7 @@ class ReLU(_DecoderNormPenalty):
         return torch.relu_(z)
 
     def penalty_column(self, W_dec: Tensor) -> Tensor:
-        return W_dec.norm(dim=1, keepdim=True)
+        return W_dec.norm(dim=-1, keepdim=True)  # also (n, d_sae, 1) for stacked W_dec (n, d_sae, d_out)
 
 
 class _KArch(Activation):
@@ -243,6 +247,7 @@ class TopK(_KArch):
     saelens_name = "topk"  # SAELens has no topk transcoder: saelab writes "topk" with d_out
     per_token_k = True
     sparse_kernels = True
+    stackable = True
 
     def forward(self, z: Tensor) -> Tensor:
         values, indices = self.sparse_code(z)
@@ -255,8 +260,10 @@ class TopK(_KArch):
 
     @torch.no_grad()
     def select(self, z: Tensor) -> SparsePattern:
-        """The entries `sparse_code` keeps, as a pattern over (N, d_sae)."""
-        return SparsePattern.from_rows(torch.topk(z, self.k, dim=-1, sorted=False).indices, z.shape[-1])
+        """The entries `sparse_code` keeps, as a pattern over (N, d_sae), or over n stacked
+        SAEs' (n, N, d_sae)."""
+        indices = torch.topk(z, self.k, dim=-1, sorted=False).indices
+        return SparsePattern.from_rows(indices, z.shape[-1], blocks=z[..., 0, 0].numel())
 
     @classmethod
     def saelens_keys(cls, cfg: "SAEConfig") -> dict:

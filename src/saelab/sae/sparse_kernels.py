@@ -64,64 +64,69 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> 
 class SparsePattern:
     """The chosen entries of an (n_rows, n_cols) matrix, row by row with columns ascending in a
     row (CSR): `crow` (n_rows + 1,) row starts, `cols` (nnz,) columns. Built without gradients;
-    the values on it are what is differentiated."""
+    the values on it are what is differentiated.
 
-    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int):
-        self.crow, self.cols, self.n_cols = crow, cols, n_cols
+    `blocks` > 1 stacks that many SAEs of one shape (saelab.train.batched): rows are (SAE, token)
+    pairs, n_rows = blocks * tokens, and SAE b's entries use its own block of the stacked weights,
+    i.e. the global column `b * n_cols + col` of a (blocks * n_cols)-wide dictionary."""
+
+    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int, blocks: int = 1):
+        self.crow, self.cols, self.n_cols, self.blocks = crow, cols, n_cols, blocks
         self.n_rows = crow.numel() - 1
-        self._transposed = None
+        self.rows = torch.repeat_interleave(torch.arange(self.n_rows, device=cols.device), crow[1:] - crow[:-1])
+        self.block_rows = self.n_rows // blocks
+        self.global_cols = cols if blocks == 1 else cols + torch.div(self.rows, self.block_rows, rounding_mode="floor") * n_cols
+        self._transposed = {}
 
     @classmethod
-    def from_rows(cls, indices: Tensor, n_cols: int) -> "SparsePattern":
-        """From (N, k) column indices, k per row (any order within a row)."""
-        n, k = indices.shape
+    def from_rows(cls, indices: Tensor, n_cols: int, blocks: int = 1) -> "SparsePattern":
+        """From (..., N, k) column indices, k per row (any order within a row); leading
+        dimensions (the stacked SAEs) flatten into `blocks`."""
+        n, k = indices[..., 0].numel(), indices.shape[-1]
         cols = torch.sort(indices, dim=-1).values.reshape(-1)
-        return cls(torch.arange(0, n * k + 1, k, device=indices.device), cols, n_cols)
+        return cls(torch.arange(0, n * k + 1, k, device=indices.device), cols, n_cols, blocks)
 
     @classmethod
-    def from_flat(cls, flat: Tensor, n_rows: int, n_cols: int) -> "SparsePattern":
+    def from_flat(cls, flat: Tensor, n_rows: int, n_cols: int, blocks: int = 1) -> "SparsePattern":
         """From positions in the flattened (n_rows, n_cols) matrix (any order, no repeats)."""
         flat = torch.sort(flat).values
         rows = torch.div(flat, n_cols, rounding_mode="floor")
         crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
-        return cls(crow, flat - rows * n_cols, n_cols)
+        return cls(crow, flat - rows * n_cols, n_cols, blocks)
 
     @property
-    def rows(self) -> Tensor:
-        """(nnz,) the row of each entry."""
-        counts = self.crow[1:] - self.crow[:-1]
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.cols.device), counts)
-
-    def flat(self) -> Tensor:
-        """(nnz,) each entry's position in the flattened (n_rows, n_cols) matrix."""
-        return self.rows * self.n_cols + self.cols
+    def width(self) -> int:
+        """Columns of the stacked dictionary: blocks * n_cols."""
+        return self.blocks * self.n_cols
 
     def gather(self, dense: Tensor) -> Tensor:
-        """(nnz,) the entries of a dense (n_rows, n_cols) matrix."""
-        return dense.reshape(-1)[self.flat()]
+        """(nnz,) the entries of a dense (n_rows, n_cols) matrix (or (blocks, N, n_cols) stack)."""
+        return dense.reshape(-1)[self.rows * self.n_cols + self.cols]
 
     def matmul(self, values: Tensor, W: Tensor) -> Tensor:
-        """(n_rows, d) = S @ W for S the sparse matrix of `values` on this pattern, W (n_cols, d)."""
-        return F.embedding_bag(self.cols, W, self.crow[:-1], mode="sum", per_sample_weights=values)
+        """(n_rows, d) = S @ W for S the sparse matrix of `values` on this pattern, W (width, d)."""
+        return F.embedding_bag(self.global_cols, W, self.crow[:-1], mode="sum", per_sample_weights=values)
 
     def sample(self, A: Tensor, B: Tensor) -> Tensor:
-        """(nnz,) the entries of A @ B on this pattern (A (n_rows, d), B (d, n_cols)): an SDDMM."""
-        shape = (self.n_rows, self.n_cols)
+        """(nnz,) the entries of A @ B on this pattern (A (n_rows, d), B (d, width)): an SDDMM."""
         if self.cols.numel() == 0:
             return A.new_zeros(0)
-        mask = _csr(self.crow, self.cols, A.new_zeros(self.cols.numel()), shape)
+        mask = _csr(self.crow, self.global_cols, A.new_zeros(self.cols.numel()), (self.n_rows, self.width))
         return torch.sparse.sampled_addmm(mask, A, B, beta=0.0).values()
 
     def transpose_matmul(self, values: Tensor, A: Tensor) -> Tensor:
-        """(n_cols, d) = S^T @ A for S the sparse matrix of `values` on this pattern, A (n_rows, d)."""
-        if self._transposed is None:
-            order = torch.argsort(self.cols, stable=True)
-            tcrow = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.cols.device)
-            tcrow[1:] = torch.cumsum(torch.bincount(self.cols, minlength=self.n_cols), 0)
-            self._transposed = (order, tcrow, self.rows[order])
-        order, tcrow, tcols = self._transposed
-        return _csr(tcrow, tcols, values[order], (self.n_cols, self.n_rows)) @ A
+        """(width, d) = S^T @ A for S the sparse matrix of `values` on this pattern; A is
+        (n_rows, d), or (n_rows / blocks, d) when every stacked SAE reads the same rows (x)."""
+        shared = A.shape[0] != self.n_rows
+        if shared not in self._transposed:
+            order = torch.argsort(self.global_cols, stable=True)
+            tcrow = torch.zeros(self.width + 1, dtype=torch.long, device=self.cols.device)
+            tcrow[1:] = torch.cumsum(torch.bincount(self.global_cols, minlength=self.width), 0)
+            rows = self.rows[order]
+            self._transposed[shared] = (order, tcrow, rows % self.block_rows if shared else rows)
+        order, tcrow, tcols = self._transposed[shared]
+        return _csr(tcrow, tcols, values[order], (self.width, A.shape[0])) @ A
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -131,38 +136,46 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.pattern = pattern
         ctx.save_for_backward(values, W_dec)
-        return pattern.matmul(values, W_dec)
+        return pattern.matmul(values, W_dec.reshape(-1, W_dec.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         values, W_dec = ctx.saved_tensors
         grad = grad.contiguous()
-        d_values = ctx.pattern.sample(grad, W_dec.T) if ctx.needs_input_grad[0] else None
-        d_W = ctx.pattern.transpose_matmul(values, grad) if ctx.needs_input_grad[1] else None
+        W = W_dec.reshape(-1, W_dec.shape[-1])
+        d_values = ctx.pattern.sample(grad, W.T) if ctx.needs_input_grad[0] else None
+        d_W = ctx.pattern.transpose_matmul(values, grad).view(W_dec.shape) if ctx.needs_input_grad[1] else None
         return d_values, d_W, None
 
 
 class _SampledPreActs(torch.autograd.Function):
     """The entries of z = x @ W_enc + bias on `pattern`; `z` (detached, the dense product already
-    computed to choose the pattern) supplies the forward values when given."""
+    computed to choose the pattern) supplies the forward values when given. Stacked SAEs
+    (pattern.blocks > 1): W_enc (blocks, d_in, d_sae), bias (blocks, d_sae), z (blocks, N, d_sae),
+    and every SAE reads the same x (N, d_in)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, bias: Tensor, pattern: SparsePattern, z: Tensor | None) -> Tensor:
-        ctx.pattern = pattern
+        ctx.pattern, ctx.bias_shape = pattern, bias.shape
         ctx.save_for_backward(x, W_enc)
         if z is not None:
             return pattern.gather(z)
+        if pattern.blocks > 1:
+            raise NotImplementedError("stacked SAEs give z, the pre-activations they were chosen from")
         return pattern.sample(x, W_enc) + bias[pattern.cols]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, W_enc = ctx.saved_tensors
         p = ctx.pattern
+        if ctx.needs_input_grad[0] and p.blocks > 1:
+            raise NotImplementedError("the input gradient of stacked SAEs is not needed in training")
         d_x = p.matmul(grad, W_enc.T.contiguous()) if ctx.needs_input_grad[0] else None
-        d_W = p.transpose_matmul(grad, x).T if ctx.needs_input_grad[1] else None
-        d_bias = None
+        d_W = d_bias = None
+        if ctx.needs_input_grad[1]:  # (width, d_in) -> W_enc's (..., d_in, d_sae)
+            d_W = p.transpose_matmul(grad, x).view(*W_enc.shape[:-2], p.n_cols, x.shape[-1]).transpose(-1, -2)
         if ctx.needs_input_grad[2]:
-            d_bias = grad.new_zeros(p.n_cols).index_add_(0, p.cols, grad)
+            d_bias = grad.new_zeros(p.width).index_add_(0, p.global_cols, grad).view(ctx.bias_shape)
         return d_x, d_W, d_bias, None, None
 
 
