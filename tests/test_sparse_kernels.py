@@ -54,11 +54,37 @@ def test_autograd_functions_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda a, b: sparse_decode(a, b, p), (v, W))
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     W_enc = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: sampled_pre_acts(a, b, c, p), (x, W_enc, bias))
+    b_enc = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: sampled_pre_acts(*a, p), (x, W_enc, b_enc, b_dec))
+    assert torch.autograd.gradcheck(lambda a, b, c: sampled_pre_acts(a, b, c, None, p), (x, W_enc, b_enc))
     # given the dense z, the forward reads it instead of recomputing, with the same result
-    z = x @ W_enc + bias
-    torch.testing.assert_close(sampled_pre_acts(x, W_enc, bias, p, z), sampled_pre_acts(x, W_enc, bias, p))
+    z = (x - b_dec) @ W_enc + b_enc
+    torch.testing.assert_close(sampled_pre_acts(x, W_enc, b_enc, b_dec, p, z), (z)[p.rows, p.cols])
+    torch.testing.assert_close(sampled_pre_acts(x, W_enc, b_enc, b_dec, p), z[p.rows, p.cols])
+
+
+def test_stacked_patterns_use_each_saes_own_block_of_weights():
+    """Two SAEs stacked (blocks=2) give what each gives alone, values and gradients."""
+    torch.manual_seed(0)
+    n, N, d_in, D = 2, 5, 4, 7
+    x = torch.randn(N, d_in)
+    W_enc, b_enc = torch.randn(n, d_in, D, requires_grad=True), torch.randn(n, D, requires_grad=True)
+    b_dec, W_dec = torch.randn(n, d_in, requires_grad=True), torch.randn(n, D, 3, requires_grad=True)
+    z = torch.baddbmm((b_enc - torch.bmm(b_dec[:, None], W_enc)[:, 0])[:, None], x.expand(n, N, d_in), W_enc)
+    idx = torch.topk(z, 3, dim=-1).indices
+    stacked = SparsePattern.from_rows(idx, D, blocks=n)
+    out = sparse_decode(torch.relu(sampled_pre_acts(x, W_enc, b_enc, b_dec, stacked, z)), W_dec, stacked)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    grads = [t.grad.clone() for t in (W_enc, b_enc, b_dec, W_dec)]
+    for i in range(n):
+        alone = [t.detach()[i].clone().requires_grad_() for t in (W_enc, b_enc, b_dec, W_dec)]
+        p = SparsePattern.from_rows(idx[i], D)
+        mine = sparse_decode(torch.relu(sampled_pre_acts(x, *alone[:3], p)), alone[3], p)
+        torch.testing.assert_close(mine, out[i * N:(i + 1) * N])
+        (mine * torch.arange(i * mine.numel(), (i + 1) * mine.numel()).view_as(mine).sin()).sum().backward()
+        for g, t in zip(grads, alone):
+            torch.testing.assert_close(t.grad, g[i])
 
 
 def _loss_and_grads(sae, x, y, dead, mode):

@@ -149,34 +149,43 @@ class _SparseDecode(torch.autograd.Function):
 
 
 class _SampledPreActs(torch.autograd.Function):
-    """The entries of z = x @ W_enc + bias on `pattern`; `z` (detached, the dense product already
-    computed to choose the pattern) supplies the forward values when given. Stacked SAEs
-    (pattern.blocks > 1): W_enc (blocks, d_in, d_sae), bias (blocks, d_sae), z (blocks, N, d_sae),
-    and every SAE reads the same x (N, d_in)."""
+    """The entries of z = (x - b_dec) @ W_enc + b_enc on `pattern` (b_dec None: not subtracted);
+    `z` (detached: the dense product already computed to choose the pattern) supplies the
+    forward values when given. Stacked SAEs (pattern.blocks > 1): W_enc (blocks, d_in, d_sae),
+    b_enc (blocks, d_sae), b_dec (blocks, d_in), z (blocks, N, d_sae); all read the same x (N, d_in).
+
+    Backward: dW_enc = (x - b_dec)^T @ dZ is the sparse product x^T @ dZ less the rank-1
+    b_dec (x) colsum(dZ), added in place; db_enc = colsum(dZ); db_dec = -W_enc @ colsum(dZ)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, bias: Tensor, pattern: SparsePattern, z: Tensor | None) -> Tensor:
-        ctx.pattern, ctx.bias_shape = pattern, bias.shape
-        ctx.save_for_backward(x, W_enc)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, pattern: SparsePattern,
+                z: Tensor | None) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, W_enc, b_dec)
         if z is not None:
             return pattern.gather(z)
         if pattern.blocks > 1:
             raise NotImplementedError("stacked SAEs give z, the pre-activations they were chosen from")
-        return pattern.sample(x, W_enc) + bias[pattern.cols]
+        return pattern.sample(x if b_dec is None else x - b_dec, W_enc) + b_enc[pattern.cols]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W_enc = ctx.saved_tensors
-        p = ctx.pattern
-        if ctx.needs_input_grad[0] and p.blocks > 1:
+        x, W_enc, b_dec = ctx.saved_tensors
+        p, need = ctx.pattern, ctx.needs_input_grad
+        if need[0] and p.blocks > 1:
             raise NotImplementedError("the input gradient of stacked SAEs is not needed in training")
-        d_x = p.matmul(grad, W_enc.T.contiguous()) if ctx.needs_input_grad[0] else None
-        d_W = d_bias = None
-        if ctx.needs_input_grad[1]:  # (width, d_in) -> W_enc's (..., d_in, d_sae)
-            d_W = p.transpose_matmul(grad, x).view(*W_enc.shape[:-2], p.n_cols, x.shape[-1]).transpose(-1, -2)
-        if ctx.needs_input_grad[2]:
-            d_bias = grad.new_zeros(p.width).index_add_(0, p.global_cols, grad).view(ctx.bias_shape)
-        return d_x, d_W, d_bias, None, None
+        d_x = p.matmul(grad, W_enc.T.contiguous()) if need[0] else None
+        d_bias = grad.new_zeros(p.width).index_add_(0, p.global_cols, grad).view(p.blocks, p.n_cols, 1)
+        d_W = d_b_dec = None
+        W = W_enc.view(p.blocks, *W_enc.shape[-2:])  # (blocks, d_in, d_sae)
+        if need[1]:
+            d_Wt = p.transpose_matmul(grad, x).view(p.blocks, p.n_cols, x.shape[-1])
+            if b_dec is not None:
+                d_Wt.baddbmm_(d_bias, b_dec.view(p.blocks, 1, -1), alpha=-1)
+            d_W = d_Wt.transpose(-1, -2).view(W_enc.shape) if W_enc.dim() == 3 else d_Wt[0].T
+        if b_dec is not None and need[3]:
+            d_b_dec = -torch.bmm(W, d_bias).view(b_dec.shape)
+        return d_x, d_W, d_bias.view(W_enc.shape[:-2] + W_enc.shape[-1:]) if need[2] else None, d_b_dec, None, None
 
 
 def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
@@ -184,8 +193,8 @@ def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tens
     return _SparseDecode.apply(values, W_dec, pattern)
 
 
-def sampled_pre_acts(x: Tensor, W_enc: Tensor, bias: Tensor, pattern: SparsePattern,
+def sampled_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, pattern: SparsePattern,
                      z: Tensor | None = None) -> Tensor:
-    """(nnz,): (x @ W_enc + bias) on the pattern; its backward touches only those entries
-    (dW_enc = x^T @ dZ as a sparse product). `z`: the dense pre-activations, detached, if known."""
-    return _SampledPreActs.apply(x, W_enc, bias, pattern, None if z is None else z.detach())
+    """(nnz,): ((x - b_dec) @ W_enc + b_enc) on the pattern (b_dec None: x @ W_enc + b_enc); its
+    backward touches only those entries. `z`: the dense pre-activations, detached, if known."""
+    return _SampledPreActs.apply(x, W_enc, b_enc, b_dec, pattern, None if z is None else z.detach())

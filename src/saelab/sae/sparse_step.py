@@ -30,11 +30,11 @@ def sparse_loss(sae: SAE, x: Tensor, y: Tensor, dead_mask: Tensor | None, aux_k:
                 aux_coefficient: float) -> ForwardOutput:
     """SAE.loss for x (N, d_in) -> y (N, d_out) on the sparse kernels (no penalty: k-sparse
     architectures have none); `feature_acts` is None."""
-    bias = sae.encoder_bias()
     with torch.no_grad():
-        z = torch.addmm(bias, x, sae.W_enc)
+        z = torch.addmm(sae.encoder_bias(), x, sae.W_enc)
     pattern = sae.activation.select(z)
-    sampled = functools.partial(sampled_pre_acts, x, sae.W_enc, bias, z=z)
+    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
+    sampled = functools.partial(sampled_pre_acts, x, sae.W_enc, sae.b_enc, b_dec, z=z)
     values = torch.relu(sampled(pattern))
     x_hat = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
     err = y - x_hat

@@ -170,11 +170,11 @@ class StackedTrainer:
     def loss(self, x: Tensor, y: Tensor, coefficients: Tensor, dead: Tensor | None, log: bool) -> dict:
         """Per-SAE loss parts (n,) each, `fired` (n, d_sae) and `l0` (n,) (zeros unless `log`)."""
         p, n = self.params, self.n
-        bias = self.encoder_bias()
         sparse = self.act.sparse_kernels and use_sparse(self.act.k, self.cfg.d_sae)
         with torch.no_grad() if sparse else contextlib.nullcontext():
-            z = torch.baddbmm(bias[:, None, :], x.expand(n, *x.shape), p["W_enc"])
-        sampled = functools.partial(sampled_pre_acts, x, p["W_enc"], bias, z=z) if sparse else (lambda pat: pat.gather(z))
+            z = torch.baddbmm(self.encoder_bias()[:, None, :], x.expand(n, *x.shape), p["W_enc"])
+        b_dec = p["b_dec"] if self.cfg.apply_b_dec_to_input else None
+        sampled = functools.partial(sampled_pre_acts, x, p["W_enc"], p["b_enc"], b_dec, z=z) if sparse else z_gather(z)
         if self.act.per_token_k:
             x_hat, sparsity, fired, l0 = self._sparse_code(z, sampled, x.shape[0])
         else:
@@ -227,6 +227,11 @@ class StackedTrainer:
         total = (residual - residual.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         aux = (residual - r_hat).pow(2).sum(-1).mean(-1) / total
         return self.spec.aux_coefficient * aux * dead.any(-1)
+
+
+def z_gather(z: Tensor):
+    """The dense path's `sampled`: a pattern's entries of z, differentiated through z."""
+    return lambda pattern: pattern.gather(z)
 
 
 @torch.no_grad()
