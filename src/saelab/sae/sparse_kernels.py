@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MODES = ("auto", "sparse", "dense")
-# measured on CPU (bench/sparse_kernels.py): the sparse step wins once k / d_sae is below ~1/4;
-# the encoder GEMM dominates both paths there, the rest is N * d_sae * d_in work against N * k * d_in
-CROSSOVER_DENSITY = 0.25
+# measured on CPU (a topk step, d_in 256, batch 2048, k 32, 1 thread, dense time / sparse time):
+# d_sae 64: 0.70, 128: 0.78, 256: 0.95, 512: 1.01, 2048: 1.34, 16384: 1.5 (bench/sparse_kernels.py).
+# Below k / d_sae = 1/16 the sparse step wins; above it the per-entry work and the topk dominate.
+CROSSOVER_DENSITY = 1 / 16
 _mode = [os.environ.get("SAELAB_SPARSE_KERNELS", "auto")]
 
 
@@ -48,11 +49,11 @@ def kernel_mode(mode: str):
 
 def use_sparse(k: float, d_sae: int) -> bool:
     """Whether a code with k active features per token (on average) of d_sae trains through the
-    sparse kernels: forced by `kernel_mode`, else when k / d_sae is below CROSSOVER_DENSITY."""
+    sparse kernels: forced by `kernel_mode`, else when k / d_sae is at most CROSSOVER_DENSITY."""
     mode = _mode[0]
     if mode not in MODES:
         raise ValueError(f"SAELAB_SPARSE_KERNELS must be one of {MODES}, got {mode!r}")
-    return mode == "sparse" or (mode == "auto" and k < CROSSOVER_DENSITY * d_sae)
+    return mode == "sparse" or (mode == "auto" and k <= CROSSOVER_DENSITY * d_sae)
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
