@@ -21,12 +21,13 @@ Thresholds are per-feature vectors `(d_sae,)`, so a batchtopk SAE saves exactly 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
+from saelab.sae.sparse_kernels import SparsePattern, sparse_decode
 
 if TYPE_CHECKING:
     from saelab.sae.config import SAEConfig
@@ -43,6 +44,9 @@ class AuxInputs(NamedTuple):
     dead_mask: Tensor | None  # (d_sae,) bool: features the trainer counts as dead (aux-k archs)
     aux_k: int | None  # aux-k: dead features per token that reconstruct the residual (None: d_in // 2)
     aux_coefficient: float  # aux-k: weight of its loss
+    # the sparse path (saelab.sae.sparse_step): z is detached, and this gives the differentiable
+    # pre-activations on a SparsePattern; None on the dense path
+    sampled: Callable[[SparsePattern], Tensor] | None = None
 
 
 class Activation(nn.Module):
@@ -62,6 +66,12 @@ class Activation(nn.Module):
     uses_aux_k = False  # dead features train through the aux-k loss
     resamples = False  # dead features may be resampled (Anthropic)
     has_threshold = False
+    # training may run on saelab.sae.sparse_kernels: the loss is reconstruction + aux-k, and
+    # `select(z)` gives the active entries as a SparsePattern (saelab.sae.sparse_step)
+    sparse_kernels = False
+    # same-shaped SAEs of a sweep may train stacked (saelab.train.batched): features, select and
+    # penalty_column work on (n, N, d_sae) stacks, and the class holds no per-SAE tensors
+    stackable = False
 
     @classmethod
     def from_config(cls, cfg: "SAEConfig") -> "Activation":
@@ -165,6 +175,7 @@ class ReLU(_DecoderNormPenalty):
     name = "relu"
     saelens_name, saelens_transcoder_name = "standard", "transcoder"
     resamples = True
+    stackable = True
 
     def forward(self, z: Tensor) -> Tensor:
         # in place: z is a fresh pre-activation nobody else reads (its GEMM's backward needs only
@@ -172,7 +183,7 @@ class ReLU(_DecoderNormPenalty):
         return torch.relu_(z)
 
     def penalty_column(self, W_dec: Tensor) -> Tensor:
-        return W_dec.norm(dim=1, keepdim=True)
+        return W_dec.norm(dim=-1, keepdim=True)  # also (n, d_sae, 1) for stacked W_dec (n, d_sae, d_out)
 
 
 class _KArch(Activation):
@@ -207,16 +218,22 @@ class _KArch(Activation):
         if dead is None or not bool(dead.any()):
             return inputs.residual.new_zeros(())
         aux_k = inputs.aux_k or sae.cfg.d_in // 2
-        return inputs.aux_coefficient * _aux_k_loss(inputs.z, inputs.residual, dead, aux_k, sae.W_dec)
+        return inputs.aux_coefficient * _aux_k_loss(inputs, dead, aux_k, sae.W_dec)
 
 
-def _aux_k_loss(z: Tensor, residual: Tensor, dead_mask: Tensor, aux_k: int, W_dec: Tensor) -> Tensor:
-    """Normalised MSE of the residual's reconstruction by the top-aux_k dead features."""
+def _aux_k_loss(inputs: AuxInputs, dead_mask: Tensor, aux_k: int, W_dec: Tensor) -> Tensor:
+    """Normalised MSE of the residual's reconstruction by the top-aux_k dead features (through
+    the sparse kernels when the step runs on them)."""
+    z, residual = inputs.z, inputs.residual
     k = min(aux_k, int(dead_mask.sum()))
     dead_z = torch.where(dead_mask, z, torch.full_like(z, -torch.inf))
     top = torch.topk(dead_z, k, dim=-1, sorted=False)
-    f_aux = torch.zeros_like(z).scatter_(-1, top.indices, torch.relu(top.values))
-    r_hat = f_aux @ W_dec
+    if inputs.sampled is not None:
+        pattern = SparsePattern.from_rows(top.indices, z.shape[-1])
+        r_hat = sparse_decode(torch.relu(inputs.sampled(pattern)), W_dec, pattern)
+    else:
+        f_aux = torch.zeros_like(z).scatter_(-1, top.indices, torch.relu(top.values))
+        r_hat = f_aux @ W_dec
     total = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     return (residual - r_hat).pow(2).sum(-1).mean() / total
 
@@ -229,6 +246,8 @@ class TopK(_KArch):
     name = "topk"
     saelens_name = "topk"  # SAELens has no topk transcoder: saelab writes "topk" with d_out
     per_token_k = True
+    sparse_kernels = True
+    stackable = True
 
     def forward(self, z: Tensor) -> Tensor:
         values, indices = self.sparse_code(z)
@@ -238,6 +257,13 @@ class TopK(_KArch):
         """The k largest pre-activations per token, relu'd: values and indices, (N, k) each."""
         top = torch.topk(z, self.k, dim=-1, sorted=False)
         return torch.relu(top.values), top.indices
+
+    @torch.no_grad()
+    def select(self, z: Tensor) -> SparsePattern:
+        """The entries `sparse_code` keeps, as a pattern over (N, d_sae), or over n stacked
+        SAEs' (n, N, d_sae)."""
+        indices = torch.topk(z, self.k, dim=-1, sorted=False).indices
+        return SparsePattern.from_rows(indices, z.shape[-1], blocks=z[..., 0, 0].numel())
 
     @classmethod
     def saelens_keys(cls, cfg: "SAEConfig") -> dict:
@@ -342,6 +368,7 @@ class BatchTopK(_Threshold, _KArch):
     name = "batchtopk"
     saelens_native = False
     saelens_training_name = "batchtopk"
+    sparse_kernels = True
 
     def __init__(self, d_sae: int, k: int, threshold_decay: float = 0.99):
         super().__init__(d_sae, k)
@@ -366,6 +393,17 @@ class BatchTopK(_Threshold, _KArch):
         f = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(z)
         self._update_threshold(top.values.detach())
         return f
+
+    @torch.no_grad()
+    def select(self, z: Tensor) -> SparsePattern:
+        """The entries `forward` keeps (training: the batch's top k * N, updating the threshold;
+        inference: those above the threshold), as a pattern over (N, d_sae)."""
+        if not self.training:
+            return SparsePattern.from_flat(torch.nonzero(self(z).flatten()).squeeze(1), *z.shape)
+        flat = torch.relu(z).flatten()
+        top = torch.topk(flat, min(self.k * z.shape[0], flat.numel()), sorted=False)
+        self._update_threshold(top.values)
+        return SparsePattern.from_flat(top.indices, *z.shape)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

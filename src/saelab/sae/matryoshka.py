@@ -39,6 +39,7 @@ class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
     settings = ("k", "matryoshka_prefixes")
     saelens_training_name = "matryoshka_batchtopk"
+    sparse_kernels = False  # the inner prefixes' losses read the dense f
 
     def __init__(self, d_sae: int, k: int, prefixes: tuple[int, ...]):
         super().__init__(d_sae, k)

@@ -113,10 +113,15 @@ class SAE(nn.Module):
         Computed as x @ W_enc + (b_enc - b_dec @ W_enc): the same map, but b_dec's gradient is
         then a vector-matrix product instead of a full (N, d_sae) x (d_sae, d_in) one."""
         self._check_input(x, self.cfg.d_in, "input")
-        bias = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
+        bias = self.encoder_bias()
         if x.dim() == 2:  # not a view: activations may then work in place on it
             return torch.addmm(bias, x, self.W_enc)  # the bias add fused into the GEMM
         return torch.addmm(bias, x.reshape(-1, x.shape[-1]), self.W_enc).view(*x.shape[:-1], self.cfg.d_sae)
+
+    def encoder_bias(self) -> Tensor:
+        """(d_sae,) the bias of z = x @ W_enc + bias: b_enc - b_dec @ W_enc (b_dec subtracted from
+        the input, as pre_acts explains), or b_enc alone for transcoders."""
+        return self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f, shape (..., d_sae)."""
@@ -169,6 +174,11 @@ class SAE(nn.Module):
         y = x if target is None else target
         self._check_input(y, self.cfg.d_out, "target")
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if self.activation.sparse_kernels:
+            from saelab.sae import sparse_step
+
+            if sparse_step.applies(self):
+                return sparse_step.sparse_loss(self, x, y, dead_mask, aux_k, aux_coefficient)
         z = self.pre_acts(x)
         if self.activation.per_token_k:
             x_hat, f, sparsity, fired, l0 = self._sparse_step(z)

@@ -113,6 +113,8 @@ class DataParallelTrainer(SAETrainer):
     """SAETrainer whose batch is split over the ranks of the default process group (see the
     module docstring for what is reduced)."""
 
+    stackable = False  # its reductions live in `update`'s hooks, which a stacked step would skip
+
     def _sync_gradients(self, rows: int) -> int:
         import torch.distributed as dist
 

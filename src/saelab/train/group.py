@@ -53,6 +53,7 @@ from saelab.errors import ConfigError, CorruptFileError, DataError, Interrupted
 from saelab.progress import progress_bar
 from saelab.sae.config import PROVENANCE
 from saelab.sae.model import SAE
+from saelab.train.batched import Stepper
 from saelab.train.data_parallel import make_shard
 from saelab.train.shard import TrainedSAE, TrainResult, rank_and_world
 from saelab.train.spec import TrainSpec
@@ -141,11 +142,14 @@ class GroupTrainer:
         self.scale_in = self.scale_out = 1.0
         self.step = 0
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk
+        self._stepper: Stepper | None = None  # during fit: same-shaped SAEs stacked (train.batched)
         self.rows_trained = self.rows_dropped = 0
 
     @property
     def saes(self) -> list[SAE]:
         """This process's SAEs as they train (on scaled inputs); `fit` returns the final ones."""
+        if self._stepper is not None:
+            self._stepper.push()
         return [t.sae for t in self.trainers]
 
     def run_config(self) -> dict:
@@ -177,6 +181,7 @@ class GroupTrainer:
         self._truncate_log()
         if self.on_start is not None:  # the SAEs as initialised (or resumed), e.g. to measure them
             self.on_start(self.step)
+        self._stepper = Stepper(self.trainers)
         cfg, writes = self.config, self.shard.writes
         batches = _batches_from(source, self.step)
         bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
@@ -189,7 +194,7 @@ class GroupTrainer:
                     except StopIteration:
                         raise DataError(f"the batch source ran out at step {self.step} of {cfg.total_steps}") from None
                     logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.total_steps
-                    entries = [t.update(self.step, x, y, log=logging) for t in self.trainers]
+                    entries = self._stepper.update(self.step, x, y, logging)
                     self.step += 1
                     bar.update(1)
                     if logging or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
@@ -202,6 +207,8 @@ class GroupTrainer:
                         self.save_checkpoint()
         finally:  # a Ctrl-C leaves the terminal on a fresh line
             bar.close()
+        self._stepper.push()
+        self._stepper = None
         return TrainResult(self.run_dir, self._final_saes(), self.shard, self.rows_trained, self.rows_dropped)
 
     def stop_if_nonfinite(self) -> None:
@@ -319,6 +326,8 @@ class GroupTrainer:
         return self.run_dir / self.shard.checkpoint_name(CHECKPOINT)
 
     def save_checkpoint(self) -> Path:
+        if self._stepper is not None:
+            self._stepper.push()
         if not self.shard.owns_files:
             return self.checkpoint_path
         tensors = {}

@@ -24,6 +24,8 @@ class SAETrainer:
     dead features (`uses_aux_k`), Anthropic resampling every `resample_every` steps (`resamples`).
     A feature is dead once it has not fired for `spec.dead_tokens` tokens."""
 
+    stackable = True  # may train stacked with same-shaped SAEs (train.batched), which skips `update`
+
     def __init__(self, spec: TrainSpec, sae: SAE, total_steps: int, generator: torch.Generator):
         self.spec, self.sae, self.total_steps, self.generator = spec, sae, total_steps, generator
         act = sae.activation

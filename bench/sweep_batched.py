@@ -1,0 +1,130 @@
+"""A sweep of 8 SAEs trained as one stacked pass (saelab.train.batched) against 8 separate runs,
+data loading included: every run reads shuffled batches from the same activation cache on disk.
+
+Three ways to train the same 8 SAEs (eight L1 coefficients of a relu SAE at one width, and
+eight topk SAEs at one k with different seeds' initialisations):
+
+- separate: 8 GroupTrainer runs of one SAE each, each reading the cache (what a loop of
+  `saelab train` calls does);
+- looped group: one GroupTrainer run of the 8, one read of the cache, each SAE stepped alone;
+- stacked: the same run with the 8 stacked into batched products (the default).
+
+The cache holds the offline default LM's activations (a random-init GPT-NeoX's when that LM is
+not built) on random tokens. Repeats are interleaved and each time is the best of N.
+Run: `python bench/sweep_batched.py [--quick]`; `rows(quick)` is what `python -m bench` collects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+
+from saelab.train import GroupTrainer, TrainConfig  # noqa: E402
+from saelab.train.batched import stacking  # noqa: E402
+from saelab.train.spec import TrainSpec  # noqa: E402
+
+HOOK = "blocks.1.hook_resid_post"
+FULL = dict(contexts=256, steps=20, batch=4096, expansion=4, repeats=2)
+QUICK = dict(contexts=64, steps=10, batch=1024, expansion=4, repeats=2)
+
+
+def _lm(tmp: Path):
+    from saelab.errors import MissingFileError
+    from saelab.lm.hooked import HookedLM
+
+    try:
+        from saelab.lm.default import default_lm_path
+
+        return HookedLM.load(default_lm_path(build=False)), "the default LM"
+    except (ImportError, MissingFileError):
+        from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
+        from tokenizers import Tokenizer, models
+
+        cfg = GPTNeoXConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=512, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "lm")
+        tok = Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>").save_pretrained(tmp / "lm")
+        return HookedLM.load(tmp / "lm"), "a random-init GPT-NeoX 2x128"
+
+
+def _cache(tmp: Path, n_contexts: int):
+    """An activation cache of `n_contexts` contexts of random tokens at HOOK (timing does not
+    depend on the text), and the LM it was made with."""
+    from saelab.data.cache import cache_activations
+
+    lm, what = _lm(tmp)
+    ctx = torch.randint(2, lm.d_vocab, (n_contexts, lm.context_length), generator=torch.Generator().manual_seed(0))
+    ctx[:, 0] = 0
+    return cache_activations(lm, ctx, [HOOK], tmp / "cache", progress=False), what
+
+
+def _specs(arch: str, expansion: float) -> list[TrainSpec]:
+    if arch == "relu":
+        return [TrainSpec(arch="relu", expansion=expansion, coefficient=c, lr=1e-3)
+                for c in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20)]
+    return [TrainSpec(arch="topk", expansion=expansion, k=32, lr=1e-3, name=f"topk_s{i}",
+                      init="data" if i % 2 else "tied") for i in range(8)]
+
+
+def _run(store, specs, out: Path, s: dict, stacked: bool) -> None:
+    cfg = TrainConfig(total_steps=s["steps"], checkpoint_every=s["steps"], log_every=10)
+    with stacking(stacked):
+        GroupTrainer(specs, store.dim(HOOK), out, cfg).fit(store.batches(HOOK, s["batch"], seed=0))
+
+
+def _timings(store, arch: str, s: dict, tmp: Path) -> dict[str, float]:
+    specs = _specs(arch, s["expansion"])
+    ways = {
+        "separate": lambda out: [_run(store, [spec], out / str(i), s, False) for i, spec in enumerate(specs)],
+        "looped": lambda out: _run(store, specs, out, s, False),
+        "stacked": lambda out: _run(store, specs, out, s, True),
+    }
+    best = {name: float("inf") for name in ways}
+    for r in range(s["repeats"]):  # interleaved
+        for name, way in ways.items():
+            out = tmp / f"{arch}-{name}-{r}"
+            start = time.perf_counter()
+            way(out)
+            best[name] = min(best[name], time.perf_counter() - start)
+            print(f"  {arch} {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+    return best
+
+
+def rows(quick: bool = False) -> list[dict]:
+    import resource
+
+    s = QUICK if quick else FULL
+    tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-sweep-"))
+    try:
+        store, what = _cache(tmp, s["contexts"])
+        out = []
+        for arch in ("relu", "topk"):
+            t = _timings(store, arch, s, tmp)
+            d_sae = int(s["expansion"] * store.dim(HOOK))
+            note = (f"8 {arch} SAEs d_in {store.dim(HOOK)} d_sae {d_sae}, {s['steps']} steps of {s['batch']} rows read "
+                    f"from an activation cache of {what} on random tokens; {torch.get_num_threads()} threads; ratio = reference / stacked")
+            peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            for ref, label in (("separate", "8 separate runs"), ("looped", "one group run, SAEs looped")):
+                out.append({"row": f"sweep_batched.{arch}_vs_{ref}", "value": round(t["stacked"], 3), "unit": "s",
+                            "reference": label, "reference_value": round(t[ref], 3),
+                            "ratio": round(t[ref] / t["stacked"], 2), "peak_mib": peak,
+                            "note": note + ("; target >= 3" if ref == "separate" else "")})
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    for r in rows(quick="--quick" in sys.argv):
+        print(r)
