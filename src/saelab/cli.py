@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saelab.commands import (cache, compare, count, dashboard, frontier, logit_lens, models, neurons, perturb, prune,
-                             quickstart, sparse_mlp, steer, tokens, toy, train)
+from saelab.commands import (cache, compare, connections, count, dashboard, frontier, logit_lens, models, neurons,
+                             perturb, prune, quickstart, sparse_mlp, steer, tokens, toy, train)
 from saelab.errors import SaelabError
 
 COMMANDS = [dashboard, neurons, quickstart, train, toy, count, prune, frontier, sparse_mlp, perturb, steer, logit_lens,
-            tokens, compare, cache, models]
+            tokens, compare, connections, cache, models]
 
 
 class Parser(argparse.ArgumentParser):
