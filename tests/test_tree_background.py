@@ -107,3 +107,25 @@ def test_tokens_tree_filtered_by_default(tiny_lm, tiny_lm_path, tmp_path, monkey
     assert kept != tb.outputs(whole)  # this tiny model's trees do share outputs
     assert _run([a for a in base if a != "--json"]) == 0  # the text form says what was left out
     assert "without continuations in >= 0.1 of 48" in capsys.readouterr().out
+
+
+def test_dashboard_trees_are_filtered_by_default(tiny_lm, tmp_path, monkeypatch):
+    from saelab.interpret.dashboard import write_dashboard
+    from saelab.interpret.report import build_report
+
+    monkeypatch.setenv("SAELAB_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    sae = SAE(tiny_lm.d_model, 8, hook_name="blocks.1.hook_resid_post")
+    contexts = torch.randint(0, tiny_lm.d_vocab, (4, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(features=[3], tree=True, tree_depth=2, tree_breadth=3, n_ablate=0, n_ablate_quantile=0,
+              tree_background_samples=40, tree_generic_share=0.3, progress=False)
+    whole = build_report(sae, tiny_lm, contexts, tree_filter=False, **kw).to_dict()["features"][3]["tree"]
+    report = build_report(sae, tiny_lm, contexts, **kw)
+    tree = report.to_dict()["features"][3]["tree"]
+    background = tb.tree_background(tiny_lm, tb.BackgroundConfig(n_samples=40, depth=2, breadth=3))
+    want = tb.filter_tree(whole["roots"]["encoder"], background, 0.3)
+    assert tb.outputs(tree["roots"]["encoder"]) == tb.outputs(want) != tb.outputs(whole["roots"]["encoder"])
+    assert tree["generic_share"] == 0.3 and tree["background_trees"] == 40 and "generic_share" not in whole
+    write_dashboard(report, tmp_path / "dash", progress=False)
+    page = (tmp_path / "dash" / "features" / "3.html").read_text()
+    assert "trees of 40 random points in embedding space" in page
