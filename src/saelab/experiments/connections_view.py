@@ -182,14 +182,17 @@ TABLE = (Column("early", "early"), Column("late", "late"), Column("attribution",
          Column("ablation", "ablation effect", ".4g"))
 LATE_TABLE = (Column("feature", "late"), Column("total", "F (total act)", ".4g"),
               Column("features", "sum A (features)", ".4g"), Column("error", "A (error)", ".4g"),
-              Column("error_share", "error share", ".3f"))
+              Column("error_share", "error share", ".3f"), Column("rest", "rest", ".4g"))
 
 
 def format_text(result: ConnectionsResult) -> str:
     ag = result.agreement
     lines = [f"{result.early.hook_out} -> {result.late.hook_in} on {result.model or 'the default LM'}: "
              f"{result.n_contexts} contexts, {result.n_tokens} tokens", "",
-             format_rows([c.to_dict() for c in result.late_features], LATE_TABLE), "",
+             format_rows([{**c.to_dict(), "rest": c.total - c.features - c.error} for c in result.late_features],
+                         LATE_TABLE),
+             "rest = F - sum A - A(error): what the nodes' first-order terms leave to biases, other paths "
+             "(embeddings, attention) and curvature", "",
              "strongest connections (activation x gradient; ablation: F(clean) - F(early feature ablated))",
              format_rows([c.to_dict() for c in result.strongest], TABLE), "",
              f"agreement over {ag.n} ablated: signs {_pct(ag.sign_agreement)}, Spearman {_num(ag.spearman)}, "
@@ -230,7 +233,8 @@ def _page_data(result: ConnectionsResult, out: Path) -> dict:
 
     early = {e.feature: e for e in result.early_examples}
     late = {e.feature: e for e in result.late_examples}
-    return {"early": early, "late": late, "early_links": links(result.early, early),
-            "late_links": links(result.late, late),
+    listed = [c.early for lf in result.late_features for c in lf.top]
+    return {"early": early, "late": late, "early_links": links(result.early, [*early, *listed]),
+            "late_links": links(result.late, [*late, *(lf.feature for lf in result.late_features)]),
             "early_built": bool(result.early.dashboard) and (Path(result.early.dashboard) / "index.html").exists(),
             "late_built": bool(result.late.dashboard) and (Path(result.late.dashboard) / "index.html").exists()}
