@@ -9,12 +9,13 @@ relative to itself and says how to build the dashboard when it is not there yet.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from saelab.atomic import write_json, write_text
+from saelab.atomic import write_json
+from saelab.experiments.connections import spearman, spliced_late_acts
 from saelab.interpret.records import OMIT_NONE, Record, json_schema
 from saelab.interpret.schema import Example
 from saelab.interpret.vocab import token_strings
@@ -102,8 +103,6 @@ def build_result(lm, pair, contexts, scan, late_feats, attribution, delta: dict,
                  folders=(None, None), dashboards=(None, None)) -> ConnectionsResult:
     """The result from run_connections' pieces: `attribution` (A, A_err, F), `delta` {(row of
     A, early feature): ablation effect}, the dictionaries' folders and dashboard folders."""
-    from dataclasses import asdict
-
     A, A_err, F = attribution
     lates = []
     for r, j in enumerate(late_feats):
@@ -136,8 +135,6 @@ def _info(sae, hook_in: str, hook_out: str, folder, dashboard) -> DictionaryInfo
 
 
 def agreement(links: list[Connection]) -> Agreement:
-    from saelab.experiments.connections import spearman
-
     a = torch.tensor([c.attribution for c in links], dtype=torch.float64)
     d = torch.tensor([c.ablation for c in links], dtype=torch.float64)
     if not links:
@@ -153,8 +150,6 @@ def agreement(links: list[Connection]) -> Agreement:
 def feature_examples(lm, pair, contexts, scan, early_ids, late_ids, n: int):
     """(early, late) lists of FeatureExamples: each feature's n contexts with the largest max,
     with its activation on every token (one more clean pass over just those contexts)."""
-    from saelab.experiments.connections import spliced_late_acts
-
     want = {("early", i): scan.early_max[:, i].topk(min(n, len(contexts))) for i in early_ids}
     want.update({("late", j): scan.late_max[:, j].topk(min(n, len(contexts))) for j in late_ids})
     rows = sorted({int(c) for top in want.values() for c, v in zip(top.indices, top.values) if v > 0})
