@@ -12,7 +12,7 @@ from saelab import cli
 from saelab.errors import ConfigError
 from saelab.experiments.connections import (ConnectionsConfig, attribute, check_pair, late_totals, run_connections,
                                             scale_node, spearman, zero_feature, ablation_effects)
-from saelab.experiments.connections_view import ConnectionsResult
+from saelab.experiments.connections_view import ConnectionsResult, write_outputs
 from saelab.lm.hooked import HookedLM
 from saelab.sae import SAE
 
@@ -157,6 +157,14 @@ def test_command_writes_result_and_page(folders, corpus, capsys):
     assert "saelab dashboard" in page  # the dashboards are not built yet: the page says how
     assert (out / "static" / "dashboard.css").exists()
     assert json.loads((out / "connections.schema.json").read_text())["title"] == "saelab connections result"
+    dash = folders / "late" / "dashboard"  # a built dashboard: only the pages it has are linked
+    (dash / "features").mkdir(parents=True)
+    (dash / "index.html").write_text("")
+    (dash / "features" / f"{c.late}.html").write_text("")
+    page = write_outputs(result, folders / "out2").read_text()
+    others = [lf.feature for lf in result.late_features if lf.feature != c.late]
+    assert f'href="../late/dashboard/features/{c.late}.html"' in page
+    assert not any(f'href="../late/dashboard/features/{j}.html"' in page for j in others)
 
 
 def test_command_bad_input(folders, corpus, capsys):

@@ -224,7 +224,10 @@ def write_outputs(result: ConnectionsResult, out: Path) -> Path:
 def _page_data(result: ConnectionsResult, out: Path) -> dict:
     """Lookups the template needs: examples by feature, dashboard links and whether they exist."""
     def links(info: DictionaryInfo, ids) -> dict:
-        return {i: dashboard_href(info.dashboard, i, out) for i in ids}
+        """Every feature's page, or, of a dashboard already built, the pages it has."""
+        built = bool(info.dashboard) and (Path(info.dashboard) / "index.html").exists()
+        return {i: dashboard_href(info.dashboard, i, out) for i in ids
+                if not built or (Path(info.dashboard) / "features" / f"{i}.html").exists()}
 
     early = {e.feature: e for e in result.early_examples}
     late = {e.feature: e for e in result.late_examples}
