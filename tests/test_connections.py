@@ -10,8 +10,9 @@ import torch
 
 from saelab import cli
 from saelab.errors import ConfigError
-from saelab.experiments.connections import (ConnectionsConfig, attribute, check_pair, late_totals, run_connections,
-                                            scale_node, spearman, zero_feature, ablation_effects)
+from saelab.experiments.connections import (ConnectionsConfig, ablation_effects, attribute, check_pair,
+                                            counted_tokens, late_totals, run_connections, scale_node, spearman,
+                                            zero_feature)
 from saelab.experiments.connections_view import ConnectionsResult, write_outputs
 from saelab.lm.hooked import HookedLM
 from saelab.sae import SAE
@@ -86,7 +87,9 @@ def test_ablation_is_the_feature_removed_from_the_activation(lm, tokens):
     pair = check_pair(lm, early, late)
     cfg = ConnectionsConfig(batch_size=2)
     clean = late_totals(lm, pair, tokens)
-    got = ablation_effects(lm, pair, tokens, [3, 7], [0, 4], cfg, clean)
+    counted = torch.ones(tokens.shape, dtype=torch.bool)
+    counted[:, 0] = False
+    got = ablation_effects(lm, pair, tokens, [3, 7], [0, 4], cfg, clean, counted)
     for r, i in enumerate([3, 7]):
         def remove(act, i=i):
             f = early.encode(act)
@@ -98,6 +101,35 @@ def test_ablation_is_the_feature_removed_from_the_activation(lm, tokens):
         assert torch.allclose(got[r], (clean - ablated)[[0, 4]], rtol=1e-9, atol=1e-12)
     assert bool((got != 0).any())
     assert torch.equal(zero_feature(2)(torch.ones(1, 3, 4), torch.ones(1, 3, 4))[0][0, :, 2], torch.tensor([1., 0., 0.]))
+
+
+def test_left_out_tokens_are_neither_nodes_nor_targets(lm, tokens):
+    pair = check_pair(lm, *_pairs(lm)["saes"])
+    counted = torch.ones(tokens.shape, dtype=torch.bool)
+    counted[:, 0] = False
+    counted[1, 4:7] = False  # e.g. outlier rows
+    A, A_err, F = attribute(lm, pair, tokens, [2, 9], counted=counted)
+    assert torch.allclose(F, late_totals(lm, pair, tokens, counted=counted)[[2, 9]], rtol=1e-10)
+    assert not torch.allclose(F, late_totals(lm, pair, tokens)[[2, 9]], rtol=1e-3)
+    eps = 1e-6
+    for node in [int(A.abs().sum(0).argmax()), "error"]:
+        up, down = (late_totals(lm, pair, tokens, scale_node(node, 1 + d, counted=counted), counted=counted)
+                    for d in (eps, -eps))
+        fd = ((up - down) / (2 * eps))[[2, 9]]
+        assert torch.allclose(A_err if node == "error" else A[:, node], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_outlier_rows_are_not_counted():
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    x[1, 3] *= 100  # a massive activation at the early hook
+    y = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
+    y[0, 5] *= 100  # and one at the late hook
+    got = counted_tokens({"early": x, "late": y}, exclude_bos=True, multiple=10.0)
+    want = torch.ones(2, 6, dtype=torch.bool)
+    want[:, 0] = want[1, 3] = want[0, 5] = False
+    assert torch.equal(got, want)
+    want[1, 3] = want[0, 5] = True
+    assert torch.equal(counted_tokens({"early": x, "late": y}, exclude_bos=True, multiple=None), want)
 
 
 def test_spearman():

@@ -57,13 +57,15 @@ def register(subparsers) -> None:
     options.add_context_length(g, CONTEXT_LENGTH)
     options.add_lm_batch_size(g, d.batch_size)
     options.add_include_bos(g)
+    options.add_outlier_multiple(g, d.outlier_multiple, "neither nodes nor targets (a row flagged at either hook)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ConnectionsConfig(late_features=args.features, n_late=args.top_late, n_ablate=args.ablate,
                             per_late=args.per_late, n_examples=args.examples, batch_size=args.lm_batch_size,
-                            feature_chunk=args.feature_chunk, exclude_bos=not args.include_bos)
+                            feature_chunk=args.feature_chunk, exclude_bos=not args.include_bos,
+                            outlier_multiple=args.outlier_multiple)
     early, late = SAE.load(args.early).eval(), SAE.load(args.late).eval()
     lm = load_lm(args.model, late, device=args.device, dtype=args.dtype)
     contexts = heldout_contexts(lm, args.source, args.eval_contexts, min(args.context_length, lm.context_length))

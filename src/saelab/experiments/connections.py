@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.errors import ConfigError
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_one_model, check_sae_fits
@@ -55,6 +56,9 @@ class ConnectionsConfig:
     batch_size: int = 8  # contexts per forward
     feature_chunk: int = 8  # late features per backward pass (the batch is replicated this many times)
     exclude_bos: bool = True  # position 0 is neither a node nor a target
+    # rows whose norm at either hook is above this x the median (massive activations, e.g. document
+    # separators: saelab.data.outliers) are neither nodes nor targets; None: every row counts
+    outlier_multiple: float | None = DEFAULT_MULTIPLE
 
     def __post_init__(self) -> None:
         for name in ("n_late", "batch_size", "feature_chunk"):
@@ -63,6 +67,7 @@ class ConnectionsConfig:
         for name in ("n_ablate", "per_late", "n_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.outlier_multiple = OutlierRule(self.outlier_multiple).multiple
 
 
 class Pair(NamedTuple):
@@ -105,10 +110,19 @@ def position_weights(seq: int, exclude_bos: bool, device=None) -> Tensor:
     return w
 
 
+def token_weights(shape, exclude_bos: bool, counted: Tensor | None, like: Tensor) -> Tensor:
+    """(n, seq) weights of the tokens that count, in `like`'s dtype and device: `counted`
+    (n, seq) bool if given (BOS and outlier rows left out), else every position but BOS."""
+    if counted is not None:
+        return counted.to(like.device, like.dtype)
+    return position_weights(shape[1], exclude_bos, like.device).to(like.dtype).expand(shape[0], -1)
+
+
 def spliced_late_acts(lm: HookedLM, pair: Pair, tokens: Tensor, edit: NodeEdit | None = None,
-                      grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                      grad: bool = False, record: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(f, e, g): the early nodes the model ran with (after `edit`) and the late features
-    (N, S, d_late_sae), from one forward stopped at the late hook."""
+    (N, S, d_late_sae), from one forward stopped at the late hook; `record` receives the
+    activations at the two hooks ("early", "late")."""
     seen: dict[str, Tensor] = {}
 
     def read_input(act):
@@ -121,29 +135,32 @@ def spliced_late_acts(lm: HookedLM, pair: Pair, tokens: Tensor, edit: NodeEdit |
         e = act - pair.early.decode(f)
         if edit is not None:
             f, e = edit(f, e)
-        seen["f"], seen["e"] = f, e
+        seen["f"], seen["e"], seen["early"] = f, e, act
         return pair.early.decode(f) + e
 
     splices = {pair.early_out: write_nodes}
     if pair.early_in != pair.early_out:
         splices = {pair.early_in: read_input, **splices}
     cache = lm.run_with_cache(tokens, [pair.late_in], splices=splices, grad=grad)
+    if record is not None:
+        record.update(early=seen["early"], late=cache[pair.late_in])
     return seen["f"], seen["e"], pair.late.encode(cache[pair.late_in])
 
 
 def late_totals(lm: HookedLM, pair: Pair, tokens: Tensor, edit: NodeEdit | None = None,
-                exclude_bos: bool = True) -> Tensor:
-    """(d_late_sae,) F_j: each late feature summed over the counted positions of `tokens`."""
+                exclude_bos: bool = True, counted: Tensor | None = None) -> Tensor:
+    """(d_late_sae,) F_j: each late feature summed over the counted tokens of `tokens`
+    (`counted` (n, seq) bool, else every position but BOS if excluded)."""
     with torch.no_grad():
         _, _, g = spliced_late_acts(lm, pair, tokens, edit)
-    w = position_weights(g.shape[1], exclude_bos, g.device).to(g.dtype)
-    return torch.einsum("nsd,s->d", g, w)
+    return torch.einsum("nsd,ns->d", g, token_weights(g.shape, exclude_bos, counted, g))
 
 
 def attribute(lm: HookedLM, pair: Pair, tokens: Tensor, late: list[int],
-              exclude_bos: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+              exclude_bos: bool = True, counted: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(A (m, d_early_sae), A_err (m,), F (m,)) for the m late features `late` over `tokens`
-    (N, S): one forward and one backward, the contexts replicated once per late feature."""
+    (N, S), nodes and targets at the counted tokens only (as in late_totals): one forward and
+    one backward, the contexts replicated once per late feature."""
     m, (n, seq) = len(late), tokens.shape
     leaves: dict[str, Tensor] = {}
 
@@ -152,32 +169,32 @@ def attribute(lm: HookedLM, pair: Pair, tokens: Tensor, late: list[int],
         return leaves["f"], leaves["e"]
 
     _, _, g = spliced_late_acts(lm, pair, tokens.repeat(m, 1), as_leaves, grad=True)
-    w = position_weights(seq, exclude_bos, g.device).to(g.dtype)
+    w = token_weights((n, seq), exclude_bos, counted, g)
     picked = g.view(m, n, seq, -1)[torch.arange(m), :, :, torch.as_tensor(late)]  # (m, n, seq)
-    totals = torch.einsum("mns,s->m", picked, w)
+    totals = torch.einsum("mns,ns->m", picked, w)
     grad_f, grad_e = torch.autograd.grad(totals.sum(), [leaves["f"], leaves["e"]])
     f, e = leaves["f"].detach(), leaves["e"].detach()
-    wf = w.to(f.dtype)[None, :, None]
+    wf = w.to(f.dtype).repeat(m, 1)[:, :, None]
     attr = (f * grad_f * wf).view(m, n, seq, -1).sum((1, 2))
     attr_err = (e * grad_e * wf).view(m, n, seq, -1).sum((1, 2, 3))
     return attr, attr_err, totals.detach()
 
 
-def zero_feature(i: int, exclude_bos: bool = True) -> NodeEdit:
-    """The edit that ablates early feature i (at the counted positions), the error held."""
+def zero_feature(i: int, exclude_bos: bool = True, counted: Tensor | None = None) -> NodeEdit:
+    """The edit that ablates early feature i (at the counted tokens), the error held."""
     def edit(f, e):
         keep = torch.ones(f.shape[-1], dtype=f.dtype, device=f.device)
         keep[i] = 0
-        w = position_weights(f.shape[1], exclude_bos, f.device).to(f.dtype)[None, :, None]
+        w = token_weights(f.shape, exclude_bos, counted, f)[:, :, None]
         return f * (1 - w * (1 - keep)), e
     return edit
 
 
-def scale_node(node: int | str, factor: float, exclude_bos: bool = True) -> NodeEdit:
+def scale_node(node: int | str, factor: float, exclude_bos: bool = True, counted: Tensor | None = None) -> NodeEdit:
     """The edit that scales early feature `node` (or the error, node="error") by `factor` at the
-    counted positions: d/d factor of F_j at 1 is the attribution (finite differences)."""
+    counted tokens: d/d factor of F_j at 1 is the attribution (finite differences)."""
     def edit(f, e):
-        w = position_weights(f.shape[1], exclude_bos, f.device)[None, :, None]
+        w = token_weights(f.shape, exclude_bos, counted, f)[:, :, None]
         if node == "error":
             return f, e * (1 + (factor - 1) * w.to(e.dtype))
         col = torch.zeros(f.shape[-1], dtype=f.dtype, device=f.device)
@@ -187,21 +204,24 @@ def scale_node(node: int | str, factor: float, exclude_bos: bool = True) -> Node
 
 
 def ablation_effects(lm: HookedLM, pair: Pair, contexts: Tensor, early: list[int], late: list[int],
-                     cfg: ConnectionsConfig, clean: Tensor, progress: bool | None = None) -> Tensor:
-    """(len(early), len(late)) F_j(clean) - F_j(early feature i ablated), over `contexts`;
-    `clean` is (d_late_sae,) F over the same contexts."""
+                     cfg: ConnectionsConfig, clean: Tensor, counted: Tensor, progress: bool | None = None) -> Tensor:
+    """(len(early), len(late)) F_j(clean) - F_j(early feature i ablated), over `contexts` and
+    their `counted` tokens; `clean` is (d_late_sae,) F over the same."""
     out = torch.zeros(len(early), len(late), dtype=torch.float64)
     idx = torch.as_tensor(late)
     for r, i in enumerate(progress_bar(early, desc="ablation", unit="feature", enabled=progress)):
-        ablated = sum(late_totals(lm, pair, contexts[s:s + cfg.batch_size], zero_feature(i, cfg.exclude_bos),
-                                  cfg.exclude_bos) for s in range(0, len(contexts), cfg.batch_size))
+        ablated = sum(late_totals(lm, pair, contexts[s:s + cfg.batch_size],
+                                  zero_feature(i, cfg.exclude_bos, counted[s:s + cfg.batch_size]),
+                                  cfg.exclude_bos, counted[s:s + cfg.batch_size])
+                      for s in range(0, len(contexts), cfg.batch_size))
         out[r] = (clean[idx] - ablated[idx]).double().cpu()
     return out
 
 
 class PairScan(NamedTuple):
     """One clean pass over the contexts: totals F of every early and late feature over the
-    counted positions, and each feature's max per context (N, d_sae) with its position."""
+    counted tokens, each feature's max per context (N, d_sae) with its position, and which
+    tokens count (N, S): not BOS (if excluded), and not an outlier row at either hook."""
 
     early_total: Tensor
     late_total: Tensor
@@ -209,17 +229,31 @@ class PairScan(NamedTuple):
     early_pos: Tensor
     late_max: Tensor
     late_pos: Tensor
+    counted: Tensor
+
+
+def counted_tokens(acts: dict, exclude_bos: bool, multiple: float | None) -> Tensor:
+    """(n, S) bool: tokens that are nodes and targets, from the clean activations at both hooks."""
+    x = acts["early"]
+    keep = position_weights(x.shape[1], exclude_bos, x.device).bool().expand(x.shape[0], -1).clone()
+    rule = OutlierRule(multiple)
+    for act in acts.values():
+        keep &= ~rule.position_mask(act, int(exclude_bos))
+    return keep
 
 
 @torch.no_grad()
 def scan_pair(lm: HookedLM, pair: Pair, contexts: Tensor, cfg: ConnectionsConfig) -> PairScan:
     parts: dict[str, list[Tensor]] = {k: [] for k in PairScan._fields}
     for s in range(0, len(contexts), cfg.batch_size):
-        f, _, g = spliced_late_acts(lm, pair, contexts[s:s + cfg.batch_size])
-        w = position_weights(f.shape[1], cfg.exclude_bos, f.device)
+        hooks: dict[str, Tensor] = {}
+        f, _, g = spliced_late_acts(lm, pair, contexts[s:s + cfg.batch_size], record=hooks)
+        counted = counted_tokens(hooks, cfg.exclude_bos, cfg.outlier_multiple)
+        parts["counted"].append(counted.cpu())
         for name, acts in (("early", f), ("late", g)):
-            parts[f"{name}_total"].append(torch.einsum("nsd,s->d", acts, w.to(acts.dtype)).double().cpu())
-            best = (acts - (1 - w.to(acts.dtype))[None, :, None] * 1e30).max(dim=1)  # counted positions only
+            w = counted.to(acts.dtype)
+            parts[f"{name}_total"].append(torch.einsum("nsd,ns->d", acts, w).double().cpu())
+            best = (acts - (1 - w)[:, :, None] * 1e30).max(dim=1)  # counted tokens only
             parts[f"{name}_max"].append(best.values.clamp_min(0).float().cpu())
             parts[f"{name}_pos"].append(best.indices.cpu())
     return PairScan(*(torch.stack(parts[k]).sum(0) if k.endswith("total") else torch.cat(parts[k])
@@ -237,17 +271,18 @@ def pick_late(scan: PairScan, cfg: ConnectionsConfig, d_late: int) -> list[int]:
 
 
 def attribute_all(lm: HookedLM, pair: Pair, contexts: Tensor, late: list[int], cfg: ConnectionsConfig,
-                  progress: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  counted: Tensor, progress: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """attribute() summed over batches of contexts and chunks of late features: (A, A_err, F)
     as float64 on the CPU, rows in the order of `late`."""
     chunks = [late[c:c + cfg.feature_chunk] for c in range(0, len(late), cfg.feature_chunk)]
-    batches = [contexts[s:s + cfg.batch_size] for s in range(0, len(contexts), cfg.batch_size)]
+    batches = [(contexts[s:s + cfg.batch_size], counted[s:s + cfg.batch_size])
+               for s in range(0, len(contexts), cfg.batch_size)]
     A = torch.zeros(len(late), pair.early.cfg.d_sae, dtype=torch.float64)
     A_err, F = torch.zeros(len(late), dtype=torch.float64), torch.zeros(len(late), dtype=torch.float64)
     steps = [(c, b) for c in range(len(chunks)) for b in batches]
-    for c, batch in progress_bar(steps, desc="attribution", unit="batch", enabled=progress):
+    for c, (batch, mask) in progress_bar(steps, desc="attribution", unit="batch", enabled=progress):
         rows = slice(c * cfg.feature_chunk, c * cfg.feature_chunk + len(chunks[c]))
-        a, a_err, f = attribute(lm, pair, batch, chunks[c], cfg.exclude_bos)
+        a, a_err, f = attribute(lm, pair, batch, chunks[c], cfg.exclude_bos, mask)
         A[rows] += a.double().cpu()
         A_err[rows] += a_err.double().cpu()
         F[rows] += f.double().cpu()
@@ -287,11 +322,12 @@ def run_connections(lm: HookedLM, early, late, contexts, cfg: ConnectionsConfig 
     if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.shape[1] < 1 + cfg.exclude_bos:
         raise ConfigError(f"contexts must be a non-empty (n, seq) token array, got shape {tuple(contexts.shape)}")
     scan = scan_pair(lm, pair, contexts, cfg)
+    counted = scan.counted.to(lm.device)
     late_feats = pick_late(scan, cfg, late.cfg.d_sae)
-    A, A_err, F = attribute_all(lm, pair, contexts, late_feats, cfg, progress)
+    A, A_err, F = attribute_all(lm, pair, contexts, late_feats, cfg, counted, progress)
     top = strongest(A, cfg.n_ablate)
     early_ablated = sorted({i for _, i in top})
     effects = ablation_effects(lm, pair, contexts, early_ablated, late_feats, cfg,
-                               scan.late_total.to(lm.device), progress) if top else None
+                               scan.late_total.to(lm.device), counted, progress) if top else None
     delta = {(r, i): effects[early_ablated.index(i), r].item() for r, i in top}
     return build_result(lm, pair, contexts, scan, late_feats, (A, A_err, F), delta, cfg, folders, dashboards)

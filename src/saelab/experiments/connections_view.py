@@ -85,7 +85,8 @@ class ConnectionsResult(Record):
     early: DictionaryInfo
     late: DictionaryInfo
     n_contexts: int
-    n_tokens: int  # counted positions
+    n_tokens: int  # tokens counted as nodes and targets (BOS and outlier rows left out)
+    outlier_rows: int  # rows the outlier rule left out (massive activations at either hook)
     options: dict  # the ConnectionsConfig
     late_features: list[LateFeature]
     strongest: list[Connection]
@@ -114,11 +115,11 @@ def build_result(lm, pair, contexts, scan, late_feats, attribution, delta: dict,
     early_ids = list(dict.fromkeys(c.early for c in links))
     late_ids = list(dict.fromkeys(c.late for c in links)) or late_feats
     ex_early, ex_late = feature_examples(lm, pair, contexts, scan, early_ids, late_ids, cfg.n_examples)
-    w = 1 if cfg.exclude_bos else 0
     return ConnectionsResult(
         model=lm.name, early=_info(pair.early, pair.early_in, pair.early_out, folders[0], dashboards[0]),
         late=_info(pair.late, pair.late_in, pair.late.cfg.hook_name_out or pair.late_in, folders[1], dashboards[1]),
-        n_contexts=int(contexts.shape[0]), n_tokens=int(contexts.shape[0] * (contexts.shape[1] - w)),
+        n_contexts=int(contexts.shape[0]), n_tokens=int(scan.counted.sum()),
+        outlier_rows=int(contexts.shape[0] * (contexts.shape[1] - int(cfg.exclude_bos)) - scan.counted.sum()),
         options=asdict(cfg), late_features=lates, strongest=links, agreement=agreement(links),
         early_examples=ex_early, late_examples=ex_late)
 
@@ -183,7 +184,7 @@ LATE_TABLE = (Column("feature", "late"), Column("total", "F (total act)", ".4g")
 def format_text(result: ConnectionsResult) -> str:
     ag = result.agreement
     lines = [f"{result.early.hook_out} -> {result.late.hook_in} on {result.model or 'the default LM'}: "
-             f"{result.n_contexts} contexts, {result.n_tokens} tokens", "",
+             f"{result.n_contexts} contexts, {result.n_tokens} tokens ({result.outlier_rows} outlier rows left out)", "",
              format_rows([{**c.to_dict(), "rest": c.total - c.features - c.error} for c in result.late_features],
                          LATE_TABLE),
              "rest = F - sum A - A(error): what the nodes' first-order terms leave to biases, other paths "
