@@ -7,19 +7,23 @@ a transcoder's output hook) as
     x = decode(f) + e,    f = early.encode(x_in),    e = x - decode(f)   (the error node)
 
 which leaves the forward pass exactly as it was, and the LATE dictionary encodes the activation
-at its input hook: g_j, late feature j's activation. With F_j = sum over tokens of g_j (the BOS
-position left out unless told), the attribution of F_j to early feature i, and to the error, is
-activation x gradient summed over the early positions:
+at its input hook: g_j, late feature j's activation. With F_j = sum over the counted tokens of
+g_j, the attribution of F_j to early feature i, and to the error, is activation x gradient summed
+over the counted early positions:
 
     A_ji = sum_s f_i(s) dF_j/df_i(s),      A_j,err = sum_s e(s) . dF_j/de(s)
 
-i.e. A_ji = d/de F_j(f_i scaled by 1 + eps at every position) at eps = 0: the first-order effect
+i.e. A_ji = d/de F_j(f_i scaled by 1 + eps at every counted position) at eps = 0: the first-order effect
 of the node. For a linear path from the nodes to an active late feature the sum over the nodes,
 error included, is exact: sum_i A_ji + A_j,err = F_j - (the part from the biases). The error
 node is what keeps that sum honest: without it a poor reconstruction would hide.
 
+Counted tokens are nodes and targets alike: every position but BOS (unless told), and not a row
+the outlier rule flags at either hook (massive activations, saelab.data.outliers), judged once on
+the clean pass; the other rows pass through the model as fixed inputs.
+
 The strongest connections (by |A_ji|) are then confirmed by ablation: f_i set to 0 at every
-position (the error held), the model rerun, and the change F_j(clean) - F_j(ablated) compared
+counted position (the error held), the model rerun, and the change F_j(clean) - F_j(ablated) compared
 with A_ji (the same quantity to first order): the share of signs that agree and the rank
 correlation. Late features are batched by replicating the contexts, one copy per late feature,
 so one backward pass serves a chunk of them (rows of a batch never interact).
