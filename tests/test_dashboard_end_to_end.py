@@ -54,7 +54,8 @@ def built(tmp_path_factory):
     with torch.no_grad():
         sae.W_enc.normal_()  # dense features: every context shows up among the examples
     report = build_report(sae, lm, corpus=str(corpus), n_contexts=8, context_length=32, batch_size=8,
-                          tree=True, tree_vector="both", tree_depth=2, tree_breadth=2, progress=False).to_dict()
+                          tree=True, tree_vector="both", tree_depth=2, tree_breadth=2, tree_filter=False,
+                          progress=False).to_dict()
     out = root / "dashboard"
     write_dashboard(report, out, include_dead=True, progress=False)
     return report, out

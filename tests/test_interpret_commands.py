@@ -68,7 +68,7 @@ def test_drop_unused(tiny_lm, sae_dir, tmp_path, capsys):
 def test_tokens_command(tiny_lm, sae_dir, capsys):
     folder, sae = sae_dir
     argv = ["tokens", str(folder), "--feature", "5", "--vector", "decoder", "--scale", "2", "--exponent", "2",
-            "-k", "6", "--tree", "--depth", "2", "--breadth", "2", "--json"]
+            "-k", "6", "--tree", "--depth", "2", "--breadth", "2", "--unfiltered", "--json"]
     assert _run(tokens, argv) == 0
     out, = json.loads(capsys.readouterr().out)
     mask = vocab_mask(tiny_lm.W_E.shape[0], tokenizer_size=len(tiny_lm.tokenizer))

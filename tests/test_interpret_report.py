@@ -179,7 +179,7 @@ def test_tied_sae_has_identical_encoder_and_decoder_views(setup):
     tied = SAE(lm.d_model, 6, arch="relu", hook_name=HOOK)
     with torch.no_grad():
         tied.W_dec.copy_(tied.W_enc.T * 3.0)  # any positive scale: the views normalise it away
-    rep = _report(tied, lm, contexts, features=[1, 4], tree=True, tree_vector="both",
+    rep = _report(tied, lm, contexts, features=[1, 4], tree=True, tree_vector="both", tree_filter=False,
                        tree_depth=2, tree_breadth=3, n_ablate=0, progress=False)
     for j in (1, 4):
         emb, tree = rep["features"][j]["embedding"], rep["features"][j]["tree"]
@@ -191,7 +191,7 @@ def test_tied_sae_has_identical_encoder_and_decoder_views(setup):
 def test_tree_from_both_vectors(setup):
     lm, sae, contexts, _ = setup
     kw = dict(features=[5], tree=True, tree_depth=2, tree_breadth=2, n_ablate=0, n_ablate_quantile=0,
-              progress=False)
+              tree_filter=False, progress=False)
     both = _report(sae, lm, contexts, tree_vector="both", **kw)["features"][5]["tree"]
     for which in ("encoder", "decoder"):
         one = _report(sae, lm, contexts, tree_vector=which, **kw)["features"][5]["tree"]
@@ -244,7 +244,7 @@ def test_bos_position_scanned_only_when_asked_or_absent(setup):
 
 def test_tree_and_window(setup):
     lm, sae, contexts, _ = setup
-    rep = _report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2,
+    rep = _report(sae, lm, contexts, features=[5], tree=True, tree_depth=2, tree_breadth=2, tree_filter=False,
                        window=(3, 1), n_ablate=0, n_ablate_quantile=0, progress=False)
     f = rep["features"][5]
     assert f["tree"]["vector"] == "encoder" and len(f["tree"]["roots"]["encoder"]["children"]) == 2

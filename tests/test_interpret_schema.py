@@ -82,8 +82,11 @@ def built(tiny_lm, tmp_path_factory):
     torch.manual_seed(0)
     sae = SAE(tiny_lm.d_model, 16, arch="relu", hook_name=HOOK)
     contexts = torch.randint(0, tiny_lm.d_vocab, (12, 16), generator=torch.Generator().manual_seed(0))
-    report = build_report(sae, tiny_lm, contexts, features=[0, 5, 9], window=(3, 1), tree=True, tree_vector="both",
-                          tree_depth=2, tree_breadth=2, ablate_max_back=3, progress=False)
+    with pytest.MonkeyPatch.context() as mp:  # filtered trees: the background goes to a private cache
+        mp.setenv("SAELAB_HOME", str(tmp_path_factory.mktemp("home")))
+        report = build_report(sae, tiny_lm, contexts, features=[0, 5, 9], window=(3, 1), tree=True,
+                              tree_vector="both", tree_depth=2, tree_breadth=2, tree_background_samples=64, tree_generic_share=0.9,
+                              ablate_max_back=3, progress=False)
     out = tmp_path_factory.mktemp("dash")
     write_dashboard(report, out, include_dead=True, progress=False)
     return report, out

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saelab.commands import (cache, compare, count, dashboard, frontier, graph, logit_lens, maximize, models, neurons,
-                             perturb, prune, quickstart, sparse_mlp, steer, tokens, toy, train)
+from saelab.commands import (cache, compare, connections, count, dashboard, frontier, graph, logit_lens, maximize,
+                             models, neurons, perturb, prune, quickstart, sparse_mlp, steer, tokens, toy, train)
 from saelab.commands.options import shown
 from saelab.errors import SaelabError
 
@@ -17,7 +17,7 @@ INTERRUPTED = 130  # the exit code shells give a job stopped by Ctrl-C (128 + SI
 METRICS_DOC = "docs/metrics.md in the saelab source tree"
 
 COMMANDS = [dashboard, neurons, quickstart, train, toy, count, prune, frontier, sparse_mlp, perturb, steer, logit_lens,
-            tokens, compare, cache, models, graph, maximize]
+            tokens, compare, cache, models, connections, graph, maximize]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -339,6 +339,12 @@ def add_report_views(g, d: ReportOptions) -> None:
     g.add_argument("--tree-breadth", type=int, default=d.tree_breadth,
                    help="children of each node of a definition tree")
     g.add_argument("--tree-scale", type=float, default=d.tree_scale, help="ghost vector norm in mean token norms")
+    g.add_argument("--tree-unfiltered", action="store_true",
+                   help="whole trees (default: without the continuations trees of random points share)")
+    g.add_argument("--tree-generic-share", type=float, default=d.tree_generic_share,
+                   help="a continuation in at least this share of random points' trees is generic")
+    g.add_argument("--tree-background-samples", type=positive_int, default=d.tree_background_samples,
+                   help="random points in embedding space whose trees make the background (built once per model)")
     g.add_argument("--ablate", type=int, default=d.n_ablate, help="top examples per feature with ablated text")
     g.add_argument("--ablate-quantile", type=int, default=d.n_ablate_quantile,
                    help="quantile examples per feature with ablated text")
@@ -360,7 +366,9 @@ def report_view_options(args: argparse.Namespace) -> dict:
     """ReportOptions fields from the view arguments (add_report_views), --include-bos and
     --outlier-multiple."""
     return dict(tree=args.tree, tree_vector=args.tree_vector, tree_depth=args.tree_depth,
-                tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, n_ablate=args.ablate,
+                tree_breadth=args.tree_breadth, tree_scale=args.tree_scale, tree_filter=not args.tree_unfiltered,
+                tree_generic_share=args.tree_generic_share, tree_background_samples=args.tree_background_samples,
+                n_ablate=args.ablate,
                 n_ablate_quantile=args.ablate_quantile, ablate_max_back=args.ablate_back or None,
                 embedding_scale=args.embedding_scale, embedding_exponent=args.embedding_exponent,
                 high_norm_z=args.drop_high_norm, window=tuple(args.window) if args.window else None,

@@ -366,3 +366,12 @@ def _copy_static(dest: Path) -> None:
     for src in sorted((_HERE / "static").iterdir()):
         if src.is_file():
             write_text(dest / src.name, src.read_text(encoding="utf-8"))
+
+
+def render_page(template: str, path, **context) -> Path:
+    """One page of templates/ written atomically to `path`, with static/ copied beside it: an
+    experiment's view (e.g. connections.html) shaded and escaped exactly as the dashboard is."""
+    path = Path(path)
+    _copy_static(path.parent / "static")
+    context.setdefault("sae", {})
+    return write_text(path, _environment().get_template(template).render(root="", **context))

@@ -116,6 +116,16 @@ def definition_tree(lm, vector: Tensor, *, depth: int = 3, breadth: int = 3,
     """{"text": prompt, "prob": 1.0, "children": [...]}: the most probable continuations after the
     ghost prompt, `breadth` per node to `depth` tokens; nodes below `min_prob` (cumulative) and
     nodes whose text contains `stop` are leaves."""
+    return definition_trees(lm, vector[None], depth=depth, breadth=breadth, prompt=prompt, stop=stop,
+                            min_prob=min_prob, max_batch=max_batch)[0]
+
+
+@torch.no_grad()
+def definition_trees(lm, vectors: Tensor, *, depth: int = 3, breadth: int = 3,
+                     prompt: str = DEFAULT_PROMPT, stop: str = '"', min_prob: float = 0.0,
+                     max_batch: int = 256) -> list[dict]:
+    """`definition_tree` of each of vectors (n, d_model), grown together: one batched forward
+    per depth level and up to `max_batch` sequences, whichever tree they belong to."""
     if depth < 1 or breadth < 1:
         raise ConfigError(f"depth and breadth must be >= 1, got {depth} and {breadth}")
     ids, ghost = ghost_prompt(lm, prompt)
@@ -123,32 +133,33 @@ def definition_tree(lm, vector: Tensor, *, depth: int = 3, breadth: int = 3,
         raise ConfigError(f"prompt ({len(ids)} tokens) + depth {depth} exceeds the model's "
                           f"context length {lm.context_length}")
     base = lm.embed(ids)[0]
-    base[ghost] = vector.to(base.device, base.dtype)
-    root = {"text": prompt, "prob": 1.0, "children": []}
-    frontier = [(root, [])]  # (node, token ids after the prompt)
+    bases = base[None].repeat(len(vectors), 1, 1)
+    bases[:, ghost] = vectors.to(base.device, base.dtype)
+    roots = [{"text": prompt, "prob": 1.0, "children": []} for _ in range(len(vectors))]
+    frontier = [(root, [], n) for n, root in enumerate(roots)]  # (node, token ids after the prompt, tree)
     for level in range(depth):
         children = []
         for start in range(0, len(frontier), max_batch):
-            children += _expand(lm, base, frontier[start:start + max_batch], breadth)
-        frontier = [(n, path) for n, path in children
-                    if level + 1 < depth and stop not in n["text"] and n["prob"] >= min_prob]
+            children += _expand(lm, bases, frontier[start:start + max_batch], breadth)
+        frontier = [(node, path, n) for node, path, n in children
+                    if level + 1 < depth and stop not in node["text"] and node["prob"] >= min_prob]
         if not frontier:
             break
-    return root
+    return roots
 
 
-def _expand(lm, base: Tensor, nodes, breadth: int) -> list:
+def _expand(lm, bases: Tensor, nodes, breadth: int) -> list:
     """One batched forward for nodes whose paths all have the same length; attach children."""
-    paths = torch.tensor([path for _, path in nodes], dtype=torch.long).view(len(nodes), -1)
-    embeds = base[None].expand(len(nodes), -1, -1)
+    paths = torch.tensor([path for _, path, _ in nodes], dtype=torch.long).view(len(nodes), -1)
+    embeds = bases[torch.tensor([n for _, _, n in nodes], device=bases.device)]
     if paths.shape[1]:
-        embeds = torch.cat([embeds, lm.embed(paths.to(base.device))], dim=1)
+        embeds = torch.cat([embeds, lm.embed(paths.to(bases.device))], dim=1)
     probs = lm.forward(inputs_embeds=embeds)[:, -1].float().softmax(-1)
     top = probs.topk(min(breadth, probs.shape[1]), dim=-1)
     out = []
-    for (node, path), p_row, id_row in zip(nodes, top.values.tolist(), top.indices.tolist()):
+    for (node, path, n), p_row, id_row in zip(nodes, top.values.tolist(), top.indices.tolist()):
         for p, t in zip(p_row, id_row):
             child = {"text": lm.tokenizer.decode([t]), "prob": node["prob"] * p, "children": []}
             node["children"].append(child)
-            out.append((child, path + [t]))
+            out.append((child, path + [t], n))
     return out

@@ -36,6 +36,7 @@ from saelab.interpret.scan import SINGLE_TOKEN_SHARE, FeatureScan, ScanConfig, s
 from saelab.interpret.schema import (AblationRow, CoActive, Embedding, Example, FeatureDetail, FeatureSummary,
                                      Histogram, Logits, Overlap, QuantileBin, Report, SAEInfo, SkippedRows,
                                      TokenCount, TokenScore, TokenTally, TokenValue, Tree, TreeNode)
+from saelab.interpret.tree_background import MIN_SHARE, BackgroundConfig, filter_tree, tree_background
 from saelab.interpret.sources import ContextBatch, ContextSource, cache_source, example_acts
 from saelab.interpret.vocab import token_strings, used_token_ids, vocab_mask
 from saelab.lm.hooked import HookedLM
@@ -84,6 +85,11 @@ class ReportOptions:
     tree_scale: float = 1.0
     tree_depth: int = 3
     tree_breadth: int = 3
+    # leave out generic continuations (interpret/tree_background.py): those in at least
+    # tree_generic_share of the trees grown from tree_background_samples random points
+    tree_filter: bool = True
+    tree_generic_share: float = MIN_SHARE
+    tree_background_samples: int = BackgroundConfig.n_samples
     # ids that may appear in token lists: (d_vocab,) bool of ids the corpus uses, "contexts"
     # (those in the scanned contexts: drops never-trained ids, and rare ones), or None (all)
     used_ids: Tensor | str | None = "contexts"
@@ -271,6 +277,7 @@ def _details(inputs: ReportInputs, scan: FeatureScan, lens: LensResult, summarie
     examples = _examples(inputs, scan, feats)
     ablation = _ablations(inputs, examples, feats)
     embedding = _embeddings(inputs, feats)
+    background = _background(inputs) if opts.tree else None
     out = {}
     for j in feats:
         edges, counts = scan.act_hist(j)
@@ -281,7 +288,7 @@ def _details(inputs: ReportInputs, scan: FeatureScan, lens: LensResult, summarie
             examples=top, quantiles=quantiles,
             logits=Logits(top=_token_values(lens.top_ids[j, :n], lens.top_values[j, :n], vocab),
                           bottom=_token_values(lens.bottom_ids[j, :n], lens.bottom_values[j, :n], vocab)),
-            ablation=ablation[j], embedding=embedding.get(j), tree=_tree(inputs, j) if opts.tree else None,
+            ablation=ablation[j], embedding=embedding.get(j), tree=_tree(inputs, j, background) if opts.tree else None,
             logit_hist=Histogram(_floats(lens.hist_edges(j)), lens.hist_counts[j].tolist()),
             coactive=[CoActive(b, c, _r(phi)) for b, c, phi in scan.coactive_partners(j, opts.n_coactive)]
             if opts.n_coactive > 0 else None)
@@ -377,22 +384,36 @@ def _overlap(a: list, b: list, k: int) -> Overlap:
     return Overlap(k=k, shared=both["shared"], jaccard=_r(both["jaccard"]))
 
 
-def _tree(inputs: ReportInputs, j: int) -> Tree | None:
-    """Definition trees of feature j from the vector(s) `tree_vector` names; a vector that is
-    not d_model wide is skipped (the ghost token needs one), None when none is."""
+def _background(inputs: ReportInputs):
+    """The model's tree background for the report's tree settings (None: trees unfiltered)."""
+    opts = inputs.opts
+    if not opts.tree_filter:
+        return None
+    return tree_background(inputs.lm, BackgroundConfig(n_samples=opts.tree_background_samples, scale=opts.tree_scale,
+                                                       depth=opts.tree_depth, breadth=opts.tree_breadth))
+
+
+def _tree(inputs: ReportInputs, j: int, background=None) -> Tree | None:
+    """Definition trees of feature j from the vector(s) `tree_vector` names, without the generic
+    continuations of `background` if given; a vector that is not d_model wide is skipped (the
+    ghost token needs one), None when none is."""
     lm, sae, opts = inputs.lm, inputs.sae, inputs.opts
     which = ("encoder", "decoder") if opts.tree_vector == "both" else (opts.tree_vector,)
     width = {"encoder": sae.cfg.d_in, "decoder": sae.cfg.d_out}
     roots = {}
     for w in (w for w in which if width[w] == lm.d_model):
         vec = feature_vectors(lm, sae, [j], w, opts.tree_scale)[0]
-        roots[w] = _round_tree(definition_tree(lm, vec, depth=opts.tree_depth, breadth=opts.tree_breadth))
+        root = definition_tree(lm, vec, depth=opts.tree_depth, breadth=opts.tree_breadth)
+        roots[w] = _round_tree(root if background is None else filter_tree(root, background, opts.tree_generic_share))
     if not roots:
         return None
     first = [[c.text for c in root.children] for root in roots.values()]
     return Tree(prompt=DEFAULT_PROMPT, vector=opts.tree_vector, scale=opts.tree_scale, roots=roots,
-                overlap=_overlap(*first, opts.tree_breadth) if len(roots) == 2 else None)
+                overlap=_overlap(*first, opts.tree_breadth) if len(roots) == 2 else None,
+                generic_share=None if background is None else opts.tree_generic_share,
+                background_trees=None if background is None else background.n_trees)
 
 
 def _round_tree(node: dict) -> TreeNode:
-    return TreeNode(text=node["text"], prob=_r(node["prob"]), children=[_round_tree(c) for c in node["children"]])
+    return TreeNode(text=node["text"], prob=_r(node["prob"]), children=[_round_tree(c) for c in node["children"]],
+                    background=node.get("background"), generic=node.get("generic"))

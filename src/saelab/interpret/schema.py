@@ -194,6 +194,10 @@ class TreeNode(Record):
     text: str
     prob: float | None
     children: list[TreeNode]
+    # filtered trees only (interpret/tree_background.py): the share of the background's trees
+    # holding this continuation, and whether that makes it generic (kept as a specific one's context)
+    background: float | None = field(default=None, metadata=OMIT_NONE)
+    generic: bool | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
@@ -206,6 +210,10 @@ class Tree(Record):
     scale: float
     roots: dict[str, TreeNode]  # by vector
     overlap: Overlap | None  # of the two roots' first-level texts; None unless both grew
+    # filtered trees: continuations in at least this share of `background_trees` trees grown from
+    # random points were generic, and left out (absent: the whole tree)
+    generic_share: float | None = field(default=None, metadata=OMIT_NONE)
+    background_trees: int | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
