@@ -144,7 +144,10 @@ class SAE(nn.Module):
         if values.shape != indices.shape or values.dim() != 2:
             raise DataError(f"a sparse code needs values and indices of one (N, k) shape, got "
                             f"{tuple(values.shape)} and {tuple(indices.shape)}")
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        # values in W_dec's dtype: under bf16 autocast they come out of a bf16 GEMM, and
+        # embedding_bag (which autocast leaves alone) wants one dtype; it then sums in fp32
+        weights = values.to(self.W_dec.dtype)
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=weights, mode="sum") + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> x_hat (..., d_out): decode(encode(x))."""

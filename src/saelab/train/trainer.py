@@ -33,6 +33,8 @@ class SAETrainer:
         # tokens since each feature last fired: dead features (aux-k, resampling) are read off it
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
         self.unit_norm = act.unit_norm_decoder(sae.cfg)
+        self._loss = torch.compile(sae.loss) if spec.compile else sae.loss
+        self._autocast = _AUTOCAST_DTYPES.get(spec.autocast)
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.spec.dead_tokens
@@ -45,7 +47,8 @@ class SAETrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.dead_mask() if sae.activation.uses_aux_k else None
-        out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
+        with torch.autocast(x.device.type, self._autocast, enabled=self._autocast is not None):
+            out = self._loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.unit_norm:
@@ -124,6 +127,9 @@ class SAETrainer:
                 _, i, key = name.split(".", 2)
                 param = params[int(i)]
                 self.opt.state[param][key] = value.to(param.device) if key != "step" else value.cpu()
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # TrainSpec.autocast -> the dtype products run in
 
 
 def _unit(v: Tensor) -> Tensor:
