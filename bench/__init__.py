@@ -39,6 +39,19 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc keeps some), so the resident
+    size a measurement starts from is what the process still holds."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a piece of work, in MiB above what the process held when it began: CPU
     resident memory (Linux: the high-water mark is reset through /proc/self/clear_refs), or the
@@ -54,6 +67,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        _release_freed_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:

@@ -64,8 +64,9 @@ def saelens_available() -> bool:
     return True
 
 
-def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor):
-    """SAELens's training step (its SAETrainer._train_step without the schedulers) on x."""
+def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor, bf16: bool = False):
+    """SAELens's training step (its SAETrainer._train_step without the schedulers) on x, under
+    bf16 autocast as its trainer's `autocast` option does where `bf16`."""
     from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
                                JumpReLUTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig,
                                TopKTrainingSAE, TopKTrainingSAEConfig)
@@ -83,11 +84,12 @@ def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor):
     since_fired = torch.zeros(d_sae, device=x.device)
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(x, coefficients, since_fired > 10**6, 10**6, False))
-        with torch.no_grad():
-            did_fire = out.feature_acts.bool().float().sum(-2).bool()
-            since_fired.add_(1)
-            since_fired[did_fire] = 0
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            out = sae.training_forward_pass(TrainStepInput(x, coefficients, since_fired > 10**6, 10**6, False))
+            with torch.no_grad():
+                did_fire = out.feature_acts.bool().float().sum(-2).bool()
+                since_fired.add_(1)
+                since_fired[did_fire] = 0
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
@@ -115,7 +117,7 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
         theirs = PeakMemory(device)
         if have_peer:
             with theirs:
-                fns["SAELens"] = saelens_step(arch, d_in, d_sae, x)
+                fns["SAELens"] = saelens_step(arch, d_in, d_sae, x, bf16)
                 fns["SAELens"]()
         t = best_times(fns, repeats, device)
         fns.clear()
@@ -139,8 +141,8 @@ def rows(quick: bool) -> list[dict]:
 
 
 def gpu_rows(quick: bool = False) -> list[dict]:
-    """The GPU path: bf16 autocast (fp32 master weights) and torch.compile, against the bf16
-    roofline, at d_in 768, d_sae 24576, batch 4096 (SAELens in fp32, as its trainer defaults)."""
+    """The GPU path: bf16 autocast (fp32 master weights) with and without torch.compile, against
+    the bf16 roofline, at d_in 768, d_sae 24576, batch 4096 (SAELens under bf16 autocast too)."""
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
     out = []
     for shape in shapes:
