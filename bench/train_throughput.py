@@ -98,7 +98,7 @@ def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor, bf16: bool =
 
 
 def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu",
-                  options: dict | None = None, peers: bool = True) -> list[dict]:
+                  options: dict | None = None, peers: bool = True, archs: tuple = ARCHS) -> list[dict]:
     """Rows for every architecture at one shape: saelab against the roofline and SAELens."""
     options = options or {}
     bf16 = options.get("autocast") == "bf16"
@@ -109,7 +109,7 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
         (", compiled" if options.get("compile") else "")
     where = f"{'bf16' if bf16 else 'fp32'} products" + (", torch.compile" if options.get("compile") else "")
     rows = []
-    for arch in ARCHS:
+    for arch in archs:
         fns = {"roofline": roof}
         with PeakMemory(device) as mine:
             fns["saelab"] = saelab_step(arch, d_in, d_sae, x, **options)
@@ -147,8 +147,7 @@ def gpu_rows(quick: bool = False) -> list[dict]:
     out = []
     for shape in shapes:
         out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16", "compile": True})
-        out += [r for r in measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16"}, peers=False)
-                if r["row"].startswith("train relu")]
+        out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16"}, peers=False, archs=("relu",))
     return out
 
 
