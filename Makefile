@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install real-lm quickstart test bench clean
+.PHONY: install real-lm quickstart test bench bench-saelens bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,8 +31,17 @@ quickstart: install
 test: install real-lm
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-bench: install
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+# One table, every row beside its reference; written to bench/results/<commit>.json.
+# SAELens's rows need the optional extra: `make bench-saelens` first (torch stays pinned).
+bench: install real-lm
+	$(PY) -m bench
+
+bench-saelens: $(STAMP)
+	$(PY) -m pip install -q torch==2.13.0 -e '.[bench]'
+
+# On a GPU machine: bf16 autocast + torch.compile at d_in 768, d_sae 24576 against the bf16 roofline
+bench-gpu: install
+	$(PY) -m bench --gpu
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,17 +1,19 @@
-"""Activation-cache throughput: the bare LM forward to the hooks, caching (forward + write),
-reading shuffled batches from disk, and live batches.
+"""Activation-cache throughput: caching (forward + write) against the bare LM forward to the
+hooks, the bytes written against the disk's sequential write rate, and shuffled batches read
+back from disk (x, and (x, y) pairs) against the disk's sequential read rate.
 
-Runs on the offline default LM when it is built (`saelab.lm.default`), else on a random-init
-GPT-NeoX of the same shape, on stdlib text (or random tokens). Each timing is the best of
-`--repeats` runs, interleaved, since the machine is shared. The caching overhead is
-(caching time - bare forward time) / bare forward time; the target is <= 15%.
+The disk's rates are measured here on a 256 MiB file in the same temporary folder: written and
+fsynced, then read after its pages are dropped from the page cache (posix_fadvise DONTNEED), as
+are the cache's files before each shuffled read, so reads come from the disk, not from memory
+(where the kernel cannot drop them, the note says so). Runs on the offline default LM when it is
+built (`saelab.lm.default`), else on a random-init GPT-NeoX of the same shape.
 
-    OMP_NUM_THREADS=1 python bench/cache_throughput.py [--contexts 512] [--dtype bfloat16]
+    python -m bench.cache_throughput [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from saelab.data.cache import cache_activations, live_batches
+from bench import PeakMemory, row
+from saelab.data.cache import cache_activations
 from saelab.errors import MissingFileError
 from saelab.lm.hooked import HookedLM
 
@@ -59,42 +62,61 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32, help="contexts per LM forward")
-    ap.add_argument("--hooks", nargs="+", default=["blocks.0.hook_resid_post",
-                                                   "blocks.1.ln2.hook_normalized",
-                                                   "blocks.1.hook_mlp_out"])
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--train-batch", type=int, default=4096, help="rows per shuffled batch")
-    ap.add_argument("--read-batches", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def drop_page_cache(root: Path) -> bool:
+    """Flush and drop the page-cache pages of every file under root; False where that failed."""
+    ok = hasattr(os, "posix_fadvise")
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if ok and path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                ok = False
+            finally:
+                os.close(fd)
+    return ok
 
-    tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-"))
+
+def disk_rates(tmp: Path, mib: int) -> tuple[float, float, bool]:
+    """Sequential write (fsynced) and cold read rates, MiB/s, of a `mib` MiB file under tmp."""
+    block = os.urandom(2**20)
+    path = tmp / "disk-probe"
+    start = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+    write = mib / (time.perf_counter() - start)
+    cold = drop_page_cache(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(8 * 2**20):
+            pass
+    read = mib / (time.perf_counter() - start)
+    path.unlink()
+    return write, read, cold
+
+
+def rows(quick: bool) -> list[dict]:
+    n_ctx, hooks, batch, repeats = (16, HOOKS[:2], 256, 1) if quick else (512, HOOKS, 4096, 3)
+    tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-cache-"))
     try:
         lm, what = load_lm(tmp)
-        ctx = contexts_for(lm, args.contexts, random_tokens=what != "default LM")
-        rows = run(lm, ctx, args, tmp)
+        ctx = contexts_for(lm, n_ctx, random_tokens=what != "default LM")
+        write, read, cold = disk_rates(tmp, 16 if quick else 256)
+        return measure(lm, ctx, hooks, batch, repeats, tmp, (write, read, cold), what)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n_tok = ctx.numel()
-    print(f"\nmodel: {what}; {ctx.shape[0]} contexts x {ctx.shape[1]} tokens = {n_tok} tokens; "
-          f"hooks: {', '.join(args.hooks)}; dtype {args.dtype}; {args.threads} thread(s)\n")
-    print(f"| {'stage':<48} | {'seconds':>8} | {'rate':>30} |")
-    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 32}|")
-    for name, seconds, rate in rows:
-        print(f"| {name:<48} | {seconds:8.3f} | {rate:>30} |")
-    bare, cached = rows[0][1], rows[1][1]
-    print(f"\ncaching overhead over the bare forward: {100 * (cached - bare) / bare:+.1f}% "
-          f"(target <= 15%)")
 
 
-def run(lm: HookedLM, ctx: torch.Tensor, args, tmp: Path) -> list[tuple[str, float, str]]:
-    hooks, B, n_tok = args.hooks, args.batch_size, ctx.numel()
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+
+
+def measure(lm: HookedLM, ctx, hooks, batch: int, repeats: int, tmp: Path, disk, what: str) -> list[dict]:
+    write, read, cold = disk
+    n_tok, B = ctx.numel(), 32
 
     def bare():
         for i in range(0, ctx.shape[0], B):
@@ -102,42 +124,52 @@ def run(lm: HookedLM, ctx: torch.Tensor, args, tmp: Path) -> list[tuple[str, flo
 
     def cache(k=[0]):  # noqa: B006 - a counter for fresh folders
         k[0] += 1
-        cache_activations(lm, ctx, hooks, tmp / f"cache{k[0]}", dtype=args.dtype,
-                          batch_size=B, progress=False)
+        shutil.rmtree(tmp / f"cache{k[0] - 1}", ignore_errors=True)
+        cache_activations(lm, ctx, hooks, tmp / f"cache{k[0]}", batch_size=B, progress=False)
 
     bare()  # warm-up
     t_bare, t_cache = float("inf"), float("inf")
-    for _ in range(args.repeats):
-        t_bare = min(t_bare, timed(bare))
-        t_cache = min(t_cache, timed(cache))
-    store = cache_activations(lm, ctx, hooks, tmp / "cache1", dtype=args.dtype, batch_size=B)
-    per_epoch = store.n_tokens // args.train_batch
-    n_read = min(args.read_batches, 3 * per_epoch)
+    with PeakMemory() as mem:
+        for _ in range(repeats):
+            t_bare = min(t_bare, timed(bare))
+            t_cache = min(t_cache, timed(cache))
+    store = cache_activations(lm, ctx, hooks, tmp / "kept", batch_size=B, progress=False)
+    row_bytes = {h: store.dim(h) * 4 for h in hooks}
+    n_read = max(1, min(100, 2 * store.n_tokens // batch))
 
-    def read(target=None):
-        batches = store.batches(hooks[0], args.train_batch, target=target, seed=0)
-        return lambda: sum(1 for _ in islice(batches, n_read))
+    def read_rate(target=None) -> tuple[float, float]:
+        best, peak = float("inf"), None
+        for _ in range(repeats):
+            drop_page_cache(tmp / "kept")
+            with PeakMemory() as m:
+                batches = store.batches(hooks[0], batch, target=target, seed=0)
+                best = min(best, timed(lambda: sum(1 for _ in islice(batches, n_read))))
+            peak = m.mib
+        size = batch * n_read * (row_bytes[hooks[0]] + (row_bytes[target] if target else 0))
+        return size / 2**20 / best, peak
 
-    t_read = min(timed(read()) for _ in range(args.repeats))
-    t_pair = min(timed(read(hooks[-1])) for _ in range(args.repeats))
-    live = live_batches(lm, ctx, hooks[0], args.train_batch, target=hooks[-1],
-                        forward_batch_size=B, seed=0)
-    n_live = max(1, per_epoch)
-    t_live = timed(lambda: sum(1 for _ in islice(live, n_live)))
-    def tok(t, n=n_tok):
-        return f"{n / t:,.0f} tok/s"
-
-    def bat(t, n):
-        return f"{n / t:,.1f} batch/s ({n * args.train_batch / t / 1e6:.2f}M rows/s)"
+    written = sum(row_bytes.values()) * store.n_tokens / 2**20
+    x_rate, x_peak = read_rate()
+    pair_rate, pair_peak = read_rate(hooks[-1])
+    where = "cold (page cache dropped)" if cold else "page cache could not be dropped: reads may come from memory"
+    shape = f"{what}, {ctx.shape[0]} contexts x {ctx.shape[1]} tokens"
     return [
-        ("bare LM forward to the hooks (early stop)", t_bare, tok(t_bare)),
-        (f"caching: forward + write {len(hooks)} hooks", t_cache, tok(t_cache)),
-        (f"shuffled disk batches of {args.train_batch} (x)", t_read, bat(t_read, n_read)),
-        (f"shuffled disk batches of {args.train_batch} (x, y)", t_pair, bat(t_pair, n_read)),
-        (f"live batches of {args.train_batch} (x, y): forward + shuffle", t_live,
-         tok(t_live, n_live * args.train_batch)),
+        row(f"caching: forward + write {len(hooks)} hooks ({shape})", n_tok / t_cache,
+            "tokens/s (ratio: of the bare forward's)", "bare LM forward to the hooks", n_tok / t_bare,
+            peak_mib=mem.mib, note=f"best of {repeats}, interleaved"),
+        row(f"caching: activations written ({len(hooks)} hooks, fp32)", written / t_cache,
+            "MiB/s (ratio: of the disk's sequential write)", "disk sequential write (fsynced)", write,
+            peak_mib=mem.mib, note="includes the LM forward"),
+        row(f"shuffled batches of {batch} read from the cache (x)", x_rate,
+            "MiB/s (ratio: of the disk's sequential read)", "disk sequential read", read,
+            peak_mib=x_peak, note=where),
+        row(f"shuffled batches of {batch} read from the cache (x, y)", pair_rate,
+            "MiB/s (ratio: of the disk's sequential read)", "disk sequential read", read,
+            peak_mib=pair_peak, note=where),
     ]
 
 
 if __name__ == "__main__":
-    main()
+    from bench.__main__ import print_table
+
+    print_table(rows(quick=False))

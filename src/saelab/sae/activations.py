@@ -6,8 +6,8 @@ so the SAE module, its trainer and the folder format never branch on the archite
 
 - construction from an SAEConfig (`from_config`) and the settings that apply (`settings`, `knob`);
 - the decoder's initial row norm and whether rows are kept at unit norm;
-- the training loss parts: the sparsity penalty (`penalty`, or a `penalty_column` riding in the
-  decoder GEMM), and extra terms (`aux_loss`: aux-k, gated's frozen-decoder reconstruction,
+- the training loss parts: the sparsity penalty (`penalty`, or a `penalty_column` read off f's
+  column sums), and extra terms (`aux_loss`: aux-k, gated's frozen-decoder reconstruction,
   matryoshka's nested prefixes);
 - capabilities: a native sparse code with k slots per token (`per_token_k`), aux-k over dead
   features (`uses_aux_k`), Anthropic resampling (`resamples`), a threshold (`has_threshold`);
@@ -122,7 +122,7 @@ class Activation(nn.Module):
 
     def penalty_column(self, W_dec: Tensor) -> Tensor | None:
         """(d_sae, 1) weights w when the penalty is linear in f (penalty = f @ w): the SAE then
-        computes it as one more output column of the decoder GEMM. None otherwise."""
+        takes its batch mean from f's column sums, (sum_n f_n) . w / N. None otherwise."""
         return None
 
     def penalty(self, z: Tensor, f: Tensor, W_dec: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class _DecoderNormPenalty(Activation):
 class ReLU(_DecoderNormPenalty):
     """f = relu(z); penalty = sum_i f_i * ||W_dec,i||  (Anthropic, April 2024).
 
-    The penalty is linear in f, so it is computed as one more output column of the decoder GEMM.
+    The penalty is linear in f, so it is computed from f's column sums (no extra pass over f).
     With decoder_norm "unit", rows stay at norm 1 and the penalty is plain L1."""
 
     name = "relu"

@@ -149,7 +149,10 @@ class SAE(nn.Module):
         if values.shape != indices.shape or values.dim() != 2:
             raise DataError(f"a sparse code needs values and indices of one (N, k) shape, got "
                             f"{tuple(values.shape)} and {tuple(indices.shape)}")
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        # values in W_dec's dtype: under bf16 autocast they come out of a bf16 GEMM, and
+        # embedding_bag (which autocast leaves alone) wants one dtype; it then sums in fp32
+        weights = values.to(self.W_dec.dtype)
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=weights, mode="sum") + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> x_hat (..., d_out): decode(encode(x))."""
@@ -200,21 +203,23 @@ class SAE(nn.Module):
 
     def _dense_step(self, z: Tensor, coefficient: float, measure_l0: bool) -> tuple:
         """Decode the dense f, with the penalty: x_hat, f, sparsity, fired, l0. A penalty linear in f
-        (the architecture's penalty_column, e.g. relu's decoder norms) rides in the decoder GEMM
-        as one more output column."""
+        (the architecture's penalty_column w, e.g. relu's decoder norms) is taken from f's column
+        sums s, which `fired` needs anyway: mean_n f_n . w = (s . w) / N. Its gradient w / N is then
+        one broadcast add to f's, and the decoder GEMM keeps its d_out columns (an extra output
+        column for the penalty makes every product with W_dec an odd, slower shape)."""
         act, sparsity = self.activation, z.new_zeros(())
         f = act.features(z, self.b_enc)
+        x_hat = torch.addmm(self.b_dec, f, self.W_dec)  # the bias add fused into the GEMM
         column = act.penalty_column(self.W_dec) if coefficient else None
         if column is not None:
-            out = f @ torch.cat([self.W_dec, column], dim=1)
-            x_hat, sparsity = out[:, :-1] + self.b_dec, coefficient * out[:, -1].mean()
-        else:
-            x_hat = f @ self.W_dec + self.b_dec
-            if coefficient:
-                sparsity = coefficient * act.penalty(z, f, self.W_dec).mean()
+            sums = f.sum(0)
+            sparsity = coefficient * (sums @ column[:, 0]) / z.shape[0]
+            sums = sums.detach()
+        elif coefficient:
+            sparsity = coefficient * act.penalty(z, f, self.W_dec).mean()
         with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
-            fired = f.sum(0) > 0
-            l0 = (f > 0).sum() / z.shape[0] if measure_l0 else None
+            fired = (sums if column is not None else f.sum(0)) > 0
+            l0 = torch.count_nonzero(f) / z.shape[0] if measure_l0 else None
         return x_hat, f, sparsity, fired, l0
 
     # ---- decoder-norm constraint (the architecture's unit_norm_decoder) ----------------

@@ -191,11 +191,25 @@ class _SampledPreActs(torch.autograd.Function):
 
 def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
     """(N, d_out): sum over each row's entries of value * W_dec[column]; differentiable in both."""
-    return _SparseDecode.apply(values, W_dec, pattern)
+    with _fp32(values):
+        return _SparseDecode.apply(_full(values), _full(W_dec), pattern)
 
 
 def sampled_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, pattern: SparsePattern,
                      z: Tensor | None = None) -> Tensor:
     """(nnz,): ((x - b_dec) @ W_enc + b_enc) on the pattern (b_dec None: x @ W_enc + b_enc); its
     backward touches only those entries. `z`: the dense pre-activations, detached, if known."""
-    return _SampledPreActs.apply(x, W_enc, b_enc, b_dec, pattern, None if z is None else z.detach())
+    with _fp32(x):
+        return _SampledPreActs.apply(_full(x), _full(W_enc), _full(b_enc), _full(b_dec), pattern,
+                                     None if z is None else _full(z.detach()))
+
+
+def _fp32(t: Tensor):
+    """Autocast off: the sparse kernels are gathers and scatters, not GEMMs, so bf16 saves them
+    nothing, and embedding_bag and the sparse products want one dtype (see `_full`)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _full(t: Tensor | None) -> Tensor | None:
+    """t cast up to fp32 if it is half precision (e.g. z from an autocast GEMM), else as is."""
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t

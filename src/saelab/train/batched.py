@@ -50,7 +50,8 @@ def stacking(enabled: bool):
 def stack_key(trainer: SAETrainer) -> tuple | None:
     """What SAEs must share to train in one stack; None if this one cannot stack."""
     sae, spec = trainer.sae, trainer.spec
-    if not (trainer.stackable and sae.activation.stackable) or spec.resample_every or list(sae.activation.parameters()):
+    if (not (trainer.stackable and sae.activation.stackable) or spec.resample_every or spec.autocast or spec.compile
+            or list(sae.activation.parameters())):  # autocast and compile live in `update`, which a stack skips
         return None
     fields = {k: v for k, v in spec.to_dict().items() if k not in PER_SAE}
     return (repr(sorted(fields.items())), sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.d_out,

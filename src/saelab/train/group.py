@@ -92,6 +92,15 @@ def _batches_from(source: Iterable, step: int) -> Iterator:
     return it
 
 
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """t as float32 on `device`. A CPU batch bound for a GPU goes through pinned memory without
+    blocking: the host then prepares the next batch while the GPU trains on this one."""
+    t = t.float()
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class GroupTrainer:
     """Trains `specs` (any mix of architectures, widths, coefficients, k) on one stream.
 
@@ -275,12 +284,12 @@ class GroupTrainer:
 
     def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         same = y is x
-        x = x.to(self.config.device, torch.float32)
-        y = x if same else y.to(self.config.device, torch.float32)
         if x.dim() != 2 or x.shape[-1] != self.d_in or y.shape != (x.shape[0], self.d_out):
             raise DataError(f"batch shapes {tuple(x.shape)} -> {tuple(y.shape)}; expected (N, {self.d_in}) -> (N, {self.d_out})")
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):  # where the batch is: no GPU sync
             raise DataError(f"batch at step {self.step} contains NaN or Inf activations")
+        x = _to_device(x, self.config.device)
+        y = x if same else _to_device(y, self.config.device)
         if same:
             x = y = x * self.scale_in
         else:

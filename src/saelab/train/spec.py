@@ -20,6 +20,7 @@ from saelab.sae.config import ArchOptions, SAEConfig, field_help
 INITS = ("tied", "data")
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
 AUX_COEFFICIENT = 1 / 32
+AUTOCASTS = ("bf16",)
 
 
 
@@ -51,10 +52,15 @@ class TrainSpec(ArchOptions):
         "topk, batchtopk, matryoshka: dead features per token in the aux-k loss (default d_in // 2)"))
     aux_coefficient: float = field(default=AUX_COEFFICIENT, metadata=field_help(
         "topk, batchtopk, matryoshka: weight of the aux-k loss over dead features"))
+    autocast: str | None = field(default=None, metadata=field_help(
+        "compute the SAE's forward and backward in this dtype under torch.autocast; weights, gradients and Adam "
+        "stay fp32 (for GPUs: bf16 products run at several times fp32's rate)", AUTOCASTS))
+    compile: bool = field(default=False, metadata=field_help(
+        "torch.compile the training loss (fuses its elementwise passes; worth it on a GPU, slow to start)"))
     name: str | None = field(default=None, metadata=field_help("label of the SAE's folder (default: <arch>_<width>_<knob>)"))
 
     def __post_init__(self) -> None:
-        for field_name, allowed in (("init", INITS), ("b_dec_init", B_DEC_INITS)):
+        for field_name, allowed in (("init", INITS), ("b_dec_init", B_DEC_INITS), ("autocast", (None, *AUTOCASTS))):
             if getattr(self, field_name) not in allowed:
                 raise ConfigError(f"{field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
         if self.lr <= 0 or self.coefficient < 0:

@@ -40,6 +40,8 @@ class SAETrainer:
         # the first step whose loss was NaN or Inf (-1: none), counted from 1 as log.jsonl and
         # checkpoints count steps done; kept on the device, so no sync a step
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=sae.W_enc.device)
+        self._loss = torch.compile(sae.loss) if spec.compile else sae.loss
+        self._autocast = _AUTOCAST_DTYPES.get(spec.autocast)
 
     def nonfinite_step(self) -> int | None:
         """The first step (counted from 1) whose loss was NaN or Inf, or None (reading it waits
@@ -58,7 +60,8 @@ class SAETrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.dead_mask() if sae.activation.uses_aux_k else None
-        out = sae.loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
+        with torch.autocast(x.device.type, self._autocast, enabled=self._autocast is not None):
+            out = self._loss(x, y, coefficient, dead, spec.aux_k, spec.aux_coefficient, measure_l0=log)
         new = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite < 0)
         self.first_nonfinite = torch.where(new, step + 1, self.first_nonfinite)
         self.opt.zero_grad(set_to_none=True)
@@ -166,6 +169,9 @@ class SAETrainer:
                 _, i, key = name.split(".", 2)
                 param = params[int(i)]
                 self.opt.state[param][key] = value.to(param.device) if key != "step" else value.cpu()
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # TrainSpec.autocast -> the dtype products run in
 
 
 def _unit(v: Tensor) -> Tensor:
