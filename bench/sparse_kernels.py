@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 
+from bench import PeakMemory, best_times  # noqa: E402
+from bench.train_throughput import roofline  # noqa: E402
 from saelab.sae import SAE  # noqa: E402
 from saelab.sae.sparse_kernels import kernel_mode  # noqa: E402
 from saelab.train.spec import TrainSpec  # noqa: E402
@@ -26,21 +27,6 @@ from saelab.train.trainer import SAETrainer  # noqa: E402
 
 FULL = dict(d_in=512, d_sae=16384, batch=4096, k=32, repeats=3)
 QUICK = dict(d_in=256, d_sae=4096, batch=1024, k=32, repeats=3)
-
-
-def _roofline(d_in: int, d_sae: int, batch: int):
-    x, g = torch.randn(batch, d_in), torch.randn(batch, d_in)
-    w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
-    f, gz = torch.randn(batch, d_sae), torch.randn(batch, d_sae)
-
-    def products():
-        x @ w_enc
-        f @ w_dec
-        g @ w_dec.T
-        f.T @ g
-        x.T @ gz
-
-    return products
 
 
 def _saelab_step(mode: str, d_in: int, d_sae: int, batch: int, k: int):
@@ -76,36 +62,19 @@ def _saelens_step(d_in: int, d_sae: int, batch: int, k: int):
     return step
 
 
-def best_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds of each callable, the repeats interleaved (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def _peak_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def rows(quick: bool = False) -> list[dict]:
     s = QUICK if quick else FULL
     shape = dict(d_in=s["d_in"], d_sae=s["d_sae"], batch=s["batch"])
-    fns = {"roofline": _roofline(**shape), "sparse": _saelab_step("sparse", **shape, k=s["k"]),
-           "dense": _saelab_step("dense", **shape, k=s["k"])}
+    fns = {"roofline": roofline(**shape, device="cpu", dtype=torch.float32),
+           "sparse": _saelab_step("sparse", **shape, k=s["k"]), "dense": _saelab_step("dense", **shape, k=s["k"])}
     lens = _saelens_step(**shape, k=s["k"])
     if lens is not None:
         fns["saelens"] = lens
     t = best_times(fns, s["repeats"])
     what = f"topk k {s['k']}, d_in {s['d_in']}, d_sae {s['d_sae']}, batch {s['batch']}, {torch.get_num_threads()} threads"
-    peak = round(_peak_mib(), 1)
+    with PeakMemory() as mem:  # one sparse step, measured apart from the timings
+        fns["sparse"]()
+    peak = None if mem.mib is None else round(mem.mib, 1)
 
     def row(name, value, ref, ref_value, note):
         return {"row": name, "value": round(value, 4), "unit": "s/step", "reference": ref,

@@ -27,6 +27,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 
+from bench import PeakMemory, best_times, row  # noqa: E402
+from bench.train_throughput import roofline  # noqa: E402
 from saelab.train import GroupTrainer, TrainConfig  # noqa: E402
 from saelab.train.batched import stacking  # noqa: E402
 from saelab.train.spec import TrainSpec  # noqa: E402
@@ -100,29 +102,38 @@ def _timings(store, arch: str, s: dict, tmp: Path) -> dict[str, float]:
     return best
 
 
-def rows(quick: bool = False) -> list[dict]:
-    import resource
+def _roofline_s(d_in: int, d_sae: int, s: dict) -> float:
+    """Seconds for the dense products alone of 8 SAEs' steps: 8 x steps x the five products."""
+    products = roofline(d_in, d_sae, s["batch"], "cpu", torch.float32)
+    return 8 * s["steps"] * best_times({"roofline": products}, s["repeats"])["roofline"]
 
+
+def rows(quick: bool = False) -> list[dict]:
     s = QUICK if quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-sweep-"))
     try:
         store, what = _cache(tmp, s["contexts"])
+        d_in = store.dim(HOOK)
+        d_sae = int(s["expansion"] * d_in)
+        roof = _roofline_s(d_in, d_sae, s)
         out = []
         for arch in ("relu", "topk"):
             t = _timings(store, arch, s, tmp)
-            d_sae = int(s["expansion"] * store.dim(HOOK))
-            note = (f"8 {arch} SAEs d_in {store.dim(HOOK)} d_sae {d_sae}, {s['steps']} steps of {s['batch']} rows read "
-                    f"from an activation cache of {what} on random tokens; {torch.get_num_threads()} threads; ratio = reference / stacked")
-            peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            for ref, label in (("separate", "8 separate runs"), ("looped", "one group run, SAEs looped")):
-                out.append({"row": f"sweep_batched.{arch}_vs_{ref}", "value": round(t["stacked"], 3), "unit": "s",
-                            "reference": label, "reference_value": round(t[ref], 3),
-                            "ratio": round(t[ref] / t["stacked"], 2), "peak_mib": peak,
-                            "note": note + ("; target >= 3" if ref == "separate" else "")})
+            with PeakMemory() as mem:  # one more stacked run, apart from the timings
+                _run(store, _specs(arch, s["expansion"]), tmp / f"{arch}-peak", s, True)
+            note = (f"8 {arch} SAEs d_in {d_in} d_sae {d_sae}, {s['steps']} steps of {s['batch']} rows read "
+                    f"from an activation cache of {what} on random tokens; {torch.get_num_threads()} threads; "
+                    "seconds: less is better")
+            refs = (("separate", "8 separate runs", "; target >= 3"), ("looped", "one group run, SAEs looped", ""),
+                    ("roofline", "the dense products alone (8 SAEs x steps x 5)", "; at most ~1 where dense"))
+            t["roofline"] = roof
+            for ref, label, target in refs:
+                out.append(row(f"sweep_batched.{arch}_vs_{ref}", round(t["stacked"], 3), "s (ratio: reference / stacked)",
+                               label, round(t[ref], 3), ratio=t[ref] / t["stacked"], peak_mib=mem.mib,
+                               note=note + target))
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
