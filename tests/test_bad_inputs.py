@@ -33,12 +33,13 @@ def places(tmp_path_factory):
     file, a folder, a missing SAE, and --config files with zero counts."""
     root = tmp_path_factory.mktemp("bad")
     SAE(32, 16, hook_name="blocks.0.hook_resid_post").save(root / "sae")
+    SAE(32, 16, hook_name="blocks.1.hook_resid_post").save(root / "sae1")
     (root / "file").write_text("not a folder")
     (root / "folder").mkdir()
     for key in ("eval_contexts", "train_contexts", "steps"):
         (root / f"zero_{key}.json").write_text(json.dumps({key: 0}))
     (root / "length1.json").write_text(json.dumps({"context_length": 1}))
-    names = {"sae": "sae", "file": "file", "folder": "folder", "nosae": "no-such-sae", "length1": "length1.json",
+    names = {"sae": "sae", "sae1": "sae1", "file": "file", "folder": "folder", "nosae": "no-such-sae", "length1": "length1.json",
              **{f"zero_{k}": f"zero_{k}.json" for k in ("eval_contexts", "train_contexts", "steps")}}
     return {key: root / name for key, name in names.items()}
 
@@ -133,6 +134,7 @@ BAD = [
     (["graph", "x", "--transcoders", "{sae}", "--max-nodes", "0"], "must be a positive integer"),
     (["graph", "x", "--transcoders", "{sae}", "--device", NO_CUDA], f"device '{NO_CUDA}'"),
     (["connections", "{nosae}", "{sae}"], "does not exist"),
+    (["connections", "{sae1}", "{sae}"], "give the earlier layer's dictionary first"),
     (["connections", "{sae}", "{sae}", "--out", "{file}"], "is a file; give a folder"),
     (["connections", "{sae}", "{sae}", "--top-late", "0"], "must be a positive integer"),
     (["maximize", "{sae}", "--feature", "16"], "feature 16 is out of range: this SAE has features 0..15"),

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from saelab.commands import options
-from saelab.experiments.connections import ConnectionsConfig, run_connections
+from saelab.experiments.connections import ConnectionsConfig, check_layer_order, run_connections
 from saelab.experiments.connections_view import format_text, write_outputs
 from saelab.lm.resolve import heldout_contexts, load_lm
 from saelab.sae import SAE
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                             feature_chunk=args.feature_chunk, exclude_bos=not args.include_bos,
                             outlier_multiple=args.outlier_multiple)
     early, late = SAE.load(args.early).eval(), SAE.load(args.late).eval()
+    check_layer_order(early, late)
     lm = load_lm(args.model, late, device=args.device, dtype=args.dtype)
     contexts = heldout_contexts(lm, args.source, args.eval_contexts, min(args.context_length, lm.context_length))
     result = run_connections(lm, early.to(lm.device), late.to(lm.device), contexts, cfg,
