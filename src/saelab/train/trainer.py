@@ -15,6 +15,7 @@ from torch import Tensor
 from saelab.errors import ConfigError
 from saelab.evals import metrics
 from saelab.sae.model import SAE
+from saelab.train.host_memory import keep_freed_memory
 from saelab.train.spec import TrainSpec
 
 
@@ -28,6 +29,8 @@ class SAETrainer:
 
     def __init__(self, spec: TrainSpec, sae: SAE, total_steps: int, generator: torch.Generator):
         self.spec, self.sae, self.total_steps, self.generator = spec, sae, total_steps, generator
+        if sae.W_enc.device.type == "cpu":
+            keep_freed_memory()  # a step's large temporaries are reused, not page-faulted anew
         act = sae.activation
         if spec.resample_every and not act.resamples:
             raise ConfigError(f"resample_every={spec.resample_every}, but {sae.cfg.arch} SAEs do not resample dead "
