@@ -19,14 +19,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
 from bench import PeakMemory, best_times  # noqa: E402
-from bench.train_throughput import roofline  # noqa: E402
+from bench.train_throughput import K, peer_in_child, roofline, saelens_available  # noqa: E402
 from saelab.sae import SAE  # noqa: E402
 from saelab.sae.sparse_kernels import kernel_mode  # noqa: E402
 from saelab.train.spec import TrainSpec  # noqa: E402
 from saelab.train.trainer import SAETrainer  # noqa: E402
 
-FULL = dict(d_in=512, d_sae=16384, batch=4096, k=32, repeats=3)
-QUICK = dict(d_in=256, d_sae=4096, batch=1024, k=32, repeats=3)
+FULL = dict(d_in=512, d_sae=16384, batch=4096, k=K, repeats=3)  # K: the peer step's k too
+QUICK = dict(d_in=256, d_sae=4096, batch=1024, k=K, repeats=3)
 
 
 def _saelab_step(mode: str, d_in: int, d_sae: int, batch: int, k: int):
@@ -43,34 +43,14 @@ def _saelab_step(mode: str, d_in: int, d_sae: int, batch: int, k: int):
     return step
 
 
-def _saelens_step(d_in: int, d_sae: int, batch: int, k: int):
-    try:
-        from sae_lens.saes.sae import TrainStepInput
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    except ImportError:
-        return None
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x, dead = torch.randn(batch, d_in), torch.zeros(d_sae, dtype=torch.bool)
-
-    def step():
-        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 10_000, False))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-
-    return step
-
-
 def rows(quick: bool = False) -> list[dict]:
     s = QUICK if quick else FULL
     shape = dict(d_in=s["d_in"], d_sae=s["d_sae"], batch=s["batch"])
     fns = {"roofline": roofline(**shape, device="cpu", dtype=torch.float32),
            "sparse": _saelab_step("sparse", **shape, k=s["k"]), "dense": _saelab_step("dense", **shape, k=s["k"])}
-    lens = _saelens_step(**shape, k=s["k"])
-    if lens is not None:
-        fns["saelens"] = lens
     t = best_times(fns, s["repeats"])
+    if saelens_available():  # in its own process, as in train_throughput
+        t["saelens"] = peer_in_child("topk", **shape, repeats=s["repeats"], device="cpu", bf16=False)[0]
     what = f"topk k {s['k']}, d_in {s['d_in']}, d_sae {s['d_sae']}, batch {s['batch']}, {torch.get_num_threads()} threads"
     with PeakMemory() as mem:  # one sparse step, measured apart from the timings
         fns["sparse"]()

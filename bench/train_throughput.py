@@ -13,6 +13,11 @@ trainer does per batch: forward, the firing counts, backward, gradient clipping,
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -103,9 +108,30 @@ def saelens_step(arch: str, d_in: int, d_sae: int, x: torch.Tensor, bf16: bool =
     return step
 
 
+def peer_in_child(arch: str, d_in: int, d_sae: int, batch: int, repeats: int, device: str,
+                  bf16: bool) -> tuple[float, float | None]:
+    """SAELens's best step time and peak MiB, measured in a fresh process: saelab's CPU trainers
+    change the process's heap settings (saelab.train.host_memory), which SAELens's own runs do not
+    have, so timing it beside them would flatter it."""
+    code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()})\n"
+            "from bench import PeakMemory, best_times\n"
+            "from bench.train_throughput import saelens_step\n"
+            f"x = torch.randn({batch}, {d_in}, generator=torch.Generator().manual_seed(0)).to({device!r})\n"
+            f"with PeakMemory({device!r}) as mem:\n"
+            f"    step = saelens_step({arch!r}, {d_in}, {d_sae}, x, {bf16})\n"
+            "    step()\n"
+            f"print(json.dumps([best_times({{'s': step}}, {repeats}, {device!r})['s'], mem.mib]))\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=root)
+    seconds, mib = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, mib
+
+
 def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu",
                   options: dict | None = None, peers: bool = True, archs: tuple = ARCHS) -> list[dict]:
-    """Rows for every architecture at one shape: saelab against the roofline and SAELens."""
+    """Rows for every architecture at one shape: saelab against the roofline (interleaved) and
+    SAELens (in its own process, `peer_in_child`)."""
     options = options or {}
     bf16 = options.get("autocast") == "bf16"
     roof = roofline(d_in, d_sae, batch, device, torch.bfloat16 if bf16 else torch.float32)
@@ -120,13 +146,10 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
         with PeakMemory(device) as mine:
             fns["saelab"] = saelab_step(arch, d_in, d_sae, x, **options)
             fns["saelab"]()
-        theirs = PeakMemory(device)
-        if have_peer:
-            with theirs:
-                fns["SAELens"] = saelens_step(arch, d_in, d_sae, x, bf16)
-                fns["SAELens"]()
         t = best_times(fns, repeats, device)
         fns.clear()
+        if have_peer:
+            t["SAELens"], theirs = peer_in_child(arch, d_in, d_sae, batch, repeats, device, bf16)
         tok = batch / t["saelab"]
         rows.append(row(f"train {arch}, {shape}", tok, "tokens/s (ratio: fraction of the roofline)",
                         f"roofline: 5 dense products ({where})", batch / t["roofline"],
@@ -134,7 +157,8 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
         if have_peer:
             rows.append(row(f"train {arch} vs SAELens, {shape}", tok, "tokens/s (ratio: speed-up over SAELens)",
                             "SAELens training step", batch / t["SAELens"], peak_mib=mine.mib,
-                            note=f"SAELens peak {theirs.mib:.0f} MiB" if theirs.mib is not None else ""))
+                            note="SAELens in its own process (glibc's default heap, as its users run it)"
+                                 + (f"; its peak {theirs:.0f} MiB" if theirs is not None else "")))
         elif peers:
             rows.append(row(f"train {arch} vs SAELens, {shape}", tok, "tokens/s",
                             "SAELens training step: absent (pip install sae-lens)", peak_mib=mine.mib))
