@@ -15,7 +15,7 @@ blocks.15.hook_resid_post when it is installed), on held-out stdlib contexts of 
                reaches (the issue's "five passes at 65% of the bare-forward time" is 0.65)
     downstream evaluate_downstream against the per-variant path it replaced (a full forward per
                variant, log-softmax over the whole (batch, seq, vocab) logits): ratio = old time
-               / new time; peak_mib: the new path's peak RSS increase (the old one's in the note)
+               / new time; peak_mib: the new path's peak memory (bench.PeakMemory) (the old one's in the note)
 
 `rows(quick)` returns one dict per row (row, value, unit, reference, reference_value, ratio,
 peak_mib, note) for `python -m bench`; each timing is the fastest of two runs (the machine may be shared).
@@ -29,40 +29,16 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from bench import PeakMemory, synchronize  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
 
 MODELS = (("default", None), ("smollm2-135m", "blocks.15.hook_resid_post"))
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry (MiB), sampled every 2 ms in a thread."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc, self.base, self.peak, self.done = psutil.Process(), 0, 0, False
-        self.base = self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.done:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
-        self.mib = (self.peak - self.base) / 2**20
-        return False
 
 
 def _best(fn, device: str, repeats: int = 2):
@@ -72,18 +48,17 @@ def _best(fn, device: str, repeats: int = 2):
 
 
 def _timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
+    with PeakMemory(device) as mem:
         start = time.perf_counter()
         out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         secs = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else rss.mib
-    return secs, peak, out
+    return secs, mem.mib, out
+
+
+def _mib(v: float | None) -> float | None:
+    """Peak MiB rounded, or None where it cannot be read (no /proc)."""
+    return None if v is None else round(v, 1)
 
 
 def _bare_forward(lm, toks, batch_size):
@@ -150,24 +125,24 @@ def _model_rows(name: str, hook: str | None, quick: bool, device: str) -> list[d
         cache_s, cache_peak, _ = _best(lambda: cache_activations(lm, toks, hook, tempfile.mkdtemp(dir=tmp),
                                                                  batch_size=bs, progress=False), device)
     rows = [dict(row=f"lm_side/{name}/cache", value=round(n_tok / cache_s, 1), unit="tok/s", **ref,
-                 ratio=round(bare_s / cache_s, 3), peak_mib=round(cache_peak, 1),
+                 ratio=round(bare_s / cache_s, 3), peak_mib=_mib(cache_peak),
                  note=f"cache_activations, early stop at the hook; {where}")]
     calls = _counting(lm)
     eval_s, eval_peak, _ = _best(lambda: evaluate_on_lm(lm, saes, toks, batch_size=bs, progress=False), device)
     del lm.run_with_cache
     per_pass = n_tok * len(calls) / 2 / eval_s
     rows.append(dict(row=f"lm_side/{name}/eval", value=round(per_pass, 1), unit="tok/s per pass", **ref,
-                     ratio=round(per_pass / bare, 3), peak_mib=round(eval_peak, 1),
+                     ratio=round(per_pass / bare, 3), peak_mib=_mib(eval_peak),
                      note=f"evaluate_on_lm, 1 SAE: {len(calls) / 2 / -(-n // bs):.1f} passes per batch; "
-                          f"bare forward peak {bare_peak:.0f} MiB; {where}"))
+                          f"bare forward peak {_mib(bare_peak)} MiB; {where}"))
     off = OutlierRule(None)  # both paths: clean, zero, mean and SAE passes only
     new_s, new_peak, _ = _best(lambda: evaluate_downstream(lm, saes, toks, batch_size=bs, outliers=off,
                                                             exclude_bos=True, progress=False), device)
     old_s, old_peak, _ = _best(lambda: _per_variant_downstream(lm, saes, toks, batch_size=bs), device)
     rows.append(dict(row=f"lm_side/{name}/downstream_vs_per_variant", value=round(n_tok / new_s, 1), unit="tok/s",
                      reference="per-variant full forwards (the path replaced)", reference_value=round(n_tok / old_s, 1),
-                     ratio=round(old_s / new_s, 3), peak_mib=round(new_peak, 1),
-                     note=f"evaluate_downstream, 1 SAE; per-variant path peak {old_peak:.0f} MiB; {where}"))
+                     ratio=round(old_s / new_s, 3), peak_mib=_mib(new_peak),
+                     note=f"evaluate_downstream, 1 SAE; per-variant path peak {_mib(old_peak)} MiB; {where}"))
     return rows
 
 
