@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import saelab.commands.connections as connections_command
 import saelab.commands.dashboard as dashboard_command
 import saelab.commands.options as options
 from saelab.cli import main
@@ -107,8 +108,28 @@ def test_dashboard_reads_each_saes_recorded_text(saes, monkeypatch, tmp_path):
                    ("stdlib", 24, True, OutlierRule(None))]
 
 
+def test_connections_reads_lates_recorded_text(saes, monkeypatch, tmp_path):
+    """EARLY and LATE at one hook are allowed (EARLY's output is LATE's input); the text settings
+    come from LATE, as typed options override them."""
+    asked, configs = [], []
+
+    def heldout(lm, source, n_contexts, context_length=None, **kw):
+        asked.append((source, n_contexts, context_length))
+        return torch.randint(3, 200, (n_contexts, context_length), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(connections_command, "heldout_contexts", heldout)
+    monkeypatch.setattr(connections_command, "run_connections", lambda lm, e, l, ctx, cfg, **kw: configs.append(cfg))
+    monkeypatch.setattr(connections_command, "write_outputs", lambda result, out: out / "index.html")
+    monkeypatch.setattr(connections_command, "format_text", lambda result: "")
+    for late, typed in (("recorded", []), ("old", []), ("recorded", ["--source", "stdlib", "--outlier-multiple", "0"])):
+        assert main(["connections", str(saes["old"]), str(saes[late]), "--eval-contexts", "2", *typed,
+                     "--out", str(tmp_path / "c")]) == 0
+    assert [a[0] for a in asked] == ["stdlib-docs", "stdlib", "stdlib"]
+    assert [a[2] for a in asked][::2] == [24, 24] and asked[1][2] != 24
+    assert [(c.outlier_multiple, c.exclude_bos) for c in configs] == [(20.0, True), (10.0, True), (None, True)]
+
+
 def test_help_says_the_default_is_the_saes(capsys):
-    for command in ("dashboard", "perturb", "prune"):
+    for command in ("dashboard", "perturb", "prune", "connections"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -11,7 +11,9 @@ set to 0 and F_j's change is compared with A_ji: sign agreement and rank correla
 Writes --out: connections.json (+ connections.schema.json) and index.html, a page listing each
 strong connection with both features' top examples, linked to their dashboard pages
 (<SAE>/dashboard/features/<i>.html unless --early-dashboard / --late-dashboard say where
-`saelab dashboard` wrote them). Prints the table and the agreement."""
+`saelab dashboard` wrote them). Prints the table and the agreement. The text settings (--source,
+--context-length, --include-bos, --outlier-multiple) are as typed, else as LATE's training text
+recorded them, else the defaults shown."""
 
 from __future__ import annotations
 
@@ -52,22 +54,25 @@ def register(subparsers) -> None:
     options.add_out(p, "<LATE folder>/connections")
     options.add_model_options(p)
     g = options.text_group(p)
-    options.add_source(g)
+    options.add_source(g, from_sae=True)
     options.add_eval_contexts(g, CONTEXTS)
-    options.add_context_length(g, CONTEXT_LENGTH)
+    options.add_context_length(g, CONTEXT_LENGTH, from_sae=True)
     options.add_lm_batch_size(g, d.batch_size)
-    options.add_include_bos(g)
-    options.add_outlier_multiple(g, d.outlier_multiple, "neither nodes nor targets (a row flagged at either hook)")
+    options.add_include_bos(g, from_sae=True)
+    options.add_outlier_multiple(g, d.outlier_multiple, "neither nodes nor targets (a row flagged at either hook)",
+                                 from_sae=True)
+    options.defaults_apart(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    early, late = SAE.load(args.early).eval(), SAE.load(args.late).eval()
+    check_layer_order(early, late)
+    args = options.for_sae(args, late)  # typed, else LATE's recorded text settings, else the defaults
     cfg = ConnectionsConfig(late_features=args.features, n_late=args.top_late, n_ablate=args.ablate,
                             per_late=args.per_late, n_examples=args.examples, batch_size=args.lm_batch_size,
                             feature_chunk=args.feature_chunk, exclude_bos=not args.include_bos,
                             outlier_multiple=args.outlier_multiple)
-    early, late = SAE.load(args.early).eval(), SAE.load(args.late).eval()
-    check_layer_order(early, late)
     lm = load_lm(args.model, late, device=args.device, dtype=args.dtype)
     contexts = heldout_contexts(lm, args.source, args.eval_contexts, min(args.context_length, lm.context_length))
     result = run_connections(lm, early.to(lm.device), late.to(lm.device), contexts, cfg,
