@@ -324,6 +324,14 @@ def test_parse_hook_names_the_valid_forms(name):
         parse_hook(name)
 
 
+@pytest.mark.parametrize("name, layer", [("blocks.12.mlp.hook_post", 12), ("blocks.0.hook_resid_post", 0),
+                                         ("hook_embed", None), ("resid_post", None), (None, None)])
+def test_layer_of_is_the_block_or_none(name, layer):
+    from saelab.lm.hook_names import layer_of
+
+    assert layer_of(name) == layer
+
+
 def test_resume_keeps_per_layer_attention_types():
     """Qwen2 with sliding-window layers reads config.layer_types by the loop's index: a pass
     resumed at block 2 still gives blocks 2 and 3 their sliding windows (the logits of a full pass)."""

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from saelab.data.outliers import DEFAULT_MULTIPLE, OutlierRule
 from saelab.errors import ConfigError
-from saelab.lm.hook_names import parse_hook
+from saelab.lm.hook_names import layer_of
 from saelab.lm.hooked import HookedLM
 from saelab.lm.resolve import check_one_model, check_sae_fits
 from saelab.progress import progress_bar
@@ -90,17 +90,10 @@ def check_layer_order(early, late) -> None:
     """Before any model is loaded: EARLY's output must not sit in a later block than LATE's input
     (read off the hook names; check_pair later checks the exact order in the model)."""
     early_out = early.cfg.hook_name_out or early.cfg.hook_name
-    layers = [_layer(early_out), _layer(late.cfg.hook_name)]
+    layers = [layer_of(early_out), layer_of(late.cfg.hook_name)]
     if None not in layers and layers[0] > layers[1]:
         raise ConfigError(f"EARLY writes {early_out} (block {layers[0]}) but LATE reads {late.cfg.hook_name} "
                           f"(block {layers[1]}): give the earlier layer's dictionary first")
-
-
-def _layer(hook_name: str | None) -> int | None:
-    try:
-        return parse_hook(hook_name).layer if hook_name else None
-    except ConfigError:
-        return None
 
 
 def check_pair(lm: HookedLM, early, late) -> Pair:

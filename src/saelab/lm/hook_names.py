@@ -45,6 +45,15 @@ def parse_hook(name: str) -> HookPoint:
                       f"{', '.join(BLOCK_POINTS)}, or one of {', '.join(MODEL_POINTS)}")
 
 
+def layer_of(name: str | None) -> int | None:
+    """The block a hook name belongs to; None for model-level hooks, no name, or a name that is
+    not a hook (for callers that only use the layer when it is known)."""
+    try:
+        return parse_hook(name).layer if name else None
+    except ConfigError:
+        return None
+
+
 LAYER_SET = "layers"  # shorthand: every layer's residual stream, attention and MLP outputs
 LAYER_SET_POINTS = ("hook_attn_out", "hook_mlp_out", "hook_resid_post")
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from saelab.atomic import save_tensors, write_json
 from saelab.errors import ConfigError, CorruptFileError, DataError, MissingFileError
-from saelab.lm.hook_names import parse_hook
+from saelab.lm.hook_names import layer_of
 from saelab.sae.architectures import architecture, saelens_architecture
 from saelab.sae.config import PROVENANCE, SAEConfig
 
@@ -111,7 +111,7 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     out.update(
         model_name=cfg.model_name,
         hook_name=cfg.hook_name,
-        hook_layer=_layer_of(cfg.hook_name),
+        hook_layer=layer_of(cfg.hook_name) or 0,  # SAELens 5: 0 for model-level or unknown hooks
         hook_head_index=None,
         dataset_path=dataset,
         context_size=context_size,
@@ -122,14 +122,6 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
 def _dataset_path(source: str | None) -> str | None:
     """SAELens's dataset_path for a saelab text source: the dataset of "hf:NAME", else the spec."""
     return source[3:] if source and source.startswith("hf:") else source
-
-
-def _layer_of(hook_name: str | None) -> int:
-    """SAELens 5's hook_layer: the block a hook belongs to (0 for model-level or unknown hooks)."""
-    try:
-        return parse_hook(hook_name).layer or 0 if hook_name else 0
-    except ConfigError:
-        return 0
 
 
 def read_sae_folder(path: str | Path, allow_nonfinite: bool = False) -> tuple[SAEConfig, dict[str, Tensor]]:
