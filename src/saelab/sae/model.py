@@ -210,15 +210,14 @@ class SAE(nn.Module):
         act, sparsity = self.activation, z.new_zeros(())
         f = act.features(z, self.b_enc)
         x_hat = torch.addmm(self.b_dec, f, self.W_dec)  # the bias add fused into the GEMM
+        sums = f.sum(0)
         column = act.penalty_column(self.W_dec) if coefficient else None
         if column is not None:
-            sums = f.sum(0)
             sparsity = coefficient * (sums @ column[:, 0]) / z.shape[0]
-            sums = sums.detach()
         elif coefficient:
             sparsity = coefficient * act.penalty(z, f, self.W_dec).mean()
         with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
-            fired = (sums if column is not None else f.sum(0)) > 0
+            fired = sums.detach() > 0
             l0 = torch.count_nonzero(f) / z.shape[0] if measure_l0 else None
         return x_hat, f, sparsity, fired, l0
 

@@ -12,21 +12,16 @@ settings; elsewhere this does nothing. SAELAB_KEEP_FREED_MEMORY=0 turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _THRESHOLD = 2**30  # blocks up to 1 GiB come from the heap; up to 1 GiB of free heap is kept
-_done: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Once per process: set glibc's thresholds as above. True if they are set (now or before)."""
-    if not _done:
-        _done.append(_set())
-    return _done[0]
-
-
-def _set() -> bool:
     if os.environ.get("SAELAB_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
