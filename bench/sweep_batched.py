@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
 from bench import PeakMemory, best_times, row  # noqa: E402
+from bench.cache_throughput import load_lm  # noqa: E402
 from bench.train_throughput import roofline  # noqa: E402
 from saelab.train import GroupTrainer, TrainConfig  # noqa: E402
 from saelab.train.batched import stacking  # noqa: E402
@@ -38,32 +39,12 @@ FULL = dict(contexts=256, steps=20, batch=4096, expansion=4, repeats=2)
 QUICK = dict(contexts=64, steps=10, batch=1024, expansion=4, repeats=2)
 
 
-def _lm(tmp: Path):
-    from saelab.errors import MissingFileError
-    from saelab.lm.hooked import HookedLM
-
-    try:
-        from saelab.lm.default import default_lm_path
-
-        return HookedLM.load(default_lm_path(build=False)), "the default LM"
-    except (ImportError, MissingFileError):
-        from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
-        from tokenizers import Tokenizer, models
-
-        cfg = GPTNeoXConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=512, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "lm")
-        tok = Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, unk_token="<unk>"))
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>").save_pretrained(tmp / "lm")
-        return HookedLM.load(tmp / "lm"), "a random-init GPT-NeoX 2x128"
-
-
 def _cache(tmp: Path, n_contexts: int):
     """An activation cache of `n_contexts` contexts of random tokens at HOOK (timing does not
     depend on the text), and the LM it was made with."""
     from saelab.data.cache import cache_activations
 
-    lm, what = _lm(tmp)
+    lm, what = load_lm(tmp)
     ctx = torch.randint(2, lm.d_vocab, (n_contexts, lm.context_length), generator=torch.Generator().manual_seed(0))
     ctx[:, 0] = 0
     return cache_activations(lm, ctx, [HOOK], tmp / "cache", progress=False), what
@@ -134,6 +115,7 @@ def rows(quick: bool = False) -> list[dict]:
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
