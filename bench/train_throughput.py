@@ -39,9 +39,8 @@ def roofline(d_in: int, d_sae: int, batch: int, device: str, dtype: torch.dtype)
 
     # outputs preallocated: the roofline is the products' arithmetic alone, with no allocation
     # or page faults (which the step pays, so the ratio is an honest fraction)
-    outs = [torch.empty(batch, d_sae, device=device, dtype=dtype), torch.empty(batch, d_in, device=device, dtype=dtype),
-            torch.empty(batch, d_sae, device=device, dtype=dtype), torch.empty(d_sae, d_in, device=device, dtype=dtype),
-            torch.empty(d_in, d_sae, device=device, dtype=dtype)]
+    outs = [torch.empty(*shape, device=device, dtype=dtype)
+            for shape in ((batch, d_sae), (batch, d_in), (batch, d_sae), (d_sae, d_in), (d_in, d_sae))]
 
     def products():
         torch.mm(x, w_enc, out=outs[0])
