@@ -1,11 +1,12 @@
 """`python -m bench`: run every bench module, print one table, write it as JSON.
 
-    python -m bench [--quick] [--only MODULE ...] [--json PATH] [--threads N] [--gpu]
+    python -m bench [--quick] [--only MODULE ...] [--json PATH] [--threads N] [--gpu [--device D]]
 
 Each module in MODULES gives rows (see bench/__init__.py); the table is printed as Markdown and
 written to bench/results/<commit>.json (or --json PATH) with the machine it ran on, so figures
 can be compared across commits. `--quick` runs small shapes (a smoke test, not a measurement).
-`--gpu` runs the GPU rows instead (bf16 autocast and torch.compile against the bf16 roofline).
+`--gpu` runs the GPU rows instead: bf16 autocast and torch.compile against the bf16 roofline, and the
+stacked sweep with its SAEs on the GPU (`--device cpu` runs them as a dry run of the code path).
 """
 
 from __future__ import annotations
@@ -94,29 +95,40 @@ def collect(modules: list[str], quick: bool) -> list[dict]:
     return rows
 
 
+def gpu_collect(quick: bool, device: str) -> list[dict]:
+    """The --gpu rows: train_throughput's bf16 / compile rows, then the stacked sweep's."""
+    from bench import sweep_batched
+    from bench.train_throughput import gpu_rows
+
+    return gpu_rows(quick, device) + sweep_batched.rows(quick, device)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes: a smoke test, not a measurement")
     ap.add_argument("--only", nargs="+", choices=MODULES, metavar="MODULE", help=f"run these modules only: {MODULES}")
     ap.add_argument("--json", type=Path, help="where to write the table as JSON (default: bench/results/<commit>.json)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
-    ap.add_argument("--gpu", action="store_true", help="the GPU rows: d_in 768, d_sae 24576, bf16 autocast, compile")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the GPU rows: d_in 768, d_sae 24576, bf16 autocast, compile; the stacked sweep on the GPU")
+    ap.add_argument("--device", default="cuda",
+                    help="where the --gpu rows run (default: cuda; cpu: a dry run that checks the code path)")
     args = ap.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.gpu:
-        if not torch.cuda.is_available():
-            ap.exit(2, "python -m bench: --gpu needs a CUDA device; none is visible\n")
-        from bench.train_throughput import gpu_rows
-        rows = gpu_rows(args.quick)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.exit(2, "python -m bench: --gpu needs a CUDA device; none is visible (--device cpu: a dry run)\n")
+        rows = gpu_collect(args.quick, args.device)
     else:
         rows = collect(args.only or MODULES, args.quick)
     print_table(rows)
     info = {"commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "quick": args.quick, "machine": machine(), "rows": rows}
-    path = args.json or RESULTS / f"{info['commit']}{'-gpu' if args.gpu else ''}{'-quick' if args.quick else ''}.json"
+            "quick": args.quick, "gpu_rows_on": args.device if args.gpu else None, "machine": machine(), "rows": rows}
+    kind = ("-gpu" if args.device.startswith("cuda") else "-gpu-dry-run") if args.gpu else ""
+    path = args.json or RESULTS / f"{info['commit']}{kind}{'-quick' if args.quick else ''}.json"
     from saelab.atomic import write_json
 
     write_json(path, info)

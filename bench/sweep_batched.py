@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 
-from bench import PeakMemory, best_times, row  # noqa: E402
+from bench import PeakMemory, best_times, row, synchronize  # noqa: E402
 from bench.cache_throughput import load_lm  # noqa: E402
 from bench.train_throughput import roofline  # noqa: E402
 from saelab.train import GroupTrainer, TrainConfig  # noqa: E402
@@ -58,52 +58,62 @@ def _specs(arch: str, expansion: float) -> list[TrainSpec]:
                       init="data" if i % 2 else "tied") for i in range(8)]
 
 
-def _run(store, specs, out: Path, s: dict, stacked: bool) -> None:
-    cfg = TrainConfig(total_steps=s["steps"], checkpoint_every=s["steps"], log_every=10)
+def _run(store, specs, out: Path, s: dict, stacked: bool, device: str = "cpu") -> None:
+    cfg = TrainConfig(total_steps=s["steps"], checkpoint_every=s["steps"], log_every=10, device=device)
     with stacking(stacked):
         GroupTrainer(specs, store.dim(HOOK), out, cfg).fit(store.batches(HOOK, s["batch"], seed=0))
 
 
-def _timings(store, arch: str, s: dict, tmp: Path) -> dict[str, float]:
+def _timings(store, arch: str, s: dict, tmp: Path, device: str) -> dict[str, float]:
     specs = _specs(arch, s["expansion"])
     ways = {
-        "separate": lambda out: [_run(store, [spec], out / str(i), s, False) for i, spec in enumerate(specs)],
-        "looped": lambda out: _run(store, specs, out, s, False),
-        "stacked": lambda out: _run(store, specs, out, s, True),
+        "separate": lambda out: [_run(store, [spec], out / str(i), s, False, device) for i, spec in enumerate(specs)],
+        "looped": lambda out: _run(store, specs, out, s, False, device),
+        "stacked": lambda out: _run(store, specs, out, s, True, device),
     }
     best = {name: float("inf") for name in ways}
     for r in range(s["repeats"]):  # interleaved
         for name, way in ways.items():
             out = tmp / f"{arch}-{name}-{r}"
+            synchronize(device)
             start = time.perf_counter()
             way(out)
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - start)
             print(f"  {arch} {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
     return best
 
 
-def _roofline_s(d_in: int, d_sae: int, s: dict) -> float:
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"on {torch.cuda.get_device_name(torch.device(device))}"
+    return f"{torch.get_num_threads()} threads"
+
+
+def _roofline_s(d_in: int, d_sae: int, s: dict, device: str) -> float:
     """Seconds for the dense products alone of 8 SAEs' steps: 8 x steps x the five products."""
-    products = roofline(d_in, d_sae, s["batch"], "cpu", torch.float32)
-    return 8 * s["steps"] * best_times({"roofline": products}, s["repeats"])["roofline"]
+    products = roofline(d_in, d_sae, s["batch"], device, torch.float32)
+    return 8 * s["steps"] * best_times({"roofline": products}, s["repeats"], device)["roofline"]
 
 
-def rows(quick: bool = False) -> list[dict]:
+def rows(quick: bool = False, device: str = "cpu") -> list[dict]:
+    """The sweep's rows with the SAEs training on `device` (the cache is read on the host, and
+    batches bound for a GPU go through pinned memory, as in `saelab train`)."""
     s = QUICK if quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-sweep-"))
     try:
         store, what = _cache(tmp, s["contexts"])
         d_in = store.dim(HOOK)
         d_sae = int(s["expansion"] * d_in)
-        roof = _roofline_s(d_in, d_sae, s)
+        roof = _roofline_s(d_in, d_sae, s, device)
         out = []
         for arch in ("relu", "topk"):
-            t = _timings(store, arch, s, tmp)
-            with PeakMemory() as mem:  # one more stacked run, apart from the timings
-                _run(store, _specs(arch, s["expansion"]), tmp / f"{arch}-peak", s, True)
+            t = _timings(store, arch, s, tmp, device)
+            with PeakMemory(device) as mem:  # one more stacked run, apart from the timings
+                _run(store, _specs(arch, s["expansion"]), tmp / f"{arch}-peak", s, True, device)
             note = (f"8 {arch} SAEs d_in {d_in} d_sae {d_sae}, {s['steps']} steps of {s['batch']} rows read "
-                    f"from an activation cache of {what} on random tokens; {torch.get_num_threads()} threads; "
+                    f"from an activation cache of {what} on random tokens; {_where(device)}; "
                     "seconds: less is better")
             refs = (("separate", "8 separate runs", "; target >= 3"), ("looped", "one group run, SAEs looped", ""),
                     ("roofline", "the dense products alone (8 SAEs x steps x 5)", "; at most ~1 where dense"))

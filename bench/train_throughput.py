@@ -138,7 +138,6 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
     have_peer = peers and saelens_available()
     shape = f"d_in {d_in} d_sae {d_sae} batch {batch}" + (", bf16 autocast" if bf16 else "") + \
         (", compiled" if options.get("compile") else "")
-    where = f"{'bf16' if bf16 else 'fp32'} products" + (", torch.compile" if options.get("compile") else "")
     rows = []
     for arch in archs:
         fns = {"roofline": roof}
@@ -151,7 +150,7 @@ def measure_shape(d_in: int, d_sae: int, batch: int, repeats: int, device: str =
             t["SAELens"], theirs = peer_in_child(arch, d_in, d_sae, batch, repeats, device, bf16)
         tok = batch / t["saelab"]
         rows.append(row(f"train {arch}, {shape}", tok, "tokens/s (ratio: fraction of the roofline)",
-                        f"roofline: 5 dense products ({where})", batch / t["roofline"],
+                        f"roofline: 5 dense products ({'bf16' if bf16 else 'fp32'} products)", batch / t["roofline"],
                         peak_mib=mine.mib, note=f"best of {repeats}, interleaved"))
         if have_peer:
             rows.append(row(f"train {arch} vs SAELens, {shape}", tok, "tokens/s (ratio: speed-up over SAELens)",
@@ -169,14 +168,15 @@ def rows(quick: bool) -> list[dict]:
     return [r for shape in shapes for r in measure_shape(*shape, repeats)]
 
 
-def gpu_rows(quick: bool = False) -> list[dict]:
+def gpu_rows(quick: bool = False, device: str = "cuda") -> list[dict]:
     """The GPU path: bf16 autocast (fp32 master weights) with and without torch.compile, against
-    the bf16 roofline, at d_in 768, d_sae 24576, batch 4096 (SAELens under bf16 autocast too)."""
+    the bf16 roofline, at d_in 768, d_sae 24576, batch 4096 (SAELens under bf16 autocast too).
+    `device` "cpu" runs the same code as a dry run (it checks the path, it measures nothing)."""
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
     out = []
     for shape in shapes:
-        out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16", "compile": True})
-        out += measure_shape(*shape, 2 if quick else 10, "cuda", {"autocast": "bf16"}, peers=False, archs=("relu",))
+        out += measure_shape(*shape, 2 if quick else 10, device, {"autocast": "bf16", "compile": True})
+        out += measure_shape(*shape, 2 if quick else 10, device, {"autocast": "bf16"}, peers=False, archs=("relu",))
     return out
 
 

@@ -35,3 +35,30 @@ def test_quick_training_rows(tmp_path, capsys):
         assert r["peak_mib"] is None or r["peak_mib"] >= 0
     assert data["machine"]["torch_threads"] == 1 and data["quick"] is True
     assert table(rows) in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_rows_dry_run_on_cpu(tmp_path):
+    """`python -m bench --gpu` has never had a GPU here: its rows (bf16 autocast, torch.compile,
+    the stacked sweep on the device) run on the CPU as a dry run, so a lent GPU's minutes go to
+    measuring, not to fixing the path. Quick shapes; the figures mean nothing."""
+    out = tmp_path / "gpu.json"
+    main(["--gpu", "--device", "cpu", "--quick", "--json", str(out), "--threads", "1"])
+    data = json.loads(out.read_text())
+    names = [r["row"] for r in data["rows"]]
+    assert data["gpu_rows_on"] == "cpu"
+    assert any(n.startswith("train relu,") and n.endswith("bf16 autocast, compiled") for n in names)
+    assert any(n.startswith("train topk,") and n.endswith("bf16 autocast, compiled") for n in names)
+    assert {f"sweep_batched.{a}_vs_separate" for a in ("relu", "topk")} <= set(names)
+    assert all(r["value"] > 0 and math.isfinite(r["value"]) for r in data["rows"])
+
+
+def test_gpu_rows_without_cuda_say_so(capsys):
+    """--gpu on a machine without CUDA stops with a message naming the dry run, not a traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit) as stop:
+        main(["--gpu", "--quick"])
+    assert stop.value.code == 2 and "--device cpu" in capsys.readouterr().err
