@@ -28,10 +28,12 @@ from saelab.errors import MissingFileError
 from saelab.lm.hooked import HookedLM
 
 
-def load_lm(tmp: Path) -> tuple[HookedLM, str]:
+def load_lm(tmp: Path, device: str = "cpu") -> tuple[HookedLM, str]:
+    """The offline default LM if it is built, else a random-init GPT-NeoX 2x128 (saved to `tmp`),
+    and which of the two it is."""
     try:
         from saelab.lm.default import default_lm_path
-        return HookedLM.load(default_lm_path(build=False)), "default LM"
+        return HookedLM.load(default_lm_path(build=False), device=device), "default LM"
     except (ImportError, MissingFileError):
         from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
         from tokenizers import Tokenizer, models
@@ -43,7 +45,7 @@ def load_lm(tmp: Path) -> tuple[HookedLM, str]:
         tok = Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, unk_token="<unk>"))
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
                                 eos_token="<bos>").save_pretrained(tmp / "lm")
-        return HookedLM.load(tmp / "lm"), "random-init GPT-NeoX 2x128 (default LM not built)"
+        return HookedLM.load(tmp / "lm", device=device), "random-init GPT-NeoX 2x128 (default LM not built)"
 
 
 def contexts_for(lm: HookedLM, n: int, random_tokens: bool) -> torch.Tensor:

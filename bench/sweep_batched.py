@@ -1,17 +1,25 @@
 """A sweep of 8 SAEs trained as one stacked pass (saelab.train.batched) against 8 separate runs,
-data loading included: every run reads shuffled batches from the same activation cache on disk.
+data loading included, at two levels.
 
-Three ways to train the same 8 SAEs (eight L1 coefficients of a relu SAE at one width, and
-eight topk SAEs at one k with different seeds' initialisations):
+The training loop alone, three ways to train the same 8 SAEs (eight L1 coefficients of a relu
+SAE at one width, and eight topk SAEs at one k with different initialisations), every run
+reading shuffled batches from one activation cache on disk:
 
-- separate: 8 GroupTrainer runs of one SAE each, each reading the cache (what a loop of
-  `saelab train` calls does);
+- separate: 8 GroupTrainer runs of one SAE each, each reading the cache (as 8 runs sharing a
+  cache made once with `saelab cache` would);
 - looped group: one GroupTrainer run of the 8, one read of the cache, each SAE stepped alone;
 - stacked: the same run with the 8 stacked into batched products (the default).
 
-The cache holds the offline default LM's activations (a random-init GPT-NeoX's when that LM is
+That cache holds the offline default LM's activations (a random-init GPT-NeoX's when that LM is
 not built) on random tokens. Repeats are interleaved and each time is the best of N.
-Run: `python bench/sweep_batched.py [--quick]`; `rows(quick)` is what `python -m bench` collects.
+
+Whole runs (`whole_run_rows`): one `saelab train` run of the 8 against 8 runs of one SAE each,
+where each run tokenises its text and caches its activations from the LM, trains, evaluates and
+writes its outputs, as a loop of `saelab train` calls does; in the proportions of saelab
+train's defaults (each activation seen about 4 times), on the default LM.
+
+Run: `python bench/sweep_batched.py [--quick]`; `rows(quick, device)` is what `python -m bench`
+collects.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ from saelab.train.spec import TrainSpec  # noqa: E402
 HOOK = "blocks.1.hook_resid_post"
 FULL = dict(contexts=256, steps=20, batch=4096, expansion=4, repeats=2)
 QUICK = dict(contexts=64, steps=10, batch=1024, expansion=4, repeats=2)
+# whole `saelab train` runs, in the proportions of its defaults (expansion 8; steps x batch about
+# 4 x the training tokens: 1000 x 4096 over 8192 contexts of 128), at a bench's size
+RUN = dict(train_contexts=256, steps=32, batch=4096, eval_contexts=8, expansion=8)
+QUICK_RUN = dict(train_contexts=32, steps=4, batch=1024, eval_contexts=2, expansion=8)
 
 
 def _cache(tmp: Path, n_contexts: int):
@@ -122,6 +134,62 @@ def rows(quick: bool = False, device: str = "cpu") -> list[dict]:
                 out.append(row(f"sweep_batched.{arch}_vs_{ref}", round(t["stacked"], 3), "s (ratio: reference / stacked)",
                                label, round(t[ref], 3), ratio=t[ref] / t["stacked"], peak_mib=mem.mib,
                                note=note + target))
+        return out + whole_run_rows(quick, device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _whole_runs(lm, arch: str, r: dict, tmp: Path, device: str) -> dict[str, dict[str, float]]:
+    """{"one": ..., "separate": ...}: seconds of data (tokenising + caching from the LM), of
+    training, and of the whole run (with evaluation and writing the outputs) for one `saelab
+    train` run of the 8 SAEs (stacked) and for 8 runs of one SAE each, summed. The LM is loaded
+    once and handed to every run: separate command-line runs would each load it again."""
+    from saelab.pipelines.train_lm import LMSweepConfig, run_lm_sweep
+
+    def run(specs, out: Path) -> dict[str, float]:
+        cfg = LMSweepConfig(specs=specs, hook=HOOK, train_contexts=r["train_contexts"], eval_contexts=r["eval_contexts"],
+                            batch_size=r["batch"], steps=r["steps"], context_length=min(128, lm.context_length),
+                            device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        rows = run_lm_sweep(cfg, out, lm=lm)
+        synchronize(device)
+        whole = time.perf_counter() - start
+        shutil.rmtree(out, ignore_errors=True)
+        t = rows[0]["timings"]
+        return {"data": t["cache_s"], "train": t["train_s"], "whole": whole}
+
+    specs = _specs(arch, r["expansion"])
+    one = run(specs, tmp / f"{arch}-one")
+    parts = [run([spec], tmp / f"{arch}-separate-{i}") for i, spec in enumerate(specs)]
+    return {"one": one, "separate": {k: sum(p[k] for p in parts) for k in one}}
+
+
+def whole_run_rows(quick: bool = False, device: str = "cpu") -> list[dict]:
+    """One `saelab train` run of a sweep of 8 against 8 runs of one SAE each, where every run makes
+    its own activations from the LM (the data loading a separate run pays): data + training, and
+    the whole run with evaluation and outputs."""
+    r = QUICK_RUN if quick else RUN
+    tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-runs-"))
+    try:
+        lm, what = load_lm(tmp, device)
+        out = []
+        for arch in ("relu", "topk"):
+            t = _whole_runs(lm, arch, r, tmp, device)
+            d_in = lm.hook_dim(HOOK)
+            note = (f"{what} {HOOK}: 8 {arch} SAEs d_sae {int(r['expansion'] * d_in)}, {r['steps']} steps of "
+                    f"{r['batch']} over {r['train_contexts']} contexts' activations (cached by each run), "
+                    f"{r['eval_contexts']} held-out contexts; the one run: data {t['one']['data']:.1f} s, training "
+                    f"{t['one']['train']:.1f} s; the 8 runs: data {t['separate']['data']:.1f} s, training "
+                    f"{t['separate']['train']:.1f} s; {_where(device)}; seconds: less is better")
+            one, sep = t["one"], t["separate"]
+            out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (data + training)", one["data"] + one["train"],
+                           "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each",
+                           sep["data"] + sep["train"], ratio=(sep["data"] + sep["train"]) / (one["data"] + one["train"]),
+                           note=note + "; target >= 3"))
+            out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (whole run)", one["whole"],
+                           "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each", sep["whole"],
+                           ratio=sep["whole"] / one["whole"], note=note + "; with evaluation and the run's outputs"))
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
