@@ -76,6 +76,22 @@ def test_plan_stacks_same_shaped_saes_and_leaves_the_rest_to_the_loop(tmp_path):
         assert plan(trainer.trainers) == [[i] for i in range(8)]
 
 
+def test_a_cpu_stack_is_cut_to_keep_its_blocks_within_the_bound(tmp_path, monkeypatch):
+    """On a CPU, a stack whose (n, rows, d_sae) float32 block would pass MAX_CPU_STACK_BYTES is cut
+    into smaller stacks (a cut of one trains in the loop); the cut run still equals the loop."""
+    import saelab.train.batched as batched
+
+    trainer = GroupTrainer(sweep_specs(), 16, tmp_path / "plan", TrainConfig(total_steps=5))
+    rows = TOY["batch_size"]
+    monkeypatch.setattr(batched, "MAX_CPU_STACK_BYTES", 2 * 4 * rows * 48)  # two SAEs of d_sae 48
+    assert plan(trainer.trainers, rows) == [[0, 1], [2], [3, 4], [5], [6], [7]]
+    assert plan(trainer.trainers, rows // 2) == [[0, 1, 2], [3, 4, 5], [6], [7]]  # half the rows: 4 fit
+    assert plan(trainer.trainers) == [[0, 1, 2], [3, 4, 5], [6], [7]]  # rows unknown: no cut
+    _fit(tmp_path / "cut", sweep_specs(), stacked=True)
+    _fit(tmp_path / "loop", sweep_specs(), stacked=False)
+    _assert_same_runs(tmp_path / "loop", tmp_path / "cut")
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_a_stacked_sweep_equals_the_looped_one(tmp_path, mode):
     with kernel_mode(mode):

@@ -20,14 +20,15 @@ def rss_mib():
             return int(line.split()[1]) / 1024
 
 print(keep_freed_memory())
-t = torch.ones(64 * 2**20)  # 256 MiB, touched
-del t
+blocks = [torch.ones(N_MIB * 2**18) for _ in range(N_BLOCKS)]  # touched
+del blocks
 print(rss_mib())
 """
 
 
-def _run(**env) -> tuple[bool, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
+def _run(n_blocks: int = 1, mib: int = 256, **env) -> tuple[bool, float]:
+    code = f"N_BLOCKS, N_MIB = {n_blocks}, {mib}\n" + CHILD
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}).stdout.split()
     return out[0] == "True", float(out[1])
 
@@ -38,3 +39,14 @@ def test_freed_blocks_stay_resident_unless_turned_off():
     off, rss_off = _run(SAELAB_KEEP_FREED_MEMORY="0")
     assert kept and not off
     assert rss_kept - rss_off > 200  # the 256 MiB block is still held, ready for reuse
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_many_freed_blocks_stay_resident():
+    """A stacked sweep frees several blocks of hundreds of MiB at once (1.5 GiB here): all of it
+    stays in the heap. With glibc trimming free heap above a threshold (1 GiB before), part went
+    back to the kernel and was faulted in again on every step."""
+    kept, rss_kept = _run(n_blocks=3, mib=512)
+    off, rss_off = _run(n_blocks=3, mib=512, SAELAB_KEEP_FREED_MEMORY="0")
+    assert kept and not off
+    assert rss_kept - rss_off > 1400

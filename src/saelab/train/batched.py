@@ -58,26 +58,55 @@ def stack_key(trainer: SAETrainer) -> tuple | None:
             sae.cfg.apply_b_dec_to_input, str(sae.W_enc.device))
 
 
-def plan(trainers: list[SAETrainer]) -> list[list[int]]:
-    """The trainers' indices in groups: stacks of two or more, then each other trainer alone."""
+def plan(trainers: list[SAETrainer], rows: int | None = None) -> list[list[int]]:
+    """The trainers' indices in groups: stacks of two or more, then each other trainer alone.
+    Given the batch's `rows`, a stack on a CPU is cut so that one of its (n, rows, d_sae) float32
+    blocks stays within MAX_CPU_STACK_BYTES (see there)."""
     groups: dict = {}
     for i, trainer in enumerate(trainers):
         key = stack_key(trainer) if _enabled[0] else None
         groups.setdefault(i if key is None else key, []).append(i)
-    return list(groups.values())
+    out = []
+    for group in groups.values():
+        size = _max_stack(trainers[group[0]], rows) if len(group) > 1 else 1
+        out += [group[i:i + size] for i in range(0, len(group), size)]
+    return out
+
+
+# A stack's (n, rows, d_sae) float32 blocks (pre-activations, features, their gradients) are
+# allocated and freed every step. On a CPU, glibc serves blocks above 2 GiB from fresh pages each
+# time (saelab.train.host_memory), so a stack of 8 relu SAEs at d_sae 16384, batch 4096 (2 GiB
+# blocks) ran at 0.58 of its products' roofline against 0.92 looped. Cut into stacks whose blocks
+# stay within 1 GiB, they come from the heap, and the step holds a few such blocks at a time, not
+# a few 2 GiB ones. GPUs keep freed blocks in their caching allocator: their stacks are not cut.
+MAX_CPU_STACK_BYTES = 2**30
+
+
+def _max_stack(trainer: SAETrainer, rows: int | None) -> int:
+    """How many SAEs like this one a stack may hold for batches of `rows` (any number: no bound)."""
+    if rows is None or trainer.sae.W_enc.device.type != "cpu":
+        return 2**62
+    return max(1, MAX_CPU_STACK_BYTES // (4 * rows * trainer.sae.cfg.d_sae))
 
 
 class Stepper:
-    """Steps a group's trainers: stacked where `plan` allows, else each trainer's `update`."""
+    """Steps a group's trainers: stacked where `plan` allows, else each trainer's `update`. The
+    plan is made at the first batch, whose rows bound a CPU stack's size."""
 
     def __init__(self, trainers: list[SAETrainer]):
         self.trainers = trainers
-        self.groups = plan(trainers)
-        self.stacks = {g[0]: StackedTrainer([trainers[i] for i in g]) for g in self.groups if len(g) > 1}
+        self.groups: list[list[int]] | None = None
+        self.stacks: dict[int, StackedTrainer] = {}
+
+    def _plan(self, rows: int) -> list[list[int]]:
+        if self.groups is None:
+            self.groups = plan(self.trainers, rows)
+            self.stacks = {g[0]: StackedTrainer([self.trainers[i] for i in g]) for g in self.groups if len(g) > 1}
+        return self.groups
 
     def update(self, step: int, x: Tensor, y: Tensor, log: bool) -> list[dict | None]:
         entries: list = [None] * len(self.trainers)
-        for group in self.groups:
+        for group in self._plan(x.shape[0]):
             if len(group) > 1:
                 out = self.stacks[group[0]].update(step, x, y, log)
             else:
@@ -206,18 +235,20 @@ class StackedTrainer:
         return x_hat, z.new_zeros(self.n), fired, l0
 
     def _dense_code(self, z: Tensor, coefficients: Tensor, log: bool) -> tuple:
-        """relu: f (n, N, d_sae), decoded by one bmm with the penalty riding as its last column."""
+        """relu: f (n, N, d_sae), decoded by one baddbmm (the bias add fused into it); the penalty
+        from f's column sums, as SAE._dense_step takes it (the sums also say which fired)."""
         p = self.params
         f = self.act.features(z, p["b_enc"][:, None, :])
+        x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
+        sums = f.sum(1)  # (n, d_sae)
+        sparsity = z.new_zeros(self.n)
         if bool((coefficients != 0).any()):
-            out = torch.bmm(f, torch.cat([p["W_dec"], self.act.penalty_column(p["W_dec"])], dim=-1))
-            x_hat, sparsity = out[..., :-1], coefficients * out[..., -1].mean(-1)
-        else:
-            x_hat, sparsity = torch.bmm(f, p["W_dec"]), z.new_zeros(self.n)
-        with torch.no_grad():
-            fired = f.sum(1) > 0
+            column = self.act.penalty_column(p["W_dec"])[..., 0]  # (n, d_sae)
+            sparsity = coefficients * (sums * column).sum(-1) / f.shape[1]
+        with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
+            fired = sums.detach() > 0
             l0 = (f > 0).sum((1, 2)) / f.shape[1] if log else z.new_zeros(self.n)
-        return x_hat + p["b_dec"][:, None, :], sparsity, fired, l0
+        return x_hat, sparsity, fired, l0
 
     def _aux_k(self, z: Tensor, sampled, residual: Tensor, dead: Tensor | None) -> Tensor:
         """Each SAE's aux-k loss (architectures with `uses_aux_k`), as _KArch.aux_loss computes
