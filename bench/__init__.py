@@ -5,7 +5,8 @@ and writes it as JSON. See bench/README.md.
 
 A bench module (listed in `bench.__main__.MODULES`) exposes `rows(quick: bool) -> list[dict]`,
 each dict made by `row(...)`: the keys below, exactly. `ratio` is value / reference taken in the
-direction where more is better (the unit text says which), None without a reference.
+direction where more is better (the unit text says which), None without a reference. A row that
+cannot be measured on this machine is `skipped(...)`: its value is None.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def row(row: str, value: float, unit: str, reference: str, reference_value: floa
             "reference_value": None if reference_value is None else float(reference_value),
             "ratio": None if ratio is None else float(ratio),
             "peak_mib": None if peak_mib is None else float(peak_mib), "note": note}
+
+
+def skipped(row: str, why: str) -> dict:
+    """The line of a row that could not be measured here (e.g. a model not installed): no value,
+    the reason in its note."""
+    return {"row": row, "value": None, "unit": "", "reference": "", "reference_value": None, "ratio": None,
+            "peak_mib": None, "note": f"skipped: {why}"}
 
 
 def _status_kib(key: str) -> int | None:

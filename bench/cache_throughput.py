@@ -29,23 +29,30 @@ from saelab.lm.hooked import HookedLM
 
 
 def load_lm(tmp: Path, device: str = "cpu") -> tuple[HookedLM, str]:
-    """The offline default LM if it is built, else a random-init GPT-NeoX 2x128 (saved to `tmp`),
-    and which of the two it is."""
+    """The offline default LM if it is built, else a random-init model of its size (saved to `tmp`
+    with a word-level tokenizer: the same cost per token), and which of the two it is."""
     try:
         from saelab.lm.default import default_lm_path
         return HookedLM.load(default_lm_path(build=False), device=device), "default LM"
     except (ImportError, MissingFileError):
+        from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
-        from tokenizers import Tokenizer, models
 
-        cfg = GPTNeoXConfig(vocab_size=4096, hidden_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=512,
-                            max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+        from saelab.lm.default import DefaultLMConfig
+
+        c = DefaultLMConfig()
+        torch.manual_seed(0)
+        cfg = GPTNeoXConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+                            num_attention_heads=c.n_heads, intermediate_size=c.d_mlp,
+                            max_position_embeddings=c.context_length, rotary_pct=0.25, tie_word_embeddings=False,
+                            bos_token_id=0, eos_token_id=0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "lm")
         tok = Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text gives a token per word (all <unk>)
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
                                 eos_token="<bos>").save_pretrained(tmp / "lm")
-        return HookedLM.load(tmp / "lm", device=device), "random-init GPT-NeoX 2x128 (default LM not built)"
+        return (HookedLM.load(tmp / "lm", device=device),
+                "random-init model of the default LM's size (the default LM is not built)")
 
 
 def contexts_for(lm: HookedLM, n: int, random_tokens: bool) -> torch.Tensor:

