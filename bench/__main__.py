@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     ap.add_argument("--gpu", action="store_true",
                     help="the GPU rows: d_in 768, d_sae 24576, bf16 autocast, compile; the stacked sweep on the GPU")
-    ap.add_argument("--device", default="cuda",
-                    help="where the --gpu rows run (default: cuda; cpu: a dry run that checks the code path)")
+    ap.add_argument("--device", help="where the --gpu rows run (default: cuda; cpu: a dry run that checks the code path)")
     args = ap.parse_args(argv)
+    if args.device and not args.gpu:
+        ap.error("--device says where the --gpu rows run; give it with --gpu (the other rows run on the CPU)")
+    args.device = args.device or "cuda"
     import torch
 
     if args.threads:

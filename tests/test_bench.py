@@ -62,3 +62,10 @@ def test_gpu_rows_without_cuda_say_so(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--gpu", "--quick"])
     assert stop.value.code == 2 and "--device cpu" in capsys.readouterr().err
+
+
+def test_device_without_gpu_is_refused(capsys):
+    """--device only places the --gpu rows; alone it would be silently ignored, so it is refused."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cpu", "--quick"])
+    assert stop.value.code == 2 and "--gpu" in capsys.readouterr().err
