@@ -156,9 +156,17 @@ def test_relu_penalty_is_decoder_weighted_l1():
     expected = 0.3 * sum(float(f[i, j]) * float(sae.W_dec[j].detach().norm()) for i in range(10) for j in range(16)) / 10
     assert out.sparsity.item() == pytest.approx(expected, rel=1e-5)
     assert out.mse.item() == pytest.approx(((x - sae(x)) ** 2).sum(-1).mean().item(), rel=1e-6)
-    # the fused path (one more decoder-GEMM column) computes ReLU.penalty, the class's formula
+    # the loss takes it from f's column sums (penalty_from_sums); ReLU.penalty, the class's
+    # per-token formula, gives the same mean
     z = sae.pre_acts(x).detach()
     assert (0.3 * sae.activation.penalty(z, f, sae.W_dec.detach()).mean()).item() == pytest.approx(expected, rel=1e-5)
+    # from sums, for one SAE and for a stack of two (the second with its decoder rows doubled)
+    W = sae.W_dec.detach()
+    one = sae.activation.penalty_from_sums(f.sum(0), W, 10)
+    assert (0.3 * one).item() == pytest.approx(expected, rel=1e-5)
+    two = sae.activation.penalty_from_sums(torch.stack([f.sum(0), f.sum(0)]), torch.stack([W, 2 * W]), 10)
+    torch.testing.assert_close(two, torch.stack([one, 2 * one]))
+    assert make("jumprelu").activation.penalty_from_sums(f.sum(0), W, 10) is None  # not linear in f
 
 
 def test_unit_norm_decoder_constraint():

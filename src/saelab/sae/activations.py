@@ -125,6 +125,13 @@ class Activation(nn.Module):
         takes its batch mean from f's column sums, (sum_n f_n) . w / N. None otherwise."""
         return None
 
+    def penalty_from_sums(self, sums: Tensor, W_dec: Tensor, n_tokens: int) -> Tensor | None:
+        """The batch mean of a penalty linear in f, from f's column sums `sums` (..., d_sae):
+        (sums . w) / N per SAE, for one SAE or a stack (W_dec (..., d_sae, d_out)). None when the
+        penalty is not linear in f (then `penalty` gives it per token)."""
+        column = self.penalty_column(W_dec)
+        return None if column is None else (sums * column[..., 0]).sum(-1) / n_tokens
+
     def penalty(self, z: Tensor, f: Tensor, W_dec: Tensor) -> Tensor:
         """Per-token sparsity penalty (N,); a linear one is f @ penalty_column."""
         column = self.penalty_column(W_dec)

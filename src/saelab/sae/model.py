@@ -211,11 +211,9 @@ class SAE(nn.Module):
         f = act.features(z, self.b_enc)
         x_hat = torch.addmm(self.b_dec, f, self.W_dec)  # the bias add fused into the GEMM
         sums = f.sum(0)
-        column = act.penalty_column(self.W_dec) if coefficient else None
-        if column is not None:
-            sparsity = coefficient * (sums @ column[:, 0]) / z.shape[0]
-        elif coefficient:
-            sparsity = coefficient * act.penalty(z, f, self.W_dec).mean()
+        if coefficient:
+            mean = act.penalty_from_sums(sums, self.W_dec, z.shape[0])
+            sparsity = coefficient * (mean if mean is not None else act.penalty(z, f, self.W_dec).mean())
         with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
             fired = sums.detach() > 0
             l0 = torch.count_nonzero(f) / z.shape[0] if measure_l0 else None

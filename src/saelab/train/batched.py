@@ -242,9 +242,8 @@ class StackedTrainer:
         x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
         sums = f.sum(1)  # (n, d_sae)
         sparsity = z.new_zeros(self.n)
-        if bool((coefficients != 0).any()):
-            column = self.act.penalty_column(p["W_dec"])[..., 0]  # (n, d_sae)
-            sparsity = coefficients * (sums * column).sum(-1) / f.shape[1]
+        if bool((coefficients != 0).any()):  # stacked architectures have a linear penalty
+            sparsity = coefficients * self.act.penalty_from_sums(sums, p["W_dec"], f.shape[1])
         with torch.no_grad():  # f >= 0, so a feature fired iff its column sum is positive
             fired = sums.detach() > 0
             l0 = (f > 0).sum((1, 2)) / f.shape[1] if log else z.new_zeros(self.n)
