@@ -100,6 +100,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float | None, object]:
+    """(wall seconds, peak MiB (PeakMemory), fn's result) of one call of fn, synchronised on a GPU."""
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem.mib, out
+
+
 def best_times(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, float]:
     """The best wall time of each function over `repeats` rounds, after one warm-up call each.
     Rounds interleave the functions, so load from other processes hits all of them alike and

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench import PeakMemory, row, synchronize  # noqa: E402
+from bench import row, timed  # noqa: E402
 from bench.cache_throughput import load_lm  # noqa: E402
 from saelab.evals.downstream import evaluate_downstream  # noqa: E402
 from saelab.lm.hooked import HookedLM  # noqa: E402
@@ -49,14 +48,6 @@ def _sae(d: int, hook: str, hook_out: str | None = None, seed: int = 0) -> SAE:
     return SAE(d, 4096, arch="topk", k=32, hook_name=hook, hook_name_out=hook_out)
 
 
-def _time(fn, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def measure(n_ctx: int, bs: int, device: str = "cpu") -> list[dict]:
     """The rows: each case's evaluation against the clean forward, on `device`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,15 +62,14 @@ def measure(n_ctx: int, bs: int, device: str = "cpu") -> list[dict]:
     cases = {name: [s.to(device) for s in saes] for name, saes in cases.items()}
     evaluate_downstream(lm, cases["1 SAE (topk 4096) @ resid_post"], toks[:bs], progress=False)  # warm-up
     with torch.no_grad():
-        clean = _time(lambda: [lm.forward(b) for b in toks.split(bs)], device)
+        clean, _, _ = timed(lambda: [lm.forward(b) for b in toks.split(bs)], device)
     out = []
     for name, saes in cases.items():
-        with PeakMemory(device) as mem:
-            secs = _time(lambda: evaluate_downstream(lm, saes, toks, batch_size=bs, progress=False), device)
+        secs, mib, _ = timed(lambda: evaluate_downstream(lm, saes, toks, batch_size=bs, progress=False), device)
         passes = 1 + 1 + 2 + len(saes)  # means, clean, zero, mean, SAEs
         out.append(row(f"loss recovered: {name} ({what}, {n_tok} tokens)", n_tok / secs,
                        "tokens/s (ratio: of the clean forward's)", "clean LM forward", n_tok / clean,
-                       peak_mib=mem.mib, note=f"{passes} passes per batch, batch {bs}, {device}"))
+                       peak_mib=mib, note=f"{passes} passes per batch, batch {bs}, {device}"))
     return out
 
 

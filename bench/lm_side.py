@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench import PeakMemory, row, skipped, synchronize  # noqa: E402
+from bench import row, skipped, timed  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
 
 MODELS = (("default", None), ("smollm2-135m", "blocks.15.hook_resid_post"))
@@ -42,17 +41,7 @@ MODELS = (("default", None), ("smollm2-135m", "blocks.15.hook_resid_post"))
 
 def _best(fn, device: str, repeats: int = 2):
     """(the fastest of `repeats` timings, its peak MiB, fn's result): the machine may be shared."""
-    runs = [_timed(fn, device) for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0])
-
-
-def _timed(fn, device: str):
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        secs = time.perf_counter() - start
-    return secs, mem.mib, out
+    return min((timed(fn, device) for _ in range(repeats)), key=lambda r: r[0])
 
 
 def _mib(v: float | None) -> float | None:

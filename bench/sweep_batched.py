@@ -10,10 +10,10 @@ reading shuffled batches from one activation cache on disk:
 - looped group: one GroupTrainer run of the 8, one read of the cache, each SAE stepped alone;
 - stacked: the same run with the 8 stacked into batched products (the default).
 
-That cache holds the offline default LM's activations (a random-init GPT-NeoX's when that LM is
-not built) on random tokens. Repeats are interleaved and each time is the best of N.
+That cache holds the offline default LM's activations (a random-init model of its size when
+that LM is not built: bench.cache_throughput.load_lm) on random tokens. Repeats are interleaved and each time is the best of N.
 
-Whole runs (`whole_run_rows`): one `saelab train` run of the 8 against 8 runs of one SAE each,
+Whole runs (`_whole_run_rows`): one `saelab train` run of the 8 against 8 runs of one SAE each,
 where each run tokenises its text and caches its activations from the LM, trains, evaluates and
 writes its outputs, as a loop of `saelab train` calls does; in the proportions of saelab
 train's defaults (each activation seen about 4 times), on the default LM.
@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 
-from bench import PeakMemory, best_times, row, synchronize  # noqa: E402
+from bench import PeakMemory, best_times, row, synchronize, timed  # noqa: E402
 from bench.cache_throughput import load_lm  # noqa: E402
 from bench.train_throughput import roofline  # noqa: E402
 from saelab.train import GroupTrainer, TrainConfig  # noqa: E402
@@ -51,15 +51,14 @@ RUN = dict(train_contexts=256, steps=32, batch=4096, eval_contexts=8, expansion=
 QUICK_RUN = dict(train_contexts=32, steps=4, batch=1024, eval_contexts=2, expansion=8)
 
 
-def _cache(tmp: Path, n_contexts: int):
+def _cache(lm, tmp: Path, n_contexts: int):
     """An activation cache of `n_contexts` contexts of random tokens at HOOK (timing does not
-    depend on the text), and the LM it was made with."""
+    depend on the text), made with `lm`."""
     from saelab.data.cache import cache_activations
 
-    lm, what = load_lm(tmp)
     ctx = torch.randint(2, lm.d_vocab, (n_contexts, lm.context_length), generator=torch.Generator().manual_seed(0))
     ctx[:, 0] = 0
-    return cache_activations(lm, ctx, [HOOK], tmp / "cache", progress=False), what
+    return cache_activations(lm, ctx, [HOOK], tmp / "cache", progress=False)
 
 
 def _specs(arch: str, expansion: float) -> list[TrainSpec]:
@@ -115,7 +114,8 @@ def rows(quick: bool = False, device: str = "cpu") -> list[dict]:
     s = QUICK if quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-sweep-"))
     try:
-        store, what = _cache(tmp, s["contexts"])
+        lm, what = load_lm(tmp, device)  # makes the cache, then serves the whole runs
+        store = _cache(lm, tmp, s["contexts"])
         d_in = store.dim(HOOK)
         d_sae = int(s["expansion"] * d_in)
         roof = _roofline_s(d_in, d_sae, s, device)
@@ -134,7 +134,7 @@ def rows(quick: bool = False, device: str = "cpu") -> list[dict]:
                 out.append(row(f"sweep_batched.{arch}_vs_{ref}", round(t["stacked"], 3), "s (ratio: reference / stacked)",
                                label, round(t[ref], 3), ratio=t[ref] / t["stacked"], peak_mib=mem.mib,
                                note=note + target))
-        return out + whole_run_rows(quick, device)
+        return out + _whole_run_rows(lm, what, quick, device, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -150,49 +150,41 @@ def _whole_runs(lm, arch: str, r: dict, tmp: Path, device: str) -> dict[str, dic
         cfg = LMSweepConfig(specs=specs, hook=HOOK, train_contexts=r["train_contexts"], eval_contexts=r["eval_contexts"],
                             batch_size=r["batch"], steps=r["steps"], context_length=min(128, lm.context_length),
                             device=device)
-        synchronize(device)
-        start = time.perf_counter()
-        rows = run_lm_sweep(cfg, out, lm=lm)
-        synchronize(device)
-        whole = time.perf_counter() - start
+        whole, mib, rows = timed(lambda: run_lm_sweep(cfg, out, lm=lm), device)
         shutil.rmtree(out, ignore_errors=True)
         t = rows[0]["timings"]
-        return {"data": t["cache_s"], "train": t["train_s"], "whole": whole}
+        return {"data": t["cache_s"], "train": t["train_s"], "whole": whole, "peak_mib": mib}
 
     specs = _specs(arch, r["expansion"])
     one = run(specs, tmp / f"{arch}-one")
     parts = [run([spec], tmp / f"{arch}-separate-{i}") for i, spec in enumerate(specs)]
-    return {"one": one, "separate": {k: sum(p[k] for p in parts) for k in one}}
+    return {"one": one, "separate": {k: sum(p[k] for p in parts) for k in ("data", "train", "whole")}}
 
 
-def whole_run_rows(quick: bool = False, device: str = "cpu") -> list[dict]:
+def _whole_run_rows(lm, what: str, quick: bool, device: str, tmp: Path) -> list[dict]:
     """One `saelab train` run of a sweep of 8 against 8 runs of one SAE each, where every run makes
     its own activations from the LM (the data loading a separate run pays): data + training, and
-    the whole run with evaluation and outputs."""
+    the whole run with evaluation and outputs. Peak MiB: the one run's."""
     r = QUICK_RUN if quick else RUN
-    tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-runs-"))
-    try:
-        lm, what = load_lm(tmp, device)
-        out = []
-        for arch in ("relu", "topk"):
-            t = _whole_runs(lm, arch, r, tmp, device)
-            d_in = lm.hook_dim(HOOK)
-            note = (f"{what} {HOOK}: 8 {arch} SAEs d_sae {int(r['expansion'] * d_in)}, {r['steps']} steps of "
-                    f"{r['batch']} over {r['train_contexts']} contexts' activations (cached by each run), "
-                    f"{r['eval_contexts']} held-out contexts; the one run: data {t['one']['data']:.1f} s, training "
-                    f"{t['one']['train']:.1f} s; the 8 runs: data {t['separate']['data']:.1f} s, training "
-                    f"{t['separate']['train']:.1f} s; {_where(device)}; seconds: less is better")
-            one, sep = t["one"], t["separate"]
-            out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (data + training)", one["data"] + one["train"],
-                           "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each",
-                           sep["data"] + sep["train"], ratio=(sep["data"] + sep["train"]) / (one["data"] + one["train"]),
-                           note=note + "; target >= 3"))
-            out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (whole run)", one["whole"],
-                           "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each", sep["whole"],
-                           ratio=sep["whole"] / one["whole"], note=note + "; with evaluation and the run's outputs"))
-        return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = []
+    for arch in ("relu", "topk"):
+        t = _whole_runs(lm, arch, r, tmp, device)
+        d_in = lm.hook_dim(HOOK)
+        note = (f"{what} {HOOK}: 8 {arch} SAEs d_sae {int(r['expansion'] * d_in)}, {r['steps']} steps of "
+                f"{r['batch']} over {r['train_contexts']} contexts' activations (cached by each run), "
+                f"{r['eval_contexts']} held-out contexts; the one run: data {t['one']['data']:.1f} s, training "
+                f"{t['one']['train']:.1f} s; the 8 runs: data {t['separate']['data']:.1f} s, training "
+                f"{t['separate']['train']:.1f} s; {_where(device)}; seconds: less is better")
+        one, sep = t["one"], t["separate"]
+        out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (data + training)", one["data"] + one["train"],
+                       "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each",
+                       sep["data"] + sep["train"], ratio=(sep["data"] + sep["train"]) / (one["data"] + one["train"]),
+                       peak_mib=one["peak_mib"], note=note + "; target >= 3"))
+        out.append(row(f"sweep_batched.{arch}_one_run_vs_8_runs (whole run)", one["whole"],
+                       "s (ratio: reference / one run)", "8 `saelab train` runs of one SAE each", sep["whole"],
+                       ratio=sep["whole"] / one["whole"], peak_mib=one["peak_mib"],
+                       note=note + "; with evaluation and the run's outputs"))
+    return out
 
 
 if __name__ == "__main__":
